@@ -1,0 +1,1 @@
+"""caitlab: vision-transformer ablations (CaiT / ViT / DeiT)."""

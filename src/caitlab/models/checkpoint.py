@@ -1,0 +1,119 @@
+"""Loading timm and official DeiT/CaiT checkpoints into ``ImageTransformer``.
+
+Accepted files: a bare state dict of timm's ``cait_*``, ``deit_*`` or ``vit_*`` models (or of
+ours), the official release format ``{"model": state_dict}`` (keys possibly prefixed with
+``module.``), and Lightning checkpoints written by caitlab (``{"state_dict": ...}`` with keys
+under ``model.``). Everything is checked before a single tensor is copied.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a checkpoint, or one that does not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a checkpoint file (``weights_only``: no code runs) and unwraps its state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load's failures on foreign bytes take many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint: {first}") from None
+    return unwrap_state_dict(obj, str(path))
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    prefix = ""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj, prefix = obj["state_dict"], "model."  # a caitlab Lightning checkpoint
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # official DeiT/CaiT release
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{source} holds no state dict of tensors")
+    out = {}
+    for key, value in obj.items():
+        if prefix and key.startswith(prefix):
+            key = key[len(prefix):]
+        elif prefix:
+            continue  # e.g. the EMA copy or loss buffers beside the model
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+def _grid(n: int) -> tuple[int, int] | None:
+    r = math.isqrt(n)
+    return (r, r) if r * r == n else None
+
+
+def remap_state_dict(
+    state_dict: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Renames timm/official keys to ours and resamples the position embedding to the model."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.replace("blocks_token_only.", "ca_blocks.")  # timm Cait class attention
+        key = key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+        out[key] = value
+
+    pos = out.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is not None and target is not None and pos.ndim == 3:
+        n = pos.shape[1]
+        if _grid(n) is None and _grid(n - 1) is not None and "cls_token" in out:
+            # timm ViT/DeiT embed the class token's position too; it is a constant added to
+            # the class token, so folding it in gives the same function.
+            out["cls_token"] = out["cls_token"] + pos[:, :1]
+            pos = pos[:, 1:]
+        grid = tuple(model.grid_size)
+        src = _grid(pos.shape[1])
+        if src is not None and src != grid and pos.shape[-1] == target.shape[-1]:
+            pos = resample_abs_pos_embed(pos, list(grid), list(src), num_prefix_tokens=0)
+        out["pos_embed"] = pos
+    return out
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")
+        )
+    if wrong:
+        problems.append(f"shape {'; '.join(wrong[:3])}" + (" ..." if len(wrong) > 3 else ""))
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong shape): "
+            + " | ".join(problems)
+        )
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Loads ``path`` into ``model`` in place, all or nothing; returns the model."""
+    state_dict = remap_state_dict(read_state_dict(path), model)
+    check_state_dict(state_dict, model, str(path))
+    model.load_state_dict(state_dict, strict=True)
+    return model

@@ -1,0 +1,263 @@
+"""The model family: every ablation knob, the named variants, cost counting, bad arguments."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from caitlab.models import (
+    ImageTransformer,
+    ModelConfigError,
+    UnknownModelError,
+    count_macs,
+    count_params,
+    create_model,
+    layerscale_eps_for_depth,
+    list_models,
+)
+from caitlab.models.transformer import ResidualScale
+
+TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
+            num_heads=4, mlp_ratio=2.0)
+PLACEMENTS = [
+    dict(class_token="input"),
+    dict(class_token="insert", insert_layer=2),
+    dict(class_token="class_attention", ca_depth=2),
+    dict(class_token="none"),
+]
+RESIDUALS = ["none", "rezero", "rezero_norm", "layerscale"]
+
+
+@pytest.mark.parametrize(
+    "placement,residual,talking_heads",
+    list(itertools.product(PLACEMENTS, RESIDUALS, [False, True])),
+    ids=lambda v: v["class_token"] if isinstance(v, dict) else str(v),
+)
+def test_every_knob_gives_logits_and_gradients(placement, residual, talking_heads):
+    torch.manual_seed(0)
+    model = ImageTransformer(**TINY, **placement, residual=residual, talking_heads=talking_heads,
+                             layerscale_init=0.1)
+    x = torch.randn(3, 1, 8, 8, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (3, 10)
+    logits.square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    # ReZero blocks start as the identity, which cuts the input off a class-token output at
+    # init; with every branch scale switched on, every path from input to output is live.
+    gammas = [p for n, p in model.named_parameters() if n.endswith("gamma")]
+    with torch.no_grad():
+        for g in gammas:
+            g.fill_(0.1)
+    model.zero_grad()
+    x.grad = None
+    model(x).square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(g.grad.abs().sum() > 0 for g in gammas)
+    assert (model.cls_token is None) == (placement["class_token"] == "none")
+    if placement["class_token"] != "none":
+        assert model.cls_token.grad.abs().sum() > 0
+
+
+def test_class_attention_reads_patch_tokens_but_never_changes_them():
+    torch.manual_seed(0)
+    model = ImageTransformer(**TINY, class_token="class_attention", ca_depth=2,
+                             residual="layerscale", layerscale_init=0.5).eval()
+    seen = {}
+    model.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(sa_out=o.detach()))
+    out = model.forward_features(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 1 + 16, 32)
+    # The patch tokens leaving the model are the SA stack's output, only normalised.
+    with torch.no_grad():
+        torch.testing.assert_close(out[:, 1:], model.norm(seen["sa_out"]), rtol=0, atol=0)
+    # and no class-attention weight can influence them ...
+    out[:, 1:].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.ca_blocks.parameters())
+    # ... while the class token depends on the patches (it reads them).
+    model.zero_grad()
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    model.forward_features(x)[:, 0].sum().backward()
+    assert x.grad.abs().sum() > 0
+    block = model.ca_blocks[0]
+    cls = block(torch.randn(2, 16, 32), torch.randn(2, 1, 32))
+    assert cls.shape == (2, 1, 32)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_class_token_inserted_at_layer_k(k):
+    model = ImageTransformer(**TINY, class_token="insert", insert_layer=k)
+    lengths = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    model(torch.randn(1, 1, 8, 8))
+    assert lengths == [16] * k + [17] * (3 - k)
+
+
+def test_input_placement_is_insert_at_layer_zero():
+    torch.manual_seed(0)
+    a = ImageTransformer(**TINY, class_token="input")
+    b = ImageTransformer(**TINY, class_token="insert", insert_layer=0)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.parametrize("depth,eps", [(12, 0.1), (18, 0.1), (24, 1e-5), (36, 1e-6), (48, 1e-6)])
+def test_layerscale_auto_eps_follows_the_paper(depth, eps):
+    assert layerscale_eps_for_depth(depth) == eps
+    with torch.device("meta"):
+        model = ImageTransformer(embed_dim=24, num_heads=2, depth=depth, residual="layerscale",
+                                 class_token="class_attention", layerscale_init="auto")
+    assert model.config["layerscale_init"] == eps
+
+
+def test_residual_scaling_init_values_and_norms():
+    ls = ImageTransformer(**TINY, residual="layerscale", layerscale_init=3e-4,
+                          class_token="class_attention")
+    for block in [*ls.blocks, *ls.ca_blocks]:
+        for scale in (block.ls1, block.ls2):
+            assert isinstance(scale, ResidualScale)
+            assert scale.gamma.shape == (32,)
+            assert torch.all(scale.gamma == torch.tensor(3e-4))
+        assert isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)
+        assert block.norm1.eps == 1e-6
+    for residual, has_norm in (("rezero", False), ("rezero_norm", True)):
+        model = ImageTransformer(**TINY, residual=residual, class_token="class_attention")
+        for block in [*model.blocks, *model.ca_blocks]:
+            assert block.ls1.gamma.shape == (1,) and block.ls1.gamma.item() == 0.0
+            assert block.ls2.gamma.shape == (1,) and block.ls2.gamma.item() == 0.0
+            assert isinstance(block.norm1, nn.LayerNorm) == has_norm
+            assert isinstance(block.norm2, nn.LayerNorm) == has_norm
+    plain = ImageTransformer(**TINY, residual="none")
+    assert not any(n.endswith("gamma") for n, _ in plain.named_parameters())
+    # A ReZero model is exactly the identity on tokens at init: only embedding and head act.
+    rz = ImageTransformer(**TINY, residual="rezero", class_token="none").eval()
+    x = torch.randn(2, 1, 8, 8)
+    tokens = rz.pos_drop(rz.patch_embed(x) + rz.pos_embed)
+    torch.testing.assert_close(rz.forward_features(x), rz.norm(tokens))
+
+
+def test_talking_heads_adds_head_mixing_only_in_self_attention():
+    base = ImageTransformer(**TINY, class_token="class_attention")
+    th = ImageTransformer(**TINY, class_token="class_attention", talking_heads=True)
+    # two (heads x heads) linears with bias per SA layer
+    assert count_params(th) - count_params(base) == 3 * 2 * (4 * 4 + 4)
+    assert not any("proj_l" in n for n, _ in th.ca_blocks.named_parameters())
+
+
+def test_drop_path_schedules():
+    uni = ImageTransformer(**{**TINY, "depth": 4}, drop_path_rate=0.3, drop_path_schedule="uniform")
+    lin = ImageTransformer(**{**TINY, "depth": 4}, drop_path_rate=0.3, drop_path_schedule="linear")
+    assert [b.drop_path.drop_prob for b in uni.blocks] == pytest.approx([0.3] * 4)
+    assert isinstance(lin.blocks[0].drop_path, nn.Identity)
+    assert [b.drop_path.drop_prob for b in lin.blocks[1:]] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_stochastic_depth_and_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = ImageTransformer(**TINY, drop_path_rate=0.5, drop_rate=0.5)
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_non_square_images_and_any_channels():
+    model = ImageTransformer(img_size=(8, 12), patch_size=4, in_chans=5, num_classes=3,
+                             embed_dim=16, depth=1, num_heads=2)
+    assert model.pos_embed.shape == (1, 6, 16)
+    assert model(torch.randn(2, 5, 8, 12)).shape == (2, 3)
+
+
+# Paper Table 3 (CaiT) and DeiT Table 1, millions of parameters at 224 px and 1000 classes.
+PAPER_PARAMS_M = {
+    "cait_xxs24_224": 12.0, "cait_xxs24_384": 12.0, "cait_xxs36_224": 17.3,
+    "cait_xxs36_384": 17.3, "cait_xs24_384": 26.6, "cait_xs36_224": 38.6,
+    "cait_s24_224": 46.9, "cait_s24_384": 46.9, "cait_s36_384": 68.2, "cait_s48_224": 89.5,
+    "cait_m24_224": 185.9, "cait_m36_384": 270.9, "cait_m48_448": 356.0,
+    "deit_tiny_patch16_224": 5.7, "deit_small_patch16_224": 22.1,
+    "deit_base_patch16_224": 86.6,
+}
+
+
+def test_every_paper_variant_is_registered():
+    assert set(PAPER_PARAMS_M) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_named_variant_parameter_count_matches_paper(name):
+    with torch.device("meta"):
+        model = create_model(name, img_size=224)
+    assert round(count_params(model) / 1e6, 1) == PAPER_PARAMS_M[name]
+
+
+def test_named_variant_native_resolution_and_structure():
+    with torch.device("meta"):
+        m48 = create_model("cait_m48_448")
+        deit = create_model("deit_small_patch16_224")
+    assert m48.config["img_size"] == [448, 448] and len(m48.blocks) == 48
+    assert len(m48.ca_blocks) == 2 and m48.config["talking_heads"]
+    assert m48.config["layerscale_init"] == 1e-6
+    assert deit.config["class_token"] == "input" and len(deit.ca_blocks) == 0
+    assert deit.config["residual"] == "none" and deit.config["drop_path_schedule"] == "linear"
+
+
+@pytest.mark.parametrize("name,gmacs", [("cait_s24_224", 9.3), ("cait_xxs24_224", 2.5),
+                                        ("deit_small_patch16_224", 4.6)])
+def test_macs_match_paper(name, gmacs):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert round(count_macs(model) / 1e9, 1) == gmacs
+
+
+def test_macs_grow_with_tokens_and_depth_as_expected():
+    small = ImageTransformer(**{**TINY, "depth": 2})
+    deep = ImageTransformer(**{**TINY, "depth": 4})
+    per_block = count_macs(deep) - count_macs(small)
+    n, d = 17, 32  # tokens incl. class token, width
+    # qkv + proj + mlp(2x) linears, plus QK^T and AV
+    expected = 2 * (n * d * 3 * d + n * d * d + 2 * n * d * 2 * d + 2 * n * n * d)
+    assert per_block == expected
+
+
+def test_create_model_applies_overrides():
+    model = create_model("cait_tiny", depth=2, class_token="input", residual="rezero")
+    assert len(model.blocks) == 2 and model.config["class_token"] == "input"
+    assert model.config["residual"] == "rezero"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(embed_dim=30, num_heads=4), "embed_dim=30 is not divisible by num_heads=4"),
+        (dict(img_size=10, patch_size=4), "img_size=10 is not divisible by patch_size=4"),
+        (dict(class_token="insert", insert_layer=3), "insert_layer=3 must be in [0, depth=3)"),
+        (dict(class_token="insert", insert_layer=-1), "insert_layer=-1"),
+        (dict(depth=-2), "depth=-2 must be a positive integer"),
+        (dict(depth=0), "depth=0 must be a positive integer"),
+        (dict(num_heads=0), "num_heads=0 must be a positive integer"),
+        (dict(class_token="middle"), "class_token='middle' must be one of"),
+        (dict(residual="fixup"), "residual='fixup' must be one of"),
+        (dict(class_token="class_attention", ca_depth=0), "ca_depth=0"),
+        (dict(residual="layerscale", layerscale_init=-1), "layerscale_init=-1"),
+        (dict(residual="layerscale", layerscale_init="big"), "layerscale_init='big'"),
+        (dict(drop_path_rate=1.5), "drop_path_rate=1.5 must be in [0, 1)"),
+        (dict(drop_path_schedule="cosine"), "drop_path_schedule='cosine'"),
+        (dict(patch_size=0), "patch_size=0"),
+    ],
+)
+def test_impossible_models_raise_one_clear_error(kwargs, message):
+    with pytest.raises(ModelConfigError) as err:
+        ImageTransformer(**{**TINY, **kwargs})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_model_name_suggests_close_ones():
+    with pytest.raises(UnknownModelError, match="unknown model name 'cait_xxs42_224'.*cait_"):
+        create_model("cait_xxs42_224")
