@@ -8,12 +8,17 @@ PY := .venv/bin/python
 setup:
 	@if ! [ -x "$(UV)" ]; then \
 	  echo "uv not found: installing it"; \
-	  python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh; \
+	  python3 -m pip install --user --quiet uv || \
+	    python3 -m pip install --user --quiet --break-system-packages uv; \
 	fi
-	@$(UV) sync --frozen --extra dev
+	@# bytecode compiled once at install: imports take half the time where
+	@# PYTHONDONTWRITEBYTECODE is set
+	@$(UV) sync --frozen --extra dev --compile-bytecode
 
+# The embedded default: ViT vs CaiT, with and without LayerScale, on digits, on CPU.
 demo: setup
-	$(PY) -m caitlab.models
+	.venv/bin/caitlab-train experiment=demo
+	.venv/bin/caitlab-report outputs/demo
 
 lint: setup
 	.venv/bin/ruff check .

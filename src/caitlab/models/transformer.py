@@ -435,102 +435,102 @@ class ImageTransformer(nn.Module):
 # values are those of the official release (XXS-36 keeps 1e-5); the rest follow the rule.
 
 
-def _cait(depth: int, embed_dim: int, num_heads: int, eps: float, size: int, **kwargs):
+def _cait(depth: int, embed_dim: int, num_heads: int, eps: float, size: int, overrides: dict):
     args = dict(
         img_size=size, patch_size=16, embed_dim=embed_dim, depth=depth,
         num_heads=num_heads, class_token="class_attention", ca_depth=2,
         residual="layerscale", layerscale_init=eps, talking_heads=True,
         drop_path_schedule="uniform",
     )
-    return ImageTransformer(**{**args, **kwargs})
+    return ImageTransformer(**{**args, **overrides})
 
 
-def _deit(embed_dim: int, num_heads: int, **kwargs):
+def _deit(embed_dim: int, num_heads: int, overrides: dict):
     args = dict(
         img_size=224, patch_size=16, embed_dim=embed_dim, depth=12, num_heads=num_heads,
         class_token="input", residual="none", drop_path_schedule="linear",
     )
-    return ImageTransformer(**{**args, **kwargs})
+    return ImageTransformer(**{**args, **overrides})
 
 
 @register_model
 def cait_xxs24_224(**kwargs):
-    return _cait(24, 192, 4, 1e-5, 224, **kwargs)
+    return _cait(24, 192, 4, 1e-5, 224, kwargs)
 
 
 @register_model
 def cait_xxs24_384(**kwargs):
-    return _cait(24, 192, 4, 1e-5, 384, **kwargs)
+    return _cait(24, 192, 4, 1e-5, 384, kwargs)
 
 
 @register_model
 def cait_xxs36_224(**kwargs):
-    return _cait(36, 192, 4, 1e-5, 224, **kwargs)
+    return _cait(36, 192, 4, 1e-5, 224, kwargs)
 
 
 @register_model
 def cait_xxs36_384(**kwargs):
-    return _cait(36, 192, 4, 1e-5, 384, **kwargs)
+    return _cait(36, 192, 4, 1e-5, 384, kwargs)
 
 
 @register_model
 def cait_xs24_384(**kwargs):
-    return _cait(24, 288, 6, 1e-5, 384, **kwargs)
+    return _cait(24, 288, 6, 1e-5, 384, kwargs)
 
 
 @register_model
 def cait_xs36_224(**kwargs):
-    return _cait(36, 288, 6, 1e-6, 224, **kwargs)
+    return _cait(36, 288, 6, 1e-6, 224, kwargs)
 
 
 @register_model
 def cait_s24_224(**kwargs):
-    return _cait(24, 384, 8, 1e-5, 224, **kwargs)
+    return _cait(24, 384, 8, 1e-5, 224, kwargs)
 
 
 @register_model
 def cait_s24_384(**kwargs):
-    return _cait(24, 384, 8, 1e-5, 384, **kwargs)
+    return _cait(24, 384, 8, 1e-5, 384, kwargs)
 
 
 @register_model
 def cait_s36_384(**kwargs):
-    return _cait(36, 384, 8, 1e-6, 384, **kwargs)
+    return _cait(36, 384, 8, 1e-6, 384, kwargs)
 
 
 @register_model
 def cait_s48_224(**kwargs):
-    return _cait(48, 384, 8, 1e-6, 224, **kwargs)
+    return _cait(48, 384, 8, 1e-6, 224, kwargs)
 
 
 @register_model
 def cait_m24_224(**kwargs):
-    return _cait(24, 768, 16, 1e-5, 224, **kwargs)
+    return _cait(24, 768, 16, 1e-5, 224, kwargs)
 
 
 @register_model
 def cait_m36_384(**kwargs):
-    return _cait(36, 768, 16, 1e-6, 384, **kwargs)
+    return _cait(36, 768, 16, 1e-6, 384, kwargs)
 
 
 @register_model
 def cait_m48_448(**kwargs):
-    return _cait(48, 768, 16, 1e-6, 448, **kwargs)
+    return _cait(48, 768, 16, 1e-6, 448, kwargs)
 
 
 @register_model
 def deit_tiny_patch16_224(**kwargs):
-    return _deit(192, 3, **kwargs)
+    return _deit(192, 3, kwargs)
 
 
 @register_model
 def deit_small_patch16_224(**kwargs):
-    return _deit(384, 6, **kwargs)
+    return _deit(384, 6, kwargs)
 
 
 @register_model
 def deit_base_patch16_224(**kwargs):
-    return _deit(768, 12, **kwargs)
+    return _deit(768, 12, kwargs)
 
 
 # Small members of the family for CPU runs on the digits data (8x8 images, patch 2).

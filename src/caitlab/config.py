@@ -1,0 +1,178 @@
+"""Typed training config: the recipe pieces the Lightning module reads.
+
+Hydra composes plain YAML; these dataclasses check it (unknown keys, wrong types, impossible
+values) and give the module attribute access with defaults in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user error in the config: one line that names the key, the value and what is allowed."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-4  # at a global batch of 512 when scale_lr (DeiT)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scale_lr: bool = True  # lr * global_batch / 512, as in DeiT
+    clip_grad: float | None = None  # max gradient norm; None: no clipping
+    fused: bool | None = None  # fused AdamW kernels (CUDA); None: torch decides
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _require(self.eps > 0, "optim.eps", self.eps, "> 0")
+        _require(self.name in ("adamw", "sgd", "lamb"), "optim.name", self.name,
+                 "one of adamw, sgd, lamb")
+        _require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad",
+                 self.clip_grad, "null or > 0")
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+    def validate(self) -> None:
+        _require(self.name in ("cosine", "constant"), "sched.name", self.name,
+                 "one of cosine, constant")
+        _require(self.warmup_epochs >= 0, "sched.warmup_epochs", self.warmup_epochs, ">= 0")
+        _require(self.min_lr >= 0, "sched.min_lr", self.min_lr, ">= 0")
+        _require(self.warmup_lr >= 0, "sched.warmup_lr", self.warmup_lr, ">= 0")
+
+
+@dataclass
+class RecipeConfig:
+    """Loss and batch-level augmentation (DeiT: smoothing 0.1, mixup 0.8, cutmix 1.0)."""
+
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    max_nonfinite_steps: int = 0  # non-finite losses skipped before a run counts as diverged
+
+    def validate(self) -> None:
+        _require(0 <= self.label_smoothing < 1, "recipe.label_smoothing",
+                 self.label_smoothing, "in [0, 1)")
+        _require(self.mixup >= 0, "recipe.mixup", self.mixup, ">= 0")
+        _require(self.cutmix >= 0, "recipe.cutmix", self.cutmix, ">= 0")
+        _require(0 <= self.mixup_prob <= 1, "recipe.mixup_prob", self.mixup_prob, "in [0, 1]")
+        _require(self.max_nonfinite_steps >= 0, "recipe.max_nonfinite_steps",
+                 self.max_nonfinite_steps, ">= 0")
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.99996
+    evaluate: bool = True  # validate/test with the EMA weights when enabled
+
+    def validate(self) -> None:
+        _require(0 < self.decay < 1, "ema.decay", self.decay, "in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    compile: bool = False
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: must be {allowed}")
+
+
+T = TypeVar("T")
+
+
+def to_dataclass(cls: type[T], data: DictConfig | dict | None, prefix: str) -> T:
+    """Builds ``cls`` from config data, naming the first unknown or mistyped key."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key} is not a known key; allowed: "
+                              f"{', '.join(sorted(known))}")
+    values = {}
+    for key, value in data.items():
+        values[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate:
+        validate()
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}={value!r} has the wrong type")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} numbers")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if dataclasses.is_dataclass(hint):
+        return to_dataclass(hint, value, key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    return TrainConfig(
+        optim=to_dataclass(OptimConfig, cfg.get("optim"), "optim"),
+        sched=to_dataclass(SchedConfig, cfg.get("sched"), "sched"),
+        recipe=to_dataclass(RecipeConfig, cfg.get("recipe"), "recipe"),
+        ema=to_dataclass(EmaConfig, cfg.get("ema"), "ema"),
+        compile=_coerce(cfg.get("compile", False), bool, "compile"),
+    )

@@ -1,0 +1,194 @@
+"""The Lightning module: DeiT's recipe around any model of the family.
+
+Pieces come from the libraries that already have them: timm's optimizer factory (no weight
+decay on norms, biases, gammas, position embedding, class token), cosine scheduler, Mixup /
+CutMix, soft-target loss and EMA; torchmetrics' accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from caitlab.config import TrainConfig
+
+
+class DivergedError(RuntimeError):
+    """The loss became non-finite (more often than ``recipe.max_nonfinite_steps`` allows)."""
+
+    def __init__(self, step: int, epoch: int, value: float) -> None:
+        super().__init__(f"loss became {value} at step {step} (epoch {epoch})")
+        self.step, self.epoch, self.value = step, epoch, value
+
+
+def _accuracy(num_classes: int) -> MetricCollection:
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes >= 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+class ClassificationModule(L.LightningModule):
+    def __init__(self, model: nn.Module, num_classes: int, cfg: TrainConfig | None = None,
+                 batch_size: int = 128) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg or TrainConfig()
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        recipe = self.cfg.recipe
+        self.mixup = (
+            Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                  switch_prob=recipe.mixup_switch_prob, label_smoothing=recipe.label_smoothing,
+                  num_classes=num_classes)
+            if recipe.mixes else None
+        )
+        self.train_loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
+            label_smoothing=recipe.label_smoothing)
+        self.train_metrics = _accuracy(num_classes).clone(prefix="train/")
+        self.val_metrics = _accuracy(num_classes).clone(prefix="val/")
+        self.test_metrics = _accuracy(num_classes).clone(prefix="test/")
+        self.ema = ModelEmaV3(model, decay=self.cfg.ema.decay) if self.cfg.ema.enabled else None
+        self.nonfinite_steps = 0
+        self._epoch_images = 0
+        self._epoch_t0: float | None = None
+        self._epoch_t1 = 0.0
+
+    # --- steps -------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None and self.cfg.ema.evaluate else self.model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        targets = y
+        # timm's Mixup pairs each image with its mirror in the batch: it needs an even batch.
+        if self.mixup is not None and x.shape[0] % 2 == 0:
+            x, targets = self.mixup(x, y)
+        logits = self.model(x)
+        if targets.ndim == 2 or self.mixup is None:
+            loss = self.train_loss(logits, targets)
+        else:
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.recipe.label_smoothing)
+        if not torch.isfinite(loss):
+            self.nonfinite_steps += 1
+            if self.nonfinite_steps > self.cfg.recipe.max_nonfinite_steps:
+                raise DivergedError(self.global_step, self.current_epoch, loss.item())
+            return None  # Lightning skips backward and the optimizer step
+        self.train_metrics.update(logits.detach(), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=x.shape[0])
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self._epoch_images += x.shape[0]
+        return loss
+
+    def _eval_step(self, batch, metrics: MetricCollection, stage: str) -> None:
+        x, y = batch
+        logits = self._eval_model()(x)
+        loss = F.cross_entropy(logits, y)
+        metrics.update(logits, y)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test")
+
+    # --- throughput: training images per second of training-step time ---------------------
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_images, self._epoch_t0 = 0, None
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._epoch_t0 is None:
+            self._epoch_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        self._epoch_t1 = time.perf_counter()
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Training throughput of the current (or last) epoch, all ranks together."""
+        if self._epoch_t0 is None or self._epoch_images == 0:
+            return None
+        seconds = max(self._epoch_t1 - self._epoch_t0, 1e-9)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self._epoch_images * world / seconds
+
+    def on_train_epoch_end(self) -> None:
+        ips = self.images_per_s
+        if ips is not None:
+            self.log("perf/images_per_s", ips, on_epoch=True)
+            self.log("perf/epoch_time_s", self._epoch_t1 - self._epoch_t0, on_epoch=True)
+
+    # --- optimisation ----------------------------------------------------------------------
+
+    def global_batch_size(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return self.batch_size
+        return self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        lr = optim.lr * self.global_batch_size() / 512 if optim.scale_lr else optim.lr
+        kwargs = {"betas": optim.betas, "eps": optim.eps} if optim.name != "sgd" else {}
+        if optim.fused is not None and optim.name == "adamw":
+            kwargs["fused"] = optim.fused
+        optimizer = create_optimizer_v2(self.model, opt=optim.name, lr=lr,
+                                        weight_decay=optim.weight_decay, **kwargs)
+        sched = self.cfg.sched
+        if sched.name == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=total,
+            lr_min=sched.min_lr * (lr / optim.lr),  # min lr scales with the peak
+            warmup_t=int(round(sched.warmup_epochs * steps_per_epoch)),
+            warmup_lr_init=sched.warmup_lr,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers are driven by the number of updates done, not by .step()
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        clip = self.cfg.optim.clip_grad or gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # --- checkpoints carry what Lightning does not know about -------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["caitlab"] = {"nonfinite_steps": self.nonfinite_steps,
+                                 "model_config": getattr(self.model, "config", None)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_steps = checkpoint.get("caitlab", {}).get("nonfinite_steps", 0)

@@ -1,0 +1,120 @@
+"""Run folders: the experiment signature, the files a run leaves, and its summary.
+
+A run's folder is ``<outputs>/<experiment name>/<signature>``, where the signature is a short
+hash of the resolved config minus the keys that cannot change the result (loggers, launcher,
+paths, progress display...). Launching the same config again lands in the same folder, so a
+sweep resumes or skips instead of duplicating (Dora's idea).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Top-level keys that never change what is trained. Everything else is part of the signature.
+NON_RESULT_KEYS = ("hydra", "logger", "paths", "callbacks", "name", "launcher", "tags",
+                   "retry_failed", "print_config")
+# Trainer keys that change how a run is displayed or executed, not its result.
+NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                           "default_root_dir", "num_sanity_val_steps")
+
+SIGNATURE_LENGTH = 10
+
+STATES = ("pending", "running", "completed", "failed", "diverged", "interrupted")
+
+
+def signature_config(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The part of the config that decides the result, resolved, as plain data."""
+    if isinstance(cfg, DictConfig):
+        data = {k: cfg[k] for k in cfg if k not in NON_RESULT_KEYS}
+        data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    else:
+        data = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict):
+        data["trainer"] = {k: v for k, v in trainer.items() if k not in NON_RESULT_TRAINER_KEYS}
+    return data
+
+
+def signature(cfg: DictConfig | dict) -> str:
+    blob = json.dumps(signature_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:SIGNATURE_LENGTH]
+
+
+def variant_signature(cfg: DictConfig | dict) -> str:
+    """The signature without the seed: runs that differ only by seed are one variant."""
+    data = signature_config(cfg)
+    data.pop("seed", None)
+    for key in ("data", "model"):
+        if isinstance(data.get(key), dict):
+            data[key] = {k: v for k, v in data[key].items() if k != "seed"}
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:SIGNATURE_LENGTH]
+
+
+def _signature_resolver(*, _root_: DictConfig) -> str:
+    # Hydra resolves hydra.run.dir / hydra.sweep.subdir with the job's whole config as root.
+    return signature(_root_)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("signature"):
+        OmegaConf.register_new_resolver("signature", _signature_resolver, use_cache=False)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Summary:
+    """``summary.json``: rewritten atomically at every state change and at every epoch end."""
+
+    def __init__(self, run_dir: Path, initial: dict[str, Any]) -> None:
+        self.path = Path(run_dir) / "summary.json"
+        previous = read_summary(run_dir) or {}
+        self.data: dict[str, Any] = {**previous, **initial}
+        self.data.setdefault("attempts", 0)
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json_atomic(self.path, self.data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)

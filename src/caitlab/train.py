@@ -1,0 +1,256 @@
+"""``caitlab-train``: the Hydra app that trains one configuration into its run folder.
+
+The run folder is named by the config's signature (``runs.py``): launching a config that
+already completed skips it, one that stopped part-way resumes from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from caitlab.runs import (
+    Summary,
+    read_summary,
+    register_resolvers,
+    signature,
+    variant_signature,
+    write_text_atomic,
+)
+from caitlab.secrets import redact
+
+register_resolvers()
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, without a traceback."""
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside Hydra (tests): the configured folder
+        return Path(cfg.paths.run_dir)
+
+
+def ablation_axes(model_config: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """The values a comparison is made along, as stored in the summary and the wandb tags."""
+    axes = {k: model_config.get(k) for k in (
+        "class_token", "insert_layer", "ca_depth", "residual", "layerscale_init", "depth",
+        "embed_dim", "num_heads", "talking_heads")}
+    return {"model": model_name, **axes}
+
+
+def _run_name(model_name: str, overrides: list[str]) -> str:
+    shown = [o for o in overrides if not o.startswith(("model=", "experiment=", "hydra", "logger"))]
+    return " ".join([model_name, *shown])
+
+
+def _tags(axes: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in axes.items() if v is not None][:64]
+
+
+def _quiet_known_warnings() -> None:
+    # Lightning's hints that do not apply: runs outside SLURM on a machine that has srun, and
+    # a run folder that already holds our own files.
+    for message in (".*`srun` command is available.*", ".*exists and is not empty.*",
+                    ".*LeafSpec.*is deprecated.*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Trains (or resumes, or skips) the run described by ``cfg``; returns its summary."""
+    run_dir = _run_dir(cfg)
+    previous = read_summary(run_dir)
+    if previous and previous.get("status") == "completed":
+        print(f"[caitlab] {run_dir}: already completed "
+              f"(test/top1={previous.get('test/top1')}), skipping")
+        return previous
+
+    # Heavy imports only once we know there is work to do (--cfg job, skips stay fast).
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from caitlab.callbacks import SummaryCallback
+    from caitlab.config import ConfigError, train_config
+    from caitlab.data import DataConfigError
+    from caitlab.models import ModelConfigError, UnknownModelError, count_macs, count_params
+    from caitlab.module import ClassificationModule, DivergedError
+    from caitlab.tracking import build_loggers, finish_wandb, wandb_run
+
+    _quiet_known_warnings()
+    user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError)
+    try:
+        tcfg = train_config(cfg)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model)
+    except Exception as err:
+        # Hydra's instantiate wraps constructor errors; the user's mistake is the cause.
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, user_errors):
+            cause = cause.__cause__
+        if cause is not None:
+            raise UserError(str(cause)) from None
+        raise
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    overrides = redact(_overrides())
+    write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+    model_name = cfg.model.get("name", type(model).__name__)
+    axes = ablation_axes(getattr(model, "config", {}), model_name)
+    params = count_params(model)
+    macs = count_macs(model)
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    summary = Summary(run_dir, {
+        "signature": signature(cfg),
+        "variant": variant_signature(cfg),
+        "name": cfg.name,
+        "overrides": overrides,
+        "axes": axes,
+        "model": {"name": model_name, "params": params, "macs": macs,
+                  "config": getattr(model, "config", None)},
+        "seed": cfg.seed,
+    })
+    attempt_t0 = time.time()
+    wall_before = summary.get("wall_s", 0.0) or 0.0
+    summary.update(status="running", attempts=summary["attempts"] + 1,
+                   resumed_from=str(last_ckpt) if last_ckpt.exists() else None)
+
+    exit_code = 1
+    loggers: list = []
+    try:
+        wandb_id = summary.get("wandb_run_id")
+        if wandb_id is None and any("Wandb" in str(v.get("_target_", ""))
+                                    for v in (cfg.get("logger") or {}).values() if v):
+            wandb_id = uuid.uuid4().hex[:8]  # wandb's own id format: 8 lowercase alphanumerics
+            summary.update(wandb_run_id=wandb_id)
+        loggers = build_loggers(cfg.get("logger"), run_dir,
+                                name=_run_name(model_name, overrides), group=cfg.name,
+                                tags=_tags(axes), config=resolved, wandb_id=wandb_id)
+
+        module = ClassificationModule(model, num_classes=cfg.data.num_classes, cfg=tcfg,
+                                      batch_size=cfg.data.batch_size)
+        if tcfg.compile:
+            module.model = torch.compile(module.model)
+        checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                                        monitor="val/top1", mode="max", save_last=True,
+                                        save_top_k=1, enable_version_counter=False)
+        callbacks = [checkpointing, SummaryCallback(summary, wall_before, attempt_t0)]
+        for cb_cfg in (cfg.get("callbacks") or {}).values():
+            if cb_cfg is not None and "_target_" in cb_cfg:
+                callbacks.append(instantiate(cb_cfg))
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(RichProgressBar(leave=True))
+        trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
+                              default_root_dir=str(run_dir))
+
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(last_ckpt) if last_ckpt.exists() else None)
+        if trainer.interrupted:
+            summary.update(status="interrupted")
+            raise KeyboardInterrupt
+        test_ckpt = "best" if checkpointing.best_model_path else None
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt,
+                               verbose=False)
+        test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        summary.update(
+            status="completed",
+            **{"test/top1": test.get("test/top1"), "test/top5": test.get("test/top5"),
+               "test/loss": test.get("test/loss")},
+            wall_s=wall_before + time.time() - attempt_t0,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        run = wandb_run(loggers)
+        if run is not None:
+            run.summary.update({k: v for k, v in summary.data.items()
+                                if isinstance(v, (int, float, str)) and v is not None})
+        exit_code = 0
+        return summary.data
+    except DivergedError as err:
+        summary.update(status="diverged", diverged_step=err.step, diverged_epoch=err.epoch,
+                       error=str(err), wall_s=wall_before + time.time() - attempt_t0)
+        run = wandb_run(loggers)
+        if run is not None:
+            run.summary.update({"status": "diverged", "diverged_epoch": err.epoch,
+                                "diverged_step": err.step})
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        summary.update(status="interrupted", wall_s=wall_before + time.time() - attempt_t0)
+        exit_code = 255
+        raise
+    except BaseException as err:
+        (run_dir / "error.log").write_text(redact(traceback.format_exc()))
+        summary.update(status="failed", error=redact(f"{type(err).__name__}: {err}"),
+                       wall_s=wall_before + time.time() - attempt_t0)
+        raise
+    finally:
+        finish_wandb(exit_code)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Hydra task: returns the test top-1 (Hydra sweepers can optimise it)."""
+    multirun = _is_multirun()
+    try:
+        summary = train(cfg)
+        return summary.get("test/top1")
+    except UserError as err:
+        print(f"caitlab-train: error: {err}", file=sys.stderr)
+        if multirun:
+            return None
+        sys.exit(2)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
+        status = (read_summary(_run_dir(cfg)) or {}).get("status")
+        if isinstance(err, SystemExit) and status != "interrupted":
+            raise
+        print(f"caitlab-train: interrupted; run the same command again to resume "
+              f"({_run_dir(cfg)})", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        status = (read_summary(_run_dir(cfg)) or {}).get("status", "failed")
+        print(f"caitlab-train: {status}: {redact(str(err)).splitlines()[0] if str(err) else ''}"
+              f" (run folder {_run_dir(cfg)})", file=sys.stderr)
+        if multirun:  # one failing run never stops the other runs of its sweep
+            return None
+        sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
+    env.update(PYTHONPATH=str(TESTS), WANDB_MODE="offline", WANDB_SILENT="true",
+               HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def caitlab_train(out: Path, *overrides: str, env: dict[str, str] | None = None,
+                  timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs caitlab-train as a user would, with tiny defaults, outputs under ``out``."""
+    flags = [o for o in overrides if o.startswith("-")]
+    cmd = [sys.executable, "-m", "caitlab.train", *flags, f"paths.output_dir={out}",
+           "trainer.enable_progress_bar=false", *(o for o in overrides if o not in flags)]
+    proc = subprocess.run(cmd, cwd=out, env=env or clean_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def train_cmd(tmp_path):
+    def run(*overrides, **kwargs):
+        return caitlab_train(tmp_path, *overrides, **kwargs)
+
+    run.out = tmp_path
+    return run

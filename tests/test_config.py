@@ -1,0 +1,104 @@
+"""Every config file composes; signatures; typed config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from caitlab.config import ConfigError, train_config
+from caitlab.runs import register_resolvers, signature, variant_signature
+from caitlab.train import CONF_DIR
+
+register_resolvers()
+CONF = Path(CONF_DIR)
+MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def _resolved(cfg) -> dict:
+    # paths.run_dir needs Hydra's runtime, which only exists in a real run
+    cfg.paths.run_dir = "/run/dir"
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+GROUP_OVERRIDES = (
+    [f"model={m}" for m in MODEL_PRESETS]
+    + [f"model/{g}={o}" for g in ("class_token", "residual", "depth")
+       for o in _options(f"model/{g}")]
+    + [f"data={d}" for d in _options("data") if d != "imagefolder"]
+    + ["data=imagefolder data.root=/nowhere"]
+    + [f"{g}={o}" for g in ("optim", "sched", "trainer", "logger", "callbacks")
+       for o in _options(g)]
+    + [f"experiment={e}" for e in _options("experiment")]
+)
+
+
+@pytest.mark.parametrize("override", GROUP_OVERRIDES)
+def test_every_config_file_composes_and_builds(override):
+    cfg = _compose(*override.split())
+    resolved = _resolved(cfg)
+    assert resolved["model"]["_target_"] == "caitlab.models.create_model"
+    train_config(cfg)  # typed sections validate
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert model.config["num_classes"] == resolved["data"]["num_classes"]
+    assert model.config["img_size"][0] == resolved["data"]["img_size"]
+
+
+def test_axis_groups_set_the_model_arguments():
+    cfg = _compose("model=deit_small_patch16_224", "model/class_token=class_attention",
+                   "model/residual=layerscale", "model/depth=d36")
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert model.config["class_token"] == "class_attention" and len(model.ca_blocks) == 2
+    assert model.config["residual"] == "layerscale"
+    assert model.config["depth"] == 36 and model.config["layerscale_init"] == 1e-6
+    cfg = _compose("model=cait_tiny", "model/class_token=insert", "model.insert_layer=3")
+    assert instantiate(cfg.model).config["insert_layer"] == 3
+
+
+def test_signature_ignores_what_cannot_change_the_result():
+    base = _compose()
+    sig = signature(base)
+    assert len(sig) == 10
+    for same in (["logger=csv"], ["trainer.enable_progress_bar=false"], ["name=other"],
+                 ["+callbacks.x._target_=a.B"], ["paths.output_dir=/elsewhere"]):
+        assert signature(_compose(*same)) == sig, same
+    for different in (["optim.lr=1e-3"], ["model/residual=none"], ["seed=1"],
+                      ["trainer.max_epochs=3"], ["data.batch_size=32"]):
+        assert signature(_compose(*different)) != sig, different
+    # seeds of one config are one variant
+    assert variant_signature(_compose("seed=1")) == variant_signature(base)
+    assert variant_signature(_compose("optim.lr=1e-3")) != variant_signature(base)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=0", "optim.lr=0.0 is not allowed: must be > 0"),
+        ("optim.lr=-1", "optim.lr=-1.0 is not allowed: must be > 0"),
+        ("optim.lr=fast", "optim.lr='fast' must be a number"),
+        ("+optim.momentum=0.9", "optim.momentum is not a known key"),
+        ("sched.name=linear", "sched.name='linear' is not allowed"),
+        ("recipe.label_smoothing=1.5", "recipe.label_smoothing=1.5 is not allowed"),
+        ("ema.decay=2", "ema.decay=2.0 is not allowed"),
+        ("optim.scale_lr=maybe", "optim.scale_lr='maybe' must be true or false"),
+    ],
+)
+def test_typed_config_errors_name_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        train_config(_compose(override))
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -1,0 +1,140 @@
+"""caitlab-train end to end: run folders, resume, skip, summary, wandb offline, secrets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import caitlab_train, clean_env
+
+TINY_RUN = ("model.embed_dim=32", "model.depth=2", "trainer.max_epochs=2",
+            "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1")
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+FAKE_TOKEN = "tok-SECRET-value-98765"
+
+
+def _only_run(out: Path, name: str = "default") -> Path:
+    runs = [p.parent for p in (out / name).glob("*/summary.json")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _epochs_in_metrics(run: Path) -> list[int]:
+    with open(run / "metrics.csv", newline="") as f:
+        return sorted({int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/top1")})
+
+
+@pytest.mark.slow
+def test_interrupt_resume_skip_wandb_and_no_secret_leaks(tmp_path):
+    env = clean_env(WANDB_API_KEY=FAKE_KEY, MY_SERVICE_TOKEN=FAKE_TOKEN, WANDB_MODE="offline")
+    # a config that interpolates a secret must not leak it into any dump either
+    overrides = (*TINY_RUN, "logger=wandb", "+logger.wandb.notes=${oc.env:MY_SERVICE_TOKEN}")
+
+    interrupt = ("+callbacks.stop._target_=helpers.InterruptAtEpochStart",
+                 "+callbacks.stop.epoch=1")
+    first = caitlab_train(tmp_path, *overrides, *interrupt, env=env, check=False)
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert "interrupted" in first.stderr and "run the same command again" in first.stderr
+    run = _only_run(tmp_path)
+    s1 = _summary(run)
+    assert s1["status"] == "interrupted" and s1["epochs"] == 1
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    wandb_id = s1["wandb_run_id"]
+    assert re.fullmatch(r"[a-z0-9]{8}", wandb_id)
+
+    # same command without the interruption: callbacks are not part of the signature
+    caitlab_train(tmp_path, *overrides, env=env)
+    assert _only_run(tmp_path) == run
+    s2 = _summary(run)
+    assert s2["status"] == "completed" and s2["attempts"] == 2 and s2["epochs"] == 2
+    assert s2["wandb_run_id"] == wandb_id
+    assert s2["resumed_from"].endswith("checkpoints/last.ckpt")
+    # the second attempt continued at the next epoch: one row per epoch, the first kept
+    assert _epochs_in_metrics(run) == [0, 1]
+    # both attempts logged into the same wandb run
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(wandb_id) for p in offline)
+    # offline, the run's config lives in the run's record file (uncompressed protobuf)
+    record = next(offline[0].glob("run-*.wandb")).read_bytes()
+    assert b"cait_tiny" in record and b"class_attention" in record and b"seed" in record
+
+    for key in ("signature", "overrides", "model", "val/top1_best", "test/top1", "test/top5",
+                "epochs", "wall_s", "images_per_s", "wandb_run_id"):
+        assert s2.get(key) is not None, key
+    assert s2["signature"] == run.name
+    assert s2["model"]["params"] > 0 and s2["model"]["macs"] > 0
+    assert 0 <= s2["test/top1"] <= s2["test/top5"] <= 1
+    for name in ("config.yaml", "overrides.yaml", "metrics.csv", "checkpoints/best.ckpt"):
+        assert (run / name).is_file(), name
+
+    # a completed run is skipped when launched again, and nothing in it changes
+    before = (run / "summary.json").read_text()
+    third = caitlab_train(tmp_path, *overrides, env=env)
+    assert "already completed" in third.stdout
+    assert (run / "summary.json").read_text() == before
+
+    # no secret in any file the runs wrote, nor in what they printed
+    outputs = first.stdout + first.stderr + third.stdout + third.stderr
+    assert FAKE_KEY not in outputs and FAKE_TOKEN not in outputs
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert FAKE_KEY.encode() not in data, path
+            assert FAKE_TOKEN.encode() not in data, path
+    assert "<redacted>" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_every_model_preset_trains(tmp_path):
+    from test_config import MODEL_PRESETS
+
+    # Named variants shrunk to 32 px and one layer: this checks each preset's wiring (class
+    # token, residual, talking heads, drop path) through a real fit/test, not its size.
+    caitlab_train(
+        tmp_path, "-m", f"model={','.join(MODEL_PRESETS)}", "data=synthetic",
+        "model.img_size=32", "model.depth=1", "data.num_classes=10", "data.batch_size=4",
+        "data.num_train=16", "data.num_val=8", "data.num_test=8", "trainer=debug",
+        "logger=csv", "name=presets",
+    )
+    runs = [p.parent for p in (tmp_path / "presets").glob("*/summary.json")]
+    summaries = {_summary(r)["model"]["name"]: _summary(r) for r in runs}
+    assert set(summaries) == set(MODEL_PRESETS)
+    for name, s in summaries.items():
+        assert s["status"] == "completed", (name, s.get("error"))
+        assert s["test/top1"] is not None
+
+
+@pytest.mark.slow
+def test_data_presets_digits_synthetic_and_imagefolder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for c, colour in enumerate(("red", "blue")):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20 + i, 24), colour).save(folder / f"{i}.png")
+    caitlab_train(tmp_path, "-m", "data=digits,synthetic", "data.batch_size=16",
+                  "model=vit_tiny", *TINY_RUN, "logger=csv", "name=data")
+    caitlab_train(tmp_path, "data=imagefolder", f"data.root={root}", "data.num_classes=2",
+                  "data.batch_size=4", "data.num_workers=0", "model=vit_tiny",
+                  "model.img_size=16", "model.patch_size=4", *TINY_RUN, "logger=csv",
+                  "name=folder")
+    runs = [p.parent for p in tmp_path.glob("*/*/summary.json")]
+    targets = {}
+    for run in runs:
+        assert _summary(run)["status"] == "completed", _summary(run).get("error")
+        target = re.search(r"_target_: caitlab\.data\.(\w+)", (run / "config.yaml").read_text())
+        targets[target.group(1)] = _summary(run)
+    assert set(targets) == {"DigitsDataModule", "SyntheticDataModule", "ImageFolderDataModule"}
