@@ -129,8 +129,8 @@ def test_data_presets_digits_synthetic_and_imagefolder(tmp_path):
                   "model=vit_tiny", *TINY_RUN, "logger=csv", "name=data")
     caitlab_train(tmp_path, "data=imagefolder", f"data.root={root}", "data.num_classes=2",
                   "data.batch_size=4", "data.num_workers=0", "model=vit_tiny",
-                  "model.img_size=16", "model.patch_size=4", *TINY_RUN, "logger=csv",
-                  "name=folder")
+                  "model.img_size=16", "model.patch_size=4", *TINY_RUN,
+                  "logger=[csv,tensorboard]", "name=folder")
     runs = [p.parent for p in tmp_path.glob("*/*/summary.json")]
     targets = {}
     for run in runs:
@@ -138,3 +138,7 @@ def test_data_presets_digits_synthetic_and_imagefolder(tmp_path):
         target = re.search(r"_target_: caitlab\.data\.(\w+)", (run / "config.yaml").read_text())
         targets[target.group(1)] = _summary(run)
     assert set(targets) == {"DigitsDataModule", "SyntheticDataModule", "ImageFolderDataModule"}
+    folder_run = _only_run(tmp_path, "folder")
+    # several loggers at once: tensorboard events beside the always-on metrics.csv
+    assert list((folder_run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (folder_run / "metrics.csv").is_file()

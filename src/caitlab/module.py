@@ -160,12 +160,15 @@ class ClassificationModule(L.LightningModule):
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         steps_per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
+        # warmup_prefix: the cosine starts at the peak lr once warmup is over
         scheduler = CosineLRScheduler(
             optimizer,
-            t_initial=total,
+            t_initial=total - warmup,
             lr_min=sched.min_lr * (lr / optim.lr),  # min lr scales with the peak
-            warmup_t=int(round(sched.warmup_epochs * steps_per_epoch)),
+            warmup_t=warmup,
             warmup_lr_init=sched.warmup_lr,
+            warmup_prefix=True,
             t_in_epochs=False,
         )
         return {"optimizer": optimizer,
