@@ -28,3 +28,15 @@ class PoisonLossAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             batch[0].fill_(float("nan"))
+
+
+class SignalAtStep(Callback):
+    """Sends this process ``sig`` once, at the start of global step ``step`` (mid-epoch)."""
+
+    def __init__(self, step: int = 5, sig: str = "SIGTERM") -> None:
+        self.step, self.sig, self.sent = step, getattr(signal, sig), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)

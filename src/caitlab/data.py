@@ -134,6 +134,7 @@ class TensorBatches:
         shuffle: bool = False,
         seed: int = 0,
         epoch_fn: Callable[[], int] | None = None,
+        skip_fn: Callable[[], int] | None = None,
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
@@ -149,6 +150,7 @@ class TensorBatches:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.epoch_fn = epoch_fn
+        self.skip_fn = skip_fn
         self.drop_last = drop_last
         self._rank, self._world_size = rank, world_size
 
@@ -182,7 +184,9 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()
         bs = self.batch_size
-        for b in range(len(self)):
+        # A run resumed mid-epoch continues with the batches it had not trained on yet.
+        skip = int(self.skip_fn()) if self.skip_fn is not None else 0
+        for b in range(skip, len(self)):
             sel = idx[b * bs:(b + 1) * bs]
             yield self.x[sel], self.y[sel]
 
@@ -261,6 +265,14 @@ class _BaseDataModule(LightningDataModule):
         """The trainer's epoch (0 without a trainer); seeds the in-memory shuffles."""
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def batches_done(self) -> int:
+        """Batches of the current epoch already trained when resuming from a mid-epoch
+        checkpoint (a preempted or interrupted run); 0 otherwise."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        if fit_loop is None or not fit_loop.restarting:
+            return 0
+        return int(fit_loop.epoch_loop.batch_progress.current.completed)
+
 
 class _InMemoryDataModule(_BaseDataModule):
     """Splits held as tensors in ``self.tensors[split] = (x, y)``, served by TensorBatches."""
@@ -275,7 +287,9 @@ class _InMemoryDataModule(_BaseDataModule):
                                f"{split} dataloader")
         x, y = self.tensors[split]
         return TensorBatches(x, y, self.batch_size, shuffle=train, seed=self.seed,
-                             epoch_fn=self.current_epoch, drop_last=train and self.drop_last)
+                             epoch_fn=self.current_epoch,
+                             skip_fn=self.batches_done if train else None,
+                             drop_last=train and self.drop_last)
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)

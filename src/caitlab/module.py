@@ -22,6 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab.config import TrainConfig
+from caitlab.preemption import rng_state, set_rng_state
 
 
 class DivergedError(RuntimeError):
@@ -190,8 +191,14 @@ class ClassificationModule(L.LightningModule):
     # --- checkpoints carry what Lightning does not know about -------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # RNG states too: a resumed run draws the same dropout/drop-path/mixup as one that
+        # never stopped.
         checkpoint["caitlab"] = {"nonfinite_steps": self.nonfinite_steps,
-                                 "model_config": getattr(self.model, "config", None)}
+                                 "model_config": getattr(self.model, "config", None),
+                                 "rng": rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite_steps = checkpoint.get("caitlab", {}).get("nonfinite_steps", 0)
+        state = checkpoint.get("caitlab", {})
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if "rng" in state:
+            set_rng_state(state["rng"])

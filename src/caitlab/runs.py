@@ -102,8 +102,9 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 class Summary:
     """``summary.json``: rewritten atomically at every state change and at every epoch end."""
 
-    def __init__(self, run_dir: Path, initial: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, initial: dict[str, Any], writable: bool = True) -> None:
         self.path = Path(run_dir) / "summary.json"
+        self.writable = writable  # False on DDP ranks other than 0: one writer per folder
         previous = read_summary(run_dir) or {}
         self.data: dict[str, Any] = {**previous, **initial}
         self.data.setdefault("attempts", 0)
@@ -111,7 +112,8 @@ class Summary:
     def update(self, **values: Any) -> None:
         self.data.update(values)
         self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(self.path, self.data)
+        if self.writable:
+            write_json_atomic(self.path, self.data)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]

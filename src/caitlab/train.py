@@ -6,6 +6,7 @@ already completed skips it, one that stopped part-way resumes from ``last.ckpt``
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -34,6 +35,11 @@ register_resolvers()
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+# States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
+# crashed config usually gives the same result.
+RETRY_ONLY = ("failed", "diverged")
+
+
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, without a traceback."""
 
@@ -50,6 +56,24 @@ def _is_multirun() -> bool:
         return HydraConfig.get().mode == RunMode.MULTIRUN
     except ValueError:
         return False
+
+
+def slurm_job_id() -> str | None:
+    """This job's id as squeue shows it (``1234_5`` for a task of an array)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def is_rank_zero() -> bool:
+    """Only global rank 0 writes the run folder (under SLURM every task runs this app)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) not in (None, "0") and (
+            var != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        ):
+            return False
+    return True
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -92,18 +116,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[caitlab] {run_dir}: already completed "
               f"(test/top1={previous.get('test/top1')}), skipping")
         return previous
+    if previous and previous.get("status") in RETRY_ONLY and not cfg.get("retry_failed", False):
+        print(f"[caitlab] {run_dir}: {previous['status']} before "
+              f"({previous.get('error', '')}); skipping. Pass retry_failed=true to run it again")
+        return previous
 
     # Heavy imports only once we know there is work to do (--cfg job, skips stay fast).
     import lightning as L
     import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from caitlab.callbacks import SummaryCallback
     from caitlab.config import ConfigError, train_config
     from caitlab.data import DataConfigError
     from caitlab.models import ModelConfigError, UnknownModelError, count_macs, count_params
     from caitlab.module import ClassificationModule, DivergedError
+    from caitlab.preemption import AtomicCheckpointIO, GracefulStop
     from caitlab.tracking import build_loggers, finish_wandb, wandb_run
 
     _quiet_known_warnings()
@@ -124,16 +154,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    rank_zero = is_rank_zero()
+    if rank_zero:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     overrides = redact(_overrides())
-    write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    if rank_zero:
+        write_text_atomic(run_dir / "overrides.yaml",
+                          OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
     model_name = cfg.model.get("name", type(model).__name__)
     axes = ablation_axes(getattr(model, "config", {}), model_name)
     params = count_params(model)
     macs = count_macs(model)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    summary = Summary(run_dir, {
+    summary = Summary(run_dir, writable=rank_zero, initial={
         "signature": signature(cfg),
         "variant": variant_signature(cfg),
         "name": cfg.name,
@@ -146,10 +180,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     attempt_t0 = time.time()
     wall_before = summary.get("wall_s", 0.0) or 0.0
     summary.update(status="running", attempts=summary["attempts"] + 1,
-                   resumed_from=str(last_ckpt) if last_ckpt.exists() else None)
+                   resumed_from=str(last_ckpt) if last_ckpt.exists() else None,
+                   slurm_job_id=slurm_job_id())
 
     exit_code = 1
     loggers: list = []
+    stopper = None
     try:
         wandb_id = summary.get("wandb_run_id")
         if wandb_id is None and any("Wandb" in str(v.get("_target_", ""))
@@ -165,16 +201,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if tcfg.compile:
             module.model = torch.compile(module.model)
         checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                                        monitor="val/top1", mode="max", save_last=True,
-                                        save_top_k=1, enable_version_counter=False)
-        callbacks = [checkpointing, SummaryCallback(summary, wall_before, attempt_t0)]
+                                        monitor="val/top1", mode="max", save_top_k=1,
+                                        enable_version_counter=False)
+        # Lightning's save_last only follows a new best; resuming needs every epoch's state.
+        latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last",
+                                 monitor=None, save_top_k=1, enable_version_counter=False)
+        stopper = GracefulStop(last_ckpt)
+        callbacks = [checkpointing, latest, SummaryCallback(summary, wall_before, attempt_t0),
+                     stopper]
         for cb_cfg in (cfg.get("callbacks") or {}).values():
             if cb_cfg is not None and "_target_" in cb_cfg:
                 callbacks.append(instantiate(cb_cfg))
         if cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(RichProgressBar(leave=True))
+        plugins: list = [AtomicCheckpointIO()]
+        if SLURMEnvironment.detect():
+            # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
-                              default_root_dir=str(run_dir))
+                              plugins=plugins, default_root_dir=str(run_dir))
 
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(last_ckpt) if last_ckpt.exists() else None)
@@ -207,8 +252,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                 "diverged_step": err.step})
         raise
     except (KeyboardInterrupt, SystemExit):
-        summary.update(status="interrupted", wall_s=wall_before + time.time() - attempt_t0)
+        summary.update(status="interrupted", wall_s=wall_before + time.time() - attempt_t0,
+                       interrupted_by=stopper.requested if stopper else "KeyboardInterrupt",
+                       requeued=bool(stopper and stopper.requeue))
         exit_code = 255
+        if stopper is not None and stopper.requeue:
+            finish_wandb(exit_code)
+            stopper.requeue_now()  # submitit requeues this job and exits
         raise
     except BaseException as err:
         (run_dir / "error.log").write_text(redact(traceback.format_exc()))

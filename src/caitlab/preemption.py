@@ -1,0 +1,149 @@
+"""Stopping a run at a safe point: Ctrl-C, SIGTERM, and SLURM preemption or time-out.
+
+One mechanism for every stop request. A signal only raises a flag (Lightning's own
+``received_sigterm``, which Lightning broadcasts from rank 0 under DDP); at the next batch
+boundary the run stops with ``SIGTERMException``, ``last.ckpt`` is written atomically with
+the loop and data position, and the run is marked ``interrupted``. Resuming then continues
+with the very next batch, so an interrupted run ends with the weights of an uninterrupted one.
+
+Under submitit, the preemption/time-out signal (USR2 by default) is taken over the same way:
+once the checkpoint is on disk, submitit's own handler runs and requeues the job. Lightning's
+SLURM auto-requeue (USR1) is switched off so the two never fight.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, fsync'ed, then renamed over the old one:
+    a process killed at any moment leaves the previous checkpoint or the new one, never half.
+    Loading is ``weights_only`` (a checkpoint file cannot run code)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors and plain values (weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def submitit_signal() -> signal.Signals | None:
+    """The preemption/time-out signal submitit listens to, when this is a submitit job."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", None)
+
+
+class GracefulStop(Callback):
+    """Turns stop requests into a checkpoint at the next batch boundary (see module doc)."""
+
+    def __init__(self, last_ckpt: Path) -> None:
+        self.last_ckpt = Path(last_ckpt)
+        self.requested: str | None = None
+        self.requeue = False
+        self._trainer = None
+        self._previous: dict[int, Any] = {}
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def _request(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.requested = signal.Signals(signum).name
+        if signum == submitit_signal():
+            self.requeue = True
+        if signum == signal.SIGINT:
+            print("\ncaitlab: stopping at the next batch and saving last.ckpt "
+                  "(Ctrl-C again to stop at once)", flush=True)
+        if self._trainer is not None:
+            self._trainer._signal_connector.received_sigterm = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self._previous:
+            return
+        self._trainer = trainer
+        wanted = [signal.SIGINT, signal.SIGTERM]
+        if (sig := submitit_signal()) is not None:
+            wanted.append(sig)
+        for sig in wanted:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._request)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        for sig, handler in self._previous.items():
+            if sig != submitit_signal():  # submitit's handler goes back in requeue_now()
+                signal.signal(sig, handler)
+
+    # --- the safe point --------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Under DDP Lightning itself broadcasts rank 0's flag at every batch; alone, the flag
+        # is checked here so a stop does not wait for the end of the epoch.
+        if trainer.world_size == 1 and trainer.received_sigterm:
+            raise SIGTERMException
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.last_ckpt)
+
+    def requeue_now(self) -> None:
+        """Hands over to submitit's handler, which requeues this job and exits."""
+        sig = submitit_signal()
+        handler = self._previous.get(sig) if sig is not None else None
+        if callable(handler):
+            signal.signal(sig, handler)
+            handler(sig, None)
