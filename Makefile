@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint slurm clean
 
 setup:
 	@if ! [ -x "$(UV)" ]; then \
@@ -23,7 +23,13 @@ demo: setup
 lint: setup
 	.venv/bin/ruff check .
 
-test: setup lint
+# The local SLURM cluster (slurm-wlm + munge + accounting) for the tests marked `slurm`.
+# It needs root; without it those tests are skipped and say why.
+slurm:
+	@if [ "$$(id -u)" = 0 ]; then scripts/slurm/start.sh; \
+	else echo "not root: local SLURM cluster not started, slurm tests will be skipped"; fi
+
+test: setup lint slurm
 	$(PY) -m pytest
 
 clean:

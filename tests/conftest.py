@@ -41,3 +41,22 @@ def train_cmd(tmp_path):
 
     run.out = tmp_path
     return run
+
+
+def slurm_up() -> bool:
+    import shutil
+
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "UP" in out.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if not slurm_up():
+        pytest.skip("the local SLURM cluster is not running: scripts/slurm/start.sh (as root; "
+                    "make test starts it)")

@@ -20,8 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Top-level keys that never change what is trained. Everything else is part of the signature.
-NON_RESULT_KEYS = ("hydra", "logger", "paths", "callbacks", "name", "launcher", "tags",
-                   "retry_failed", "print_config")
+NON_RESULT_KEYS = ("hydra", "logger", "paths", "callbacks", "name", "cluster", "tags",
+                   "retry_failed")
 # Trainer keys that change how a run is displayed or executed, not its result.
 NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps",
                            "default_root_dir", "num_sanity_val_steps")
@@ -65,9 +65,15 @@ def _signature_resolver(*, _root_: DictConfig) -> str:
     return signature(_root_)
 
 
+def _gpus_if_gpu(accelerator: str, devices: Any) -> Any:
+    return devices if str(accelerator) in ("gpu", "cuda") else None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("signature"):
         OmegaConf.register_new_resolver("signature", _signature_resolver, use_cache=False)
+    if not OmegaConf.has_resolver("gpus_if_gpu"):
+        OmegaConf.register_new_resolver("gpus_if_gpu", _gpus_if_gpu)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

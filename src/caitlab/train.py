@@ -149,6 +149,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         while cause is not None and not isinstance(cause, user_errors):
             cause = cause.__cause__
         if cause is not None:
+            if _is_multirun():  # the sweep's table must show this run, and why it failed
+                Summary(run_dir, {"overrides": redact(_overrides()), "name": cfg.name,
+                                  "signature": signature(cfg)}).update(
+                    status="failed", error=redact(str(cause)))
             raise UserError(str(cause)) from None
         raise
 
@@ -221,6 +225,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
                               plugins=plugins, default_root_dir=str(run_dir))
 
+        summary.update(world_size=trainer.world_size)
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(last_ckpt) if last_ckpt.exists() else None)
         if trainer.interrupted:

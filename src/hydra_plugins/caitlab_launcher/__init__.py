@@ -1,0 +1,1 @@
+"""caitlab's sweep-aware submitit launchers, where Hydra looks for plugins."""

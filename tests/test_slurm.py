@@ -1,0 +1,118 @@
+"""Sweeps on a real SLURM cluster (scripts/slurm/start.sh), submitted through Hydra."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import caitlab_train
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+SLURM = ("hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10",
+         "logger=csv")
+TINY = ("model.embed_dim=32", "model.depth=2")
+
+
+def _summaries(sweep_dir) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+def _sacct_jobs(array_id: str) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-j", array_id, "--format=JobID%30"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def test_sweep_is_one_array_and_a_relaunch_skips_what_completed(tmp_path):
+    caitlab_train(tmp_path, "-m", *SLURM, *TINY, "model=vit_tiny,cait_tiny", "trainer=debug",
+                  "name=pair")
+    runs = _summaries(tmp_path / "pair")
+    assert len(runs) == 2
+    assert {s["status"] for s in runs.values()} == {"completed"}
+    job_ids = sorted(s["slurm_job_id"] for s in runs.values())
+    array = job_ids[0].split("_")[0]
+    assert job_ids == [f"{array}_0", f"{array}_1"]  # one array, two tasks
+
+    again = caitlab_train(tmp_path, "-m", *SLURM, *TINY, "model=vit_tiny,cait_tiny",
+                          "trainer=debug", "name=pair")
+    assert "0 to run, 2 already done" in again.stdout + again.stderr
+    assert _summaries(tmp_path / "pair") == runs  # nothing was submitted or touched
+    assert len(_sacct_jobs(array)) == 2
+
+
+def test_ddp_over_two_slurm_tasks_takes_ranks_from_slurm(tmp_path):
+    caitlab_train(tmp_path, "-m", *SLURM, *TINY, "model=vit_tiny", "trainer=debug",
+                  "trainer.devices=2", "trainer.strategy=ddp", "name=ddp")
+    (summary,) = _summaries(tmp_path / "ddp").values()
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["world_size"] == 2
+    assert summary["attempts"] == 1  # rank 1 did not write its own attempt
+    log = next((tmp_path / "ddp").glob("*/train.log")).read_text()
+    assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in log
+
+
+def test_one_failing_run_does_not_stop_the_others_and_is_retried_only_on_request(tmp_path):
+    # embed_dim 30 is not divisible by the 4 heads: that run fails, the other trains
+    caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
+                  "trainer=debug", "name=mixed")
+    states = {s["status"]: s for s in
+              _summaries(tmp_path / "mixed").values()}
+    assert set(states) == {"completed", "failed"}
+    assert "embed_dim=30 is not divisible by num_heads=4" in states["failed"]["error"]
+    again = caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
+                          "trainer=debug", "name=mixed")
+    assert "0 to run, 2 already done" in again.stdout + again.stderr
+    retry = caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
+                          "trainer=debug", "name=mixed", "retry_failed=true")
+    assert "1 to run, 1 already done" in retry.stdout + retry.stderr
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_preempted_run_is_requeued_resumes_and_ends_with_the_same_weights(tmp_path):
+    run = (*TINY, "model=cait_tiny", "trainer.max_epochs=6", "trainer.deterministic=true",
+           "model.drop_path_rate=0.1")
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "slurm"
+    ref_dir.mkdir()
+    dir_.mkdir()
+    caitlab_train(ref_dir, *run, "logger=csv")  # uninterrupted, here
+    caitlab_train(dir_, "-m", *SLURM, *run, "hydra.launcher.wait=false", "name=pre")
+
+    def summary():
+        found = _summaries(dir_ / "pre")
+        return next(iter(found.values())) if found else None
+
+    running = _wait_for(lambda: (s := summary()) and s.get("epochs", 0) >= 1
+                        and s["status"] == "running" and s, 120, "the first epoch")
+    job = running["slurm_job_id"]
+    # what SLURM sends before a time limit or a preemption (submitit's signal)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    _wait_for(lambda: summary()["status"] == "interrupted", 60, "the checkpoint at the signal")
+    interrupted = summary()
+    assert interrupted["requeued"] is True and interrupted["interrupted_by"] == "SIGUSR2"
+    done = _wait_for(lambda: (s := summary())["status"] == "completed" and s, 240,
+                     "the requeued job to finish")
+    assert done["attempts"] == 2 and done["slurm_job_id"] == job  # same job, requeued
+    assert done["resumed_from"].endswith("last.ckpt")
+
+    (ref_run,) = [p.parent for p in ref_dir.glob("*/*/summary.json")]
+    (slurm_run,) = [p.parent for p in (dir_ / "pre").glob("*/summary.json")]
+    assert ref_run.name == slurm_run.name  # the launcher does not change the signature
+    ref = torch.load(ref_run / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(slurm_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == ref["global_step"]
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), key

@@ -1,0 +1,272 @@
+"""caitlab-sweep status: reconciling run folders with squeue, the table, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caitlab import sweep
+from caitlab.report import collect_runs
+from caitlab.runs import write_json_atomic
+
+SHARED = ["experiment=demo", "paths.output_dir=/data/outputs"]
+
+# signature -> (summary fields, overrides that vary)
+RUNS = {
+    "aaaaaaaaa1": ({"status": "completed", "slurm_job_id": "100", "epochs": 30,
+                    "val/top1": 0.9, "val/top1_best": 0.91, "test/top1": 0.93871},
+                   ["model=vit_tiny", "seed=0"]),
+    "aaaaaaaaa2": ({"status": "running", "slurm_job_id": "101_0", "epochs": 4,
+                    "val/top1": 0.5123}, ["model=vit_tiny", "seed=1"]),
+    "aaaaaaaaa3": ({"status": "running", "slurm_job_id": "101_1", "epochs": 7,
+                    "val/top1": 0.61}, ["model=cait_tiny", "seed=0"]),
+    "aaaaaaaaa4": ({"status": "pending", "slurm_job_id": "102"}, ["model=cait_tiny", "seed=1"]),
+    "aaaaaaaaa5": ({"status": "failed", "slurm_job_id": "103", "epochs": 1,
+                    "error": "RuntimeError: boom"}, ["model=vit_tiny", "seed=2"]),
+    "aaaaaaaaa6": ({"status": "diverged", "slurm_job_id": "104", "diverged_epoch": 3,
+                    "epochs": 3, "val/top1": 0.1}, ["model=cait_tiny", "seed=2"]),
+    "aaaaaaaaa7": ({"status": "completed", "epochs": 30, "val/top1": 0.88,
+                    "test/top1": 0.8}, ["model=vit_tiny", "seed=3"]),  # local: no job id
+}
+# 101_1 (aaaaaaaaa3) is missing: its job died without writing a final state
+SQUEUE = {"100": "COMPLETED", "101_0": "RUNNING", "102": "RUNNING", "103": "FAILED",
+          "104": "COMPLETED", "999": "PENDING"}
+
+
+def make_sweep(root: Path, runs: dict = RUNS) -> Path:
+    sweep_dir = root / "outputs" / "demo"
+    for sig, (fields, overrides) in runs.items():
+        summary = {"signature": sig, "overrides": [*overrides, *SHARED], "attempts": 1,
+                   "updated_at": "2026-01-01T00:00:00+0000", **fields}
+        write_json_atomic(sweep_dir / sig / "summary.json", summary)
+    # Hydra's own files in the sweep folder are not runs
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep_dir / ".submitit" / "101_0").mkdir(parents=True)
+    (sweep_dir / ".submitit" / "101_0" / "101_0_submitted.pkl").write_bytes(b"x")
+    (sweep_dir / "report.md").write_text("| x |\n")
+    return sweep_dir
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    return make_sweep(tmp_path)
+
+
+def by_sig(statuses):
+    return {s.signature: s for s in statuses}
+
+
+def test_run_states_reconciles_with_squeue(sweep_dir):
+    statuses = by_sig(sweep.run_states(collect_runs(sweep_dir), SQUEUE))
+    assert set(statuses) == set(RUNS)  # Hydra files are not runs
+    got = {sig: (s.state, s.label, s.slurm_state) for sig, s in statuses.items()}
+    assert got == {
+        "aaaaaaaaa1": ("completed", "completed", "COMPLETED"),
+        "aaaaaaaaa2": ("running", "running", "RUNNING"),
+        "aaaaaaaaa3": ("lost", "lost (last: running)", None),
+        "aaaaaaaaa4": ("running", "running", "RUNNING"),  # pending summary, job started
+        "aaaaaaaaa5": ("failed", "failed", "FAILED"),
+        "aaaaaaaaa6": ("diverged", "diverged at epoch 3", "COMPLETED"),
+        "aaaaaaaaa7": ("completed", "completed", None),
+    }
+    assert statuses["aaaaaaaaa1"].metric_name == "test/top1"
+    assert statuses["aaaaaaaaa1"].metric_text == "93.87 (test)"
+    assert statuses["aaaaaaaaa2"].metric_text == "51.23 (val)"
+    assert statuses["aaaaaaaaa4"].metric is None and statuses["aaaaaaaaa4"].metric_text == ""
+    assert statuses["aaaaaaaaa5"].error == "RuntimeError: boom"
+    assert statuses["aaaaaaaaa2"].slurm_job_id == "101_0"
+    assert statuses["aaaaaaaaa7"].slurm_job_id is None
+
+
+def test_run_states_without_squeue_keeps_folder_states(sweep_dir):
+    statuses = by_sig(sweep.run_states(collect_runs(sweep_dir), None))
+    assert statuses["aaaaaaaaa3"].label == "running"  # unknown, so not lost
+    assert statuses["aaaaaaaaa4"].label == "pending"
+    assert statuses["aaaaaaaaa6"].label == "diverged at epoch 3"
+    assert all(s.slurm_state is None for s in statuses.values())
+
+
+@pytest.mark.parametrize("summary, live, expected", [
+    ({"status": "pending", "slurm_job_id": "7"}, "PENDING", ("pending", "pending")),
+    ({"status": "pending", "slurm_job_id": "7"}, None, ("lost", "lost (last: pending)")),
+    ({"status": "pending", "slurm_job_id": "7"}, "CANCELLED", ("lost", "lost (last: pending)")),
+    ({"status": "running", "slurm_job_id": "7"}, "NODE_FAIL", ("lost", "lost (last: running)")),
+    ({"status": "running", "slurm_job_id": "7"}, "PENDING",
+     ("pending", "pending (requeued, last: running)")),
+    ({"status": "running", "slurm_job_id": "7"}, "COMPLETING", ("running", "running")),
+    ({"status": "running"}, None, ("running", "running")),  # local run: never lost
+    ({"status": "running", "slurm_job_id": None}, None, ("running", "running")),
+    ({"status": "interrupted", "slurm_job_id": "7"}, "PENDING",
+     ("interrupted", "interrupted (requeued)")),
+    ({"status": "interrupted", "slurm_job_id": "7"}, None, ("interrupted", "interrupted")),
+    ({"status": "completed", "slurm_job_id": "7"}, None, ("completed", "completed")),
+    ({"status": "diverged", "slurm_job_id": "7", "diverged_epoch": 12}, None,
+     ("diverged", "diverged at epoch 12")),
+])
+def test_reconcile(summary, live, expected):
+    squeue = {"8": "RUNNING"} if live is None else {"7": live}
+    state, label, got_live = sweep.reconcile(summary, squeue)
+    assert (state, label) == expected
+    assert got_live == live
+
+
+def test_varying_overrides():
+    assert sweep.varying_overrides([["a=1", "b=1", "x=0"], ["a=2", "b=1", "x=0"]]) == [
+        ["a=1"], ["a=2"]]
+    # nothing varies (or a single run): show them all
+    assert sweep.varying_overrides([["a=1", "x=0"], ["a=1", "x=0"]]) == [
+        ["a=1", "x=0"], ["a=1", "x=0"]]
+    assert sweep.varying_overrides([["a=1", "x=0"]]) == [["a=1", "x=0"]]
+    assert sweep.varying_overrides([]) == []
+
+
+def test_counts_line(sweep_dir):
+    statuses = sweep.run_states(collect_runs(sweep_dir), SQUEUE)
+    assert sweep.counts_line(statuses) == (
+        "7 runs: 2 completed, 2 running, 1 lost, 1 failed, 1 diverged")
+    one = sweep.run_states(collect_runs(sweep_dir), SQUEUE)[:1]
+    assert sweep.counts_line(one) == "1 run: 1 completed"
+
+
+def fake_squeue(monkeypatch, states=SQUEUE):
+    monkeypatch.setattr(sweep, "query_squeue", lambda timeout=None: dict(states))
+
+
+def test_status_table(sweep_dir, monkeypatch, capsys):
+    fake_squeue(monkeypatch)
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["signature", "state", "job", "slurm", "epochs", "top1", "%",
+                              "attempts", "overrides"]
+    rows = {line.split()[0]: line for line in out[1:-1]}
+    assert set(rows) == set(RUNS)
+    assert rows["aaaaaaaaa3"].split()[:6] == ["aaaaaaaaa3", "lost", "(last:", "running)",
+                                              "101_1", "-"]
+    assert "diverged at epoch 3" in rows["aaaaaaaaa6"]
+    assert "93.87 (test)" in rows["aaaaaaaaa1"] and "51.23 (val)" in rows["aaaaaaaaa2"]
+    # only what varies: model and seed, not experiment= / paths.output_dir=
+    assert rows["aaaaaaaaa2"].endswith("model=vit_tiny seed=1")
+    assert all("experiment=" not in line and "paths.output_dir" not in line for line in out)
+    assert out[-1] == "7 runs: 2 completed, 2 running, 1 lost, 1 failed, 1 diverged"
+
+
+def test_status_json(sweep_dir, monkeypatch, capsys):
+    fake_squeue(monkeypatch)
+    assert sweep.main(["status", str(sweep_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert isinstance(data, list) and len(data) == len(RUNS)
+    rows = {row["signature"]: row for row in data}
+    assert rows["aaaaaaaaa3"]["state"] == "lost"
+    assert rows["aaaaaaaaa3"]["label"] == "lost (last: running)"
+    assert rows["aaaaaaaaa3"]["summary_status"] == "running"
+    assert rows["aaaaaaaaa4"]["state"] == "running"
+    assert rows["aaaaaaaaa4"]["slurm_state"] == "RUNNING"
+    assert rows["aaaaaaaaa1"]["metric_name"] == "test/top1"
+    assert rows["aaaaaaaaa1"]["metric"] == pytest.approx(0.93871)
+    assert rows["aaaaaaaaa6"]["label"] == "diverged at epoch 3"
+    assert rows["aaaaaaaaa7"]["slurm_job_id"] is None
+    assert rows["aaaaaaaaa2"]["overrides"] == ["model=vit_tiny", "seed=1"]
+    assert rows["aaaaaaaaa2"]["attempts"] == 1
+
+
+def test_status_all_overrides_shared(tmp_path, monkeypatch, capsys):
+    fake_squeue(monkeypatch, {})
+    sweep_dir = make_sweep(tmp_path, {"bbbbbbbbb1": ({"status": "completed"}, ["seed=0"])})
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("seed=0 experiment=demo paths.output_dir=/data/outputs")
+    assert out[-1] == "1 run: 1 completed"
+
+
+def test_status_squeue_unavailable(sweep_dir, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(sweep_dir))  # no squeue there
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "(squeue unavailable: squeue not found on PATH)"
+    rows = {line.split()[0]: line for line in out[2:-1]}
+    assert rows["aaaaaaaaa3"].split()[1:4] == ["running", "101_1", "-"]  # unknown: not lost
+    assert out[-1] == "7 runs: 2 completed, 2 running, 1 pending, 1 failed, 1 diverged"
+
+
+def write_fake_squeue(bin_dir: Path, script: str) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "squeue"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+def test_query_squeue_with_a_fake_binary(tmp_path, monkeypatch):
+    args_file = tmp_path / "args"
+    write_fake_squeue(tmp_path / "bin", f'echo "$@" > {args_file}\n'
+                      'printf "  100|RUNNING\\n101_3|PENDING\\nbad line\\n"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert sweep.squeue_states() == {"100": "RUNNING", "101_3": "PENDING"}
+    args = args_file.read_text().split()
+    assert {"--noheader", "--format=%i|%T", "--states=all", "--array"} <= set(args)
+
+
+def test_query_squeue_failure_and_timeout(tmp_path, monkeypatch):
+    write_fake_squeue(tmp_path / "fail", "echo 'slurm_load_jobs error: Unable to contact "
+                      "slurm controller' >&2\nexit 1\n")
+    write_fake_squeue(tmp_path / "slow", "sleep 5\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'fail'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(sweep.SqueueUnavailable, match="Unable to contact slurm controller"):
+        sweep.query_squeue()
+    assert sweep.squeue_states() is None
+    monkeypatch.setenv("PATH", f"{tmp_path / 'slow'}{os.pathsep}{os.environ['PATH']}")
+    t0 = time.monotonic()
+    assert sweep.squeue_states(timeout=0.5) is None
+    assert time.monotonic() - t0 < 4
+
+
+def _controller_up() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and "UP" in proc.stdout
+
+
+def test_real_squeue_states():
+    if shutil.which("squeue") is None:
+        assert sweep.squeue_states() is None
+        return
+    if _controller_up():
+        assert isinstance(sweep.squeue_states(timeout=20), dict)
+    else:  # squeue installed, cluster stopped: reported unavailable, in bounded time
+        t0 = time.monotonic()
+        assert sweep.squeue_states(timeout=2) is None
+        assert time.monotonic() - t0 < 10
+
+
+def test_cli_missing_or_empty_folder(tmp_path, capsys):
+    assert sweep.main(["status", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder" in err
+    (tmp_path / "empty" / ".submitit").mkdir(parents=True)
+    assert sweep.main(["status", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no runs" in err
+
+
+def test_entry_point_is_light_and_exits_2(tmp_path):
+    exe = Path(sys.executable).parent / "caitlab-sweep"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "caitlab.sweep"]
+    proc = subprocess.run([*cmd, "status", str(tmp_path / "nope")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and proc.stderr.startswith("caitlab-sweep: error:")
+    code = ("import sys, caitlab.sweep; "
+            "print(sorted(m for m in ('torch', 'lightning', 'hydra') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert proc.stdout.strip() == "[]"
