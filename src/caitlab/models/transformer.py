@@ -474,6 +474,11 @@ def cait_xxs36_384(**kwargs):
 
 
 @register_model
+def cait_xs24_224(**kwargs):
+    return _cait(24, 288, 6, 1e-5, 224, kwargs)
+
+
+@register_model
 def cait_xs24_384(**kwargs):
     return _cait(24, 288, 6, 1e-5, 384, kwargs)
 

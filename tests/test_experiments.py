@@ -1,0 +1,71 @@
+"""The paper's ablation grids: every run of every experiment composes and builds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import caitlab_train
+from test_config import CONF, _compose
+
+GRIDS = {  # experiment: number of runs
+    "residual_vs_depth": 16, "residual_vs_depth_tiny": 16,
+    "class_token_placement": 7, "class_token_placement_tiny": 6,
+    "vit_vs_cait": 7, "vit_vs_cait_tiny": 6, "demo": 4,
+}
+
+
+def _grid(experiment: str) -> list[list[str]]:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    axes = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
+    return [list(c) for c in itertools.product(*axes)]
+
+
+def test_every_experiment_file_is_listed():
+    assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} == set(GRIDS)
+
+
+@pytest.mark.parametrize("experiment", sorted(GRIDS))
+def test_every_run_of_the_grid_builds(experiment):
+    grid = _grid(experiment)
+    assert len(grid) == GRIDS[experiment]
+    models = []
+    for overrides in grid:
+        root = [] if experiment.endswith("_tiny") or experiment == "demo" else ["data.root=/x"]
+        cfg = _compose(f"experiment={experiment}", *root, *overrides)
+        assert cfg.name == experiment
+        with torch.device("meta"):
+            models.append(instantiate(cfg.model).config)
+    # every run differs in its architecture: the grid really sweeps the axes
+    assert len({json.dumps(m, sort_keys=True) for m in models}) == len(grid)
+    if experiment == "residual_vs_depth":
+        by_axes = {(m["depth"], m["residual"]): m for m in models}
+        assert by_axes[(36, "layerscale")]["layerscale_init"] == 1e-6
+        assert by_axes[(12, "layerscale")]["layerscale_init"] == 0.1
+        assert all(m["embed_dim"] == 384 for m in models)  # DeiT-S throughout
+    if experiment == "class_token_placement":
+        assert {(m["class_token"], m["insert_layer"], m["ca_depth"]) for m in models} == {
+            ("input", 0, 0), ("insert", 6, 0), ("insert", 8, 0), ("insert", 10, 0),
+            ("insert", 11, 0), ("class_attention", 0, 1), ("class_attention", 0, 2)}
+        assert {m["residual"] for m in models} == {"none"}
+
+
+@pytest.mark.slow
+def test_a_tiny_experiment_runs_end_to_end(tmp_path):
+    caitlab_train(tmp_path, "experiment=class_token_placement_tiny", "trainer=debug",
+                  "logger=csv")
+    summaries = [json.loads(p.read_text())
+                 for p in (tmp_path / "class_token_placement_tiny").glob("*/summary.json")]
+    assert len(summaries) == 6
+    assert {s["status"] for s in summaries} == {"completed"}
+    placements = {(s["axes"]["class_token"], s["axes"]["insert_layer"], s["axes"]["ca_depth"])
+                  for s in summaries}
+    assert len(placements) == 6
