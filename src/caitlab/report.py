@@ -1,7 +1,15 @@
-"""``caitlab-report``: a sweep folder -> one comparison table (Markdown and CSV).
+"""``caitlab-report``: a sweep -> which variant wins, by how much, at what cost.
 
-One row per variant (runs that differ only by seed are grouped into mean +- std with their
-count). Runs that are still going, failed or diverged stay in the table with their state.
+Reads a sweep folder (every ``summary.json`` and ``metrics.csv`` below it) or a wandb project
+(``--wandb-project``, through ``wandb.Api().runs``), and writes next to the sweep, and prints:
+
+- a table (Markdown and CSV), one row per variant; runs that differ only by seed are grouped
+  into mean ± std with their count; runs in progress, failed or diverged keep their state;
+- plots (PNG): test top-1 vs depth with one line per residual scaling (paper Table 1 as a
+  picture), top-1 vs MACs and vs images/s with ViT-like and CaiT-like variants as two marker
+  families, and the validation curve of every run;
+- with ``--wandb``, the table as a ``wandb.Table`` and the plots as images in a summary run of
+  the group.
 """
 
 from __future__ import annotations
@@ -10,27 +18,40 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 AXES = ("model", "class_token", "ca_depth", "residual", "layerscale_init", "depth", "embed_dim")
 METRICS = ("val/top1_best", "test/top1", "test/top5")
+# wandb run states for runs whose summary never got a caitlab status
+WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "failed",
+                "failed": "failed", "killed": "interrupted"}
 
 
 @dataclass
 class Run:
-    folder: Path
+    name: str
     summary: dict[str, Any]
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/top1)
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status") or "pending"
 
     @property
     def state(self) -> str:
-        status = self.summary.get("status", "pending")
-        if status == "diverged":
+        if self.status == "diverged":
             return f"diverged at epoch {self.summary.get('diverged_epoch', '?')}"
-        return status
+        return self.status
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        return dict(self.summary.get("axes") or {})
 
 
 @dataclass
@@ -38,8 +59,34 @@ class Variant:
     key: str
     runs: list[Run] = field(default_factory=list)
 
+    @property
     def axes(self) -> dict[str, Any]:
-        return dict(self.runs[0].summary.get("axes") or {})
+        return self.runs[0].axes
+
+    def completed(self) -> list[dict[str, Any]]:
+        return [r.summary for r in self.runs if r.status == "completed"]
+
+    def values(self, metric: str) -> list[float]:
+        return [s[metric] for s in self.completed() if s.get(metric) is not None]
+
+    @property
+    def family(self) -> str:
+        """CaiT-like (class attention) or ViT-like: the two marker families of the plots."""
+        return "CaiT" if self.axes.get("class_token") == "class_attention" else "ViT"
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _read_curve(metrics_csv: Path) -> list[tuple[int, float]]:
+    if not metrics_csv.is_file():
+        return []
+    curve: dict[int, float] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/top1") and row.get("epoch"):
+                curve[int(float(row["epoch"]))] = float(row["val/top1"])
+    return sorted(curve.items())
 
 
 def collect_runs(sweep_dir: Path) -> list[Run]:
@@ -50,19 +97,46 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
             summary = {"status": "unreadable"}
-        runs.append(Run(path.parent, summary))
+        runs.append(Run(path.parent.name, summary, _read_curve(path.parent / "metrics.csv")))
+    return runs
+
+
+def runs_from_wandb(api: Any, path: str, group: str | None = None,
+                    tags: Iterable[str] = ()) -> list[Run]:
+    """The same runs from wandb: ``api`` is a ``wandb.Api()``; ``path`` is entity/project."""
+    filters: dict[str, Any] = {}
+    if group:
+        filters["group"] = group
+    if tags:
+        filters["tags"] = {"$in": list(tags)}
+    runs = []
+    for wrun in api.runs(path, filters=filters or None):
+        summary = {k: v for k, v in dict(wrun.summary).items() if not k.startswith("_")}
+        summary.setdefault("status", WANDB_STATES.get(getattr(wrun, "state", ""), "pending"))
+        if "variant" not in summary:
+            config = dict(wrun.config)
+            config.pop("seed", None)
+            summary["variant"] = json.dumps(config, sort_keys=True, default=str)
+        curve = {}
+        for row in wrun.scan_history(keys=["epoch", "val/top1"]):
+            if row.get("val/top1") is not None and row.get("epoch") is not None:
+                curve[int(row["epoch"])] = float(row["val/top1"])
+        runs.append(Run(getattr(wrun, "name", wrun.id), summary, sorted(curve.items())))
     return runs
 
 
 def group_variants(runs: list[Run]) -> list[Variant]:
     variants: dict[str, Variant] = {}
     for run in runs:
-        key = run.summary.get("variant") or run.summary.get("signature") or str(run.folder)
+        key = run.summary.get("variant") or run.summary.get("signature") or run.name
         variants.setdefault(key, Variant(key)).runs.append(run)
     return list(variants.values())
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+# --- the table -------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return ""
     values = [v * scale for v in values]
@@ -72,35 +146,57 @@ def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str
             f" (n={len(values)})")
 
 
-def _fmt_count(n: float | None, unit: float, digits: int = 2) -> str:
+def _count(n: float | None, unit: float, digits: int = 2) -> str:
     return "" if n is None else f"{n / unit:.{digits}f}"
 
 
+def _placement(axes: dict[str, Any]) -> str:
+    token = axes.get("class_token")
+    if token == "insert":
+        return f"insert@{axes.get('insert_layer')}"
+    return "" if token is None else str(token)
+
+
 def variant_row(variant: Variant) -> dict[str, str]:
-    axes = variant.axes()
+    axes = variant.axes
     first = variant.runs[0].summary
     model = first.get("model") or {}
-    completed = [r.summary for r in variant.runs if r.summary.get("status") == "completed"]
-    row: dict[str, str] = {k: "" if axes.get(k) is None else str(axes.get(k)) for k in AXES}
-    row["params (M)"] = _fmt_count(model.get("params"), 1e6)
-    row["GMACs"] = _fmt_count(model.get("macs"), 1e9, 3)
-    ips = [s["images_per_s"] for s in completed if s.get("images_per_s")]
+    row: dict[str, str] = {
+        "model": str(axes.get("model", model.get("name", ""))),
+        "class token": _placement(axes),
+        "CA layers": str(axes.get("ca_depth") or ""),
+        "residual": str(axes.get("residual", "")),
+        "eps": "" if axes.get("layerscale_init") is None else f"{axes['layerscale_init']:g}",
+        "depth": str(axes.get("depth", "")),
+        "width": str(axes.get("embed_dim", "")),
+        "params (M)": _count(model.get("params"), 1e6),
+        "GMACs": _count(model.get("macs"), 1e9, 3),
+    }
+    ips = [s["images_per_s"] for s in variant.completed() if s.get("images_per_s")]
     row["img/s"] = f"{statistics.mean(ips):.0f}" if ips else ""
-    for metric in METRICS:
-        row[metric] = _mean_std([s[metric] for s in completed if s.get(metric) is not None])
+    row["val top-1 (best)"] = mean_std(variant.values("val/top1_best"))
+    row["test top-1"] = mean_std(variant.values("test/top1"))
+    row["test top-5"] = mean_std(variant.values("test/top5"))
     epochs = [r.summary["epochs"] for r in variant.runs if r.summary.get("epochs")]
     row["epochs"] = str(max(epochs)) if epochs else ""
-    walls = [r.summary.get("wall_s") for r in variant.runs if r.summary.get("wall_s")]
+    walls = [r.summary["wall_s"] for r in variant.runs if r.summary.get("wall_s")]
     row["wall (s)"] = f"{statistics.mean(walls):.0f}" if walls else ""
-    states = sorted({r.state for r in variant.runs})
-    row["state"] = ", ".join(states)
+    states: dict[str, int] = {}
+    for r in variant.runs:
+        states[r.state] = states.get(r.state, 0) + 1
+    row["state"] = ", ".join(s if n == 1 else f"{n} {s}" for s, n in sorted(states.items()))
     row["runs"] = str(len(variant.runs))
     return row
 
 
-def table_rows(sweep_dir: Path) -> list[dict[str, str]]:
-    rows = [variant_row(v) for v in group_variants(collect_runs(sweep_dir))]
-    return sorted(rows, key=lambda r: (r["model"], r["class_token"], r["residual"], r["depth"]))
+def _sort_key(variant: Variant):
+    a = variant.axes
+    return (str(a.get("model", "")), str(a.get("class_token", "")), str(a.get("residual", "")),
+            a.get("depth") or 0, a.get("embed_dim") or 0)
+
+
+def table_rows(variants: list[Variant]) -> list[dict[str, str]]:
+    return [variant_row(v) for v in sorted(variants, key=_sort_key)]
 
 
 def to_markdown(rows: list[dict[str, str]]) -> str:
@@ -121,25 +217,212 @@ def to_csv(rows: list[dict[str, str]]) -> str:
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="caitlab-report", description=__doc__)
-    parser.add_argument("sweep_dir", type=Path, help="a sweep/experiment folder (outputs/<name>)")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"caitlab-report: error: {args.sweep_dir} is not a folder", file=sys.stderr)
-        return 2
-    rows = table_rows(args.sweep_dir)
-    if not rows:
-        print(f"caitlab-report: error: no runs (summary.json) under {args.sweep_dir}",
-              file=sys.stderr)
-        return 2
+# --- the plots -------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else math.nan
+
+
+def plot_top1_vs_depth(variants: list[Variant], path: Path) -> Path | None:
+    """One line per residual scaling: the paper's Table 1 as a picture."""
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for v in variants:
+        top1 = [x * 100 for x in v.values("test/top1")]
+        if top1 and v.axes.get("depth") is not None:
+            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+            points.setdefault(str(v.axes.get("residual")), []).append(
+                (v.axes["depth"], _mean(top1), std))
+    if not points or len({d for pts in points.values() for d, _, _ in pts}) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for residual, pts in sorted(points.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o", capsize=3, label=residual)
+    ax.set_xlabel("depth (self-attention layers)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("top-1 vs depth by residual scaling")
+    ax.grid(alpha=0.3)
+    ax.legend(title="residual")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str) -> Path | None:
+    """Top-1 against MACs (``cost='macs'``) or images/s (``'images_per_s'``), ViT vs CaiT."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for family, marker in (("ViT", "o"), ("CaiT", "^")):
+        xs, ys, labels = [], [], []
+        for v in variants:
+            top1 = v.values("test/top1")
+            if v.family != family or not top1:
+                continue
+            if cost == "macs":
+                x = (v.runs[0].summary.get("model") or {}).get("macs")
+                x = None if x is None else x / 1e9
+            else:
+                x = _mean([s["images_per_s"] for s in v.completed() if s.get("images_per_s")])
+            if x is None or math.isnan(x):
+                continue
+            xs.append(x)
+            ys.append(_mean(top1) * 100)
+            labels.append(variant_label(v))
+        if xs:
+            drawn += len(xs)
+            ax.scatter(xs, ys, marker=marker, s=60, label=family)
+            for x, y, label in zip(xs, ys, labels, strict=True):
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("GMACs per image" if cost == "macs" else "training images/s")
+    if cost == "macs":
+        ax.set_xscale("log")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"top-1 vs {'MACs' if cost == 'macs' else 'throughput'}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_val_curves(runs: list[Run], path: Path) -> Path | None:
+    curves = [r for r in runs if r.curve]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in curves:
+        ax.plot([e + 1 for e, _ in run.curve], [t * 100 for _, t in run.curve],
+                label=f"{variant_label(Variant('', [run]))} ({run.name[:6]})", linewidth=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("validation curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def variant_label(variant: Variant) -> str:
+    a = variant.axes
+    parts = [str(a.get("model", "?")), _placement(a), str(a.get("residual", ""))]
+    if a.get("depth") is not None:
+        parts.append(f"d{a['depth']}")
+    return " ".join(p for p in parts if p)
+
+
+def write_plots(runs: list[Run], variants: list[Variant], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = [
+        plot_top1_vs_depth(variants, out_dir / "top1_vs_depth.png"),
+        plot_top1_vs_cost(variants, out_dir / "top1_vs_macs.png", "macs"),
+        plot_top1_vs_cost(variants, out_dir / "top1_vs_throughput.png", "images_per_s"),
+        plot_val_curves(runs, out_dir / "val_curves.png"),
+    ]
+    return [p for p in made if p is not None]
+
+
+# --- wandb summary run -------------------------------------------------------------------------
+
+
+def log_to_wandb(rows: list[dict[str, str]], plots: list[Path], *, project: str,
+                 group: str, entity: str | None = None, out_dir: Path | None = None) -> str:
+    """The table and plots in one summary run of the sweep's group; returns its id."""
+    import wandb
+
+    from caitlab.tracking import wandb_mode
+
+    run = wandb.init(project=project, entity=entity, group=group, job_type="report",
+                     name=f"report {group}", mode=wandb_mode(),
+                     dir=str(out_dir) if out_dir else None, reinit="finish_previous")
+    try:
+        cols = list(rows[0]) if rows else []
+        run.log({"comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols]
+                                                                 for r in rows]),
+                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+        return run.id
+    finally:
+        run.finish()
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def build_report(runs: list[Run], out_dir: Path) -> tuple[list[dict[str, str]], list[Path]]:
     from caitlab.runs import write_text_atomic
 
-    markdown = to_markdown(rows)
-    write_text_atomic(args.sweep_dir / "report.md", markdown + "\n")
-    write_text_atomic(args.sweep_dir / "report.csv", to_csv(rows))
-    print(markdown)
-    print(f"\nwritten: {args.sweep_dir / 'report.md'}, {args.sweep_dir / 'report.csv'}")
+    variants = group_variants(runs)
+    rows = table_rows(variants)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "report.md", to_markdown(rows) + "\n")
+    write_text_atomic(out_dir / "report.csv", to_csv(rows))
+    plots = write_plots(runs, variants, out_dir / "plots")
+    return rows, plots
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="caitlab-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, nargs="?",
+                        help="a sweep/experiment folder (outputs/<name>)")
+    parser.add_argument("--wandb-project", help="read runs from wandb: entity/project")
+    parser.add_argument("--group", help="with --wandb-project: the sweep's wandb group")
+    parser.add_argument("--tag", action="append", default=[], help="with --wandb-project")
+    parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table and plots to a wandb summary run")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"caitlab-report: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.wandb_project:
+        import wandb
+
+        runs = runs_from_wandb(wandb.Api(), args.wandb_project, args.group, args.tag)
+        out_dir = args.out or Path("outputs") / (args.group or "wandb_report")
+        source = f"wandb {args.wandb_project} group={args.group} tags={args.tag}"
+    elif args.sweep_dir is not None:
+        if not args.sweep_dir.is_dir():
+            return fail(f"{args.sweep_dir} is not a folder")
+        runs = collect_runs(args.sweep_dir)
+        out_dir = args.out or args.sweep_dir
+        source = str(args.sweep_dir)
+    else:
+        return fail("give a sweep folder or --wandb-project")
+    if not runs:
+        return fail(f"no runs in {source}")
+
+    rows, plots = build_report(runs, out_dir)
+    print(to_markdown(rows))
+    print(f"\n{len(runs)} runs, {len(rows)} variants; written: {out_dir / 'report.md'}, "
+          f"{out_dir / 'report.csv'}" + "".join(f", {p}" for p in plots))
+    if args.wandb:
+        group = args.group or (runs[0].summary.get("name") or out_dir.name)
+        project = (args.wandb_project or "caitlab").split("/")[-1]
+        run_id = log_to_wandb(rows, plots, project=project, group=group, out_dir=out_dir)
+        print(f"wandb: table and plots logged to run {run_id} (group {group})")
     return 0
 
 

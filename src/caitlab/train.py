@@ -243,9 +243,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         run = wandb_run(loggers)
-        if run is not None:
+        if run is not None:  # the same facts as summary.json, so reports can read either
             run.summary.update({k: v for k, v in summary.data.items()
                                 if isinstance(v, (int, float, str)) and v is not None})
+            run.summary.update({"axes": axes, "model": {k: v for k, v in
+                                                        summary["model"].items()
+                                                        if k != "config"}})
         exit_code = 0
         return summary.data
     except DivergedError as err:

@@ -1,0 +1,135 @@
+"""caitlab-report: rows, seed statistics, states, plots, and the wandb paths."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from caitlab.report import collect_runs, group_variants, main, runs_from_wandb, table_rows
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(sweep: Path, sig: str, *, model="vit_tiny", token="input", residual="none", depth=4,
+         seed=0, status="completed", top1=0.9, variant=None, **extra) -> dict:
+    axes = {"model": model, "class_token": token, "ca_depth": 2 if token == "class_attention"
+            else 0, "insert_layer": 0, "residual": residual, "depth": depth, "embed_dim": 64,
+            "layerscale_init": 0.1 if residual == "layerscale" else None}
+    summary = {"status": status, "signature": sig, "seed": seed,
+               "variant": variant or f"{model}-{token}-{residual}-{depth}", "axes": axes,
+               "model": {"name": model, "params": 140_000 if model == "vit_tiny" else 200_000,
+                         "macs": 2_000_000 * depth}, "epochs": 3, "wall_s": 20.0,
+               "images_per_s": 2000.0 / depth, **extra}
+    if status == "completed":
+        summary.update({"test/top1": top1, "test/top5": 0.99, "val/top1_best": top1 - 0.01})
+    folder = sweep / sig
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "step", "train/loss_step", "val/top1"])
+        w.writeheader()
+        for epoch in range(3):
+            w.writerow({"epoch": epoch, "step": epoch * 10 + 5, "train/loss_step": 1.0})
+            w.writerow({"epoch": epoch, "step": epoch * 10 + 9, "val/top1": top1 * (epoch + 1) / 3})
+    return summary
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    s = tmp_path / "sweep"
+    _run(s, "a0", seed=0, top1=0.90)
+    _run(s, "a1", seed=1, top1=0.92)
+    _run(s, "b0", model="cait_tiny", token="class_attention", residual="layerscale", top1=0.95)
+    _run(s, "c0", residual="layerscale", depth=8, top1=0.93)
+    _run(s, "c1", residual="none", depth=8, status="diverged", diverged_epoch=3)
+    _run(s, "d0", residual="rezero", status="failed", error="RuntimeError: boom")
+    _run(s, "e0", residual="rezero_norm", status="running")
+    return s
+
+
+def test_rows_group_seeds_and_keep_every_state(sweep):
+    rows = table_rows(group_variants(collect_runs(sweep)))
+    assert len(rows) == 6  # a0+a1 are one variant
+    by = {(r["model"], r["residual"], r["depth"]): r for r in rows}
+    seeds = by[("vit_tiny", "none", "4")]
+    assert seeds["test top-1"] == "91.00 ± 1.41 (n=2)" and seeds["runs"] == "2"
+    assert seeds["state"] == "2 completed"
+    assert by[("vit_tiny", "none", "8")]["state"] == "diverged at epoch 3"
+    assert by[("vit_tiny", "none", "8")]["test top-1"] == ""
+    assert by[("vit_tiny", "rezero", "4")]["state"] == "failed"
+    assert by[("vit_tiny", "rezero_norm", "4")]["state"] == "running"
+    cait = by[("cait_tiny", "layerscale", "4")]
+    assert cait["class token"] == "class_attention" and cait["CA layers"] == "2"
+    assert cait["eps"] == "0.1" and cait["test top-1"] == "95.00"
+    assert cait["params (M)"] == "0.20" and cait["GMACs"] == "0.008"
+
+
+def test_cli_writes_table_csv_and_valid_plots(sweep, capsys):
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "91.00 ± 1.41 (n=2)" in out and "diverged at epoch 3" in out
+    assert (sweep / "report.md").read_text().startswith("| model | class token |")
+    with open(sweep / "report.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    for name in ("top1_vs_depth", "top1_vs_macs", "top1_vs_throughput", "val_curves"):
+        data = (sweep / "plots" / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+
+
+def test_missing_or_empty_sweep_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs" in capsys.readouterr().err
+
+
+class _FakeWandbRun:
+    def __init__(self, name, summary, state="finished", history=()):
+        self.name, self.id, self.state = name, name, state
+        self.summary, self.config = summary, {"seed": summary.get("seed", 0), "lr": 1e-3}
+        self._history = list(history)
+
+    def scan_history(self, keys=None):
+        return iter(self._history)
+
+
+class _FakeApi:
+    def __init__(self, runs):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return self._runs
+
+
+def test_report_from_wandb_runs_matches_the_folder_path(sweep):
+    folder_runs = collect_runs(sweep)
+    fake = _FakeApi([
+        _FakeWandbRun(r.name, {**r.summary, "_runtime": 12},
+                      history=[{"epoch": e, "val/top1": t} for e, t in r.curve])
+        for r in folder_runs
+    ] + [_FakeWandbRun("crashed-one", {"axes": {"model": "vit_tiny"}, "variant": "x"},
+                       state="crashed")])
+    runs = runs_from_wandb(fake, "me/caitlab", group="sweep", tags=["residual=none"])
+    assert fake.calls == [("me/caitlab", {"group": "sweep", "tags": {"$in": ["residual=none"]}})]
+    rows = table_rows(group_variants(runs))
+    # the same table as from the folder, plus the crashed run with its wandb state
+    assert [r for r in rows if r["state"] != "failed" or r["residual"]] == table_rows(
+        group_variants(folder_runs))
+    crashed = [r for r in rows if r["state"] == "failed" and not r["residual"]]
+    assert len(crashed) == 1 and crashed[0]["model"] == "vit_tiny"
+    assert all(r.curve for r in runs if r.name != "crashed-one")
+
+
+def test_wandb_summary_run_gets_the_table_and_plots(sweep, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main([str(sweep), "--wandb"]) == 0
+    assert "table and plots logged to run" in capsys.readouterr().out
+    (record,) = list((sweep / "wandb").glob("offline-run-*/run-*.wandb"))
+    data = record.read_bytes()
+    assert b"comparison" in data and b"table-file" in data and b"image-file" in data
