@@ -176,3 +176,33 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         ema=to_dataclass(EmaConfig, cfg.get("ema"), "ema"),
         compile=_coerce(cfg.get("compile", False), bool, "compile"),
     )
+
+
+def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bool,
+                  gpus_visible: int, cpus: int) -> None:
+    """What Lightning would accept but cannot work, caught before anything is trained."""
+    t = OmegaConf.to_container(trainer, resolve=True) if isinstance(trainer, DictConfig) \
+        else dict(trainer)
+    epochs = t.get("max_epochs")
+    _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+             "trainer.max_epochs", epochs, "an integer >= 1")
+    nodes = t.get("num_nodes", 1)
+    _require(isinstance(nodes, int) and nodes >= 1, "trainer.num_nodes", nodes,
+             "an integer >= 1")
+    devices = t.get("devices", 1)
+    if devices == "auto":
+        return
+    _require(isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1,
+             "trainer.devices", devices, "an integer >= 1 or auto")
+    accelerator = str(t.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda"):
+        _require(devices <= gpus_visible, "trainer.devices", devices,
+                 f"at most the {gpus_visible} GPU(s) visible here")
+    elif accelerator == "cpu":
+        _require(devices <= cpus, "trainer.devices", devices,
+                 f"at most the {cpus} CPU core(s) here")
+    if devices > 1 and multirun and not under_slurm:
+        raise ConfigError(
+            f"trainer.devices={devices} in a local sweep: Lightning would re-launch the whole "
+            "sweep once per device; submit it with hydra/launcher=slurm (one task per device) "
+            "or run one config at a time without -m")

@@ -126,3 +126,72 @@ class Summary:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock``: one process trains a run folder at a time.
+
+    The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed run never
+    leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        self._fd = fd  # held open for the life of the process
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown pid"
+        except OSError:
+            return "unknown pid"
+
+
+def checkpoint_is_readable(path: Path) -> bool:
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:
+        return False
+
+
+def resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that loads: ``last.ckpt``, or, if that one is broken, the next
+    newest (``best.ckpt``), with a warning. A folder whose checkpoints are all broken is an
+    error: starting over silently would throw away the run's history."""
+    import warnings
+
+    candidates = sorted((p for p in Path(ckpt_dir).glob("*.ckpt") if p.is_file()),
+                        key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    broken = []
+    for path in candidates:
+        if checkpoint_is_readable(path):
+            if broken:
+                warnings.warn(f"{', '.join(map(str, broken))} cannot be read; resuming from "
+                              f"{path} instead", stacklevel=2)
+            return path
+        broken.append(path)
+    if broken:
+        names = ", ".join(p.name for p in broken)
+        raise ResumeError(f"no readable checkpoint in {ckpt_dir} ({names} broken): "
+                          "move them away to start this run over")
+    return None
+
+
+class ResumeError(RuntimeError):
+    pass

@@ -21,9 +21,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab.runs import (
+    ResumeError,
+    RunLock,
     Summary,
     read_summary,
     register_resolvers,
+    resume_checkpoint,
     signature,
     variant_signature,
     write_text_atomic,
@@ -88,6 +91,8 @@ def ablation_axes(model_config: dict[str, Any], model_name: str) -> dict[str, An
     axes = {k: model_config.get(k) for k in (
         "class_token", "insert_layer", "ca_depth", "residual", "layerscale_init", "depth",
         "embed_dim", "num_heads", "talking_heads")}
+    if axes["residual"] != "layerscale":
+        axes["layerscale_init"] = None  # eps means nothing without LayerScale
     return {"model": model_name, **axes}
 
 
@@ -129,20 +134,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from caitlab.callbacks import SummaryCallback
-    from caitlab.config import ConfigError, train_config
+    from caitlab.config import ConfigError, check_trainer, train_config
     from caitlab.data import DataConfigError
-    from caitlab.models import ModelConfigError, UnknownModelError, count_macs, count_params
+    from caitlab.models import (
+        CheckpointError,
+        ModelConfigError,
+        UnknownModelError,
+        count_macs,
+        count_params,
+        load_checkpoint,
+    )
     from caitlab.module import ClassificationModule, DivergedError
     from caitlab.preemption import AtomicCheckpointIO, GracefulStop
     from caitlab.tracking import build_loggers, finish_wandb, wandb_run
 
     _quiet_known_warnings()
-    user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError)
+    user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
+                   CheckpointError)
     try:
         tcfg = train_config(cfg)
+        check_trainer(cfg.trainer, multirun=_is_multirun(),
+                      under_slurm=SLURMEnvironment.detect(),
+                      gpus_visible=torch.cuda.device_count(), cpus=os.cpu_count() or 1)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
+        if cfg.get("finetune_from"):
+            load_checkpoint(model, cfg.finetune_from)  # all or nothing, names the bad keys
     except Exception as err:
         # Hydra's instantiate wraps constructor errors; the user's mistake is the cause.
         cause: BaseException | None = err
@@ -156,7 +174,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(str(cause)) from None
         raise
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"paths.output_dir: cannot write the run folder {run_dir}: "
+                        f"{err.strerror or err}") from None
+    lock = RunLock(run_dir) if is_rank_zero() else None
+    if lock is not None and not lock.acquire():
+        raise UserError(f"{run_dir} is being trained by another process ({lock.holder()}); "
+                        "not starting it twice")
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     rank_zero = is_rank_zero()
     if rank_zero:
@@ -171,6 +200,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     params = count_params(model)
     macs = count_macs(model)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        resume_from = resume_checkpoint(run_dir / "checkpoints")
+    except ResumeError as err:
+        raise UserError(str(err)) from None
     summary = Summary(run_dir, writable=rank_zero, initial={
         "signature": signature(cfg),
         "variant": variant_signature(cfg),
@@ -184,7 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     attempt_t0 = time.time()
     wall_before = summary.get("wall_s", 0.0) or 0.0
     summary.update(status="running", attempts=summary["attempts"] + 1,
-                   resumed_from=str(last_ckpt) if last_ckpt.exists() else None,
+                   resumed_from=str(resume_from) if resume_from else None,
                    slurm_job_id=slurm_job_id())
 
     exit_code = 1
@@ -227,7 +260,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         summary.update(world_size=trainer.world_size)
         trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=str(last_ckpt) if last_ckpt.exists() else None)
+                    ckpt_path=str(resume_from) if resume_from else None)
         if trainer.interrupted:
             summary.update(status="interrupted")
             raise KeyboardInterrupt
@@ -306,8 +339,40 @@ def run(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     return run(cfg)
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra/OmegaConf errors span lines (hints, option lists, full_key...): one line."""
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for line in str(err).splitlines():
+            line = " ".join(line.split())
+            if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
+                parts.append(line.rstrip(":"))
+        err = err.__cause__
+    return "; ".join(dict.fromkeys(parts)) or "unknown error"
+
+
+def main() -> None:
+    """``caitlab-train``: Hydra's app, with config mistakes reported in one line.
+
+    ``HYDRA_FULL_ERROR=1`` (or ``--debug``, an alias) shows Hydra's full trace instead.
+    """
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    full = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    try:
+        _hydra_main()
+    except Exception as err:
+        if full:
+            raise
+        print(f"caitlab-train: error: {redact(one_line(err))}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -341,9 +341,10 @@ class ImageTransformer(nn.Module):
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
             insert_layer=self.insert_layer,
             ca_depth=ca_depth if class_token == "class_attention" else 0,
-            residual=residual, layerscale_init=eps if residual == "layerscale" else None,
-            talking_heads=talking_heads, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            drop_path_schedule=drop_path_schedule,
+            residual=residual, layerscale_init=eps, talking_heads=talking_heads,
+            drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, attn_drop_rate=attn_drop_rate,
+            proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
+            drop_path_schedule=drop_path_schedule, norm_eps=norm_eps,
         )
 
         self.patch_embed = PatchEmbed(img, patch, in_chans, embed_dim)

@@ -1,0 +1,455 @@
+"""``caitlab-attention``: where the class token looks, per layer and per head.
+
+For a CaiT-style model (``class_token=class_attention``) the maps are the class-attention
+weights of every head of every class-attention (CA) layer, as visualised in "Going deeper with
+image transformers". For a model whose class token takes part in self-attention (``input``,
+ViT/DeiT, or ``insert``) they are the class token's attention row in the last ``N`` self-
+attention (SA) layers. A model without a class token (``none``) has nothing to show.
+
+Examples::
+
+    caitlab-attention outputs/demo/8aac04fac3 --digits 0 5 17
+    caitlab-attention run/checkpoints/last.ckpt --images cat.jpg --out maps/
+
+One PNG per image (``attention_digit17.png``, ``attention_<file stem>.png``): the input in
+the first column, then one row per layer and one column per head, each map upsampled to the
+image and overlaid on it, normalised per map (min to max).
+
+Talking-heads layers: the SA maps are the weights that multiply V, i.e. after the post-softmax
+head mixing (``proj_w``). Those are linear mixtures of softmax rows, so they need not sum to 1
+per head and may be negative; everywhere else the weights over all tokens sum to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from caitlab.models.checkpoint import CheckpointError, check_state_dict, unwrap_state_dict
+from caitlab.models.transformer import Attention, ImageTransformer, ModelConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PROG = "caitlab-attention"
+
+
+class AttentionError(ValueError):
+    """Something the user gave cannot be visualised; the message says what."""
+
+
+@dataclass
+class LayerAttention:
+    """The class token's attention in one layer.
+
+    ``weights``: (batch, heads, tokens) over every token the layer sees, the class token at
+    index 0 (sums to 1 per head, except after talking-heads mixing). ``maps``: the same
+    weights over the patch tokens only, on the patch grid: (batch, heads, gh, gw).
+    """
+
+    name: str
+    weights: torch.Tensor
+    maps: torch.Tensor
+
+
+@dataclass
+class AttentionTrace:
+    """The per-layer attention plus what the model computed on the way.
+
+    ``tokens`` are ``[cls, patches]`` just before ``model.norm`` (what ``forward_features``
+    normalises), ``logits`` the model's output for the same images.
+    """
+
+    layers: list[LayerAttention]
+    tokens: torch.Tensor
+    logits: torch.Tensor
+
+
+# --- the maps ------------------------------------------------------------------------------
+
+
+def class_row_attention(attn: Attention, u: torch.Tensor) -> torch.Tensor:
+    """The class token's (index 0) weights over all tokens in ``attn`` for the normed input ``u``.
+
+    Returns (batch, heads, tokens): ``softmax(q_cls k^T * scale)``, with the talking-heads
+    mixing before (``proj_l``) and after (``proj_w``) the softmax when the layer has it, so
+    that the result is exactly the row that multiplies V.
+    """
+    b, n, _ = u.shape
+    qkv = attn.qkv(u).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0][:, :, :1], qkv[1]  # (b, h, 1, d), (b, h, n, d)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (b, h, 1, n)
+    if attn.talking_heads:
+        # head mixing is per (query, key) entry and the softmax per query row, so mixing the
+        # class row alone equals mixing the full matrix and taking its row
+        weights = attn._mix_heads(attn._mix_heads(logits, attn.proj_l).softmax(dim=-1),
+                                  attn.proj_w)
+    else:
+        weights = logits.softmax(dim=-1)
+    return weights[:, :, 0]
+
+
+def _layer(name: str, weights: torch.Tensor, grid: tuple[int, int]) -> LayerAttention:
+    b, h, _ = weights.shape
+    maps = weights[:, :, 1:].reshape(b, h, *grid)
+    return LayerAttention(name=name, weights=weights, maps=maps)
+
+
+def trace_attention(
+    model: ImageTransformer, images: torch.Tensor, last_layers: int = 2
+) -> AttentionTrace:
+    """Runs ``model`` on ``images`` (eval mode, no grad) block by block, keeping the class
+    token's attention: every CA layer for ``class_attention`` models, the last
+    ``last_layers`` SA layers that contain the class token for ``input``/``insert`` ones.
+
+    No hooks: the blocks are called directly, in the order of ``forward_features``, and the
+    attention weights are recomputed from each layer's normalised input.
+    """
+    placement = getattr(model, "class_token", None)
+    if placement is None or not hasattr(model, "blocks"):
+        raise AttentionError(f"{type(model).__name__} is not a caitlab ImageTransformer")
+    if placement == "none" or model.cls_token is None:
+        raise AttentionError("no class token to visualise (class_token=none: the model "
+                             "average-pools its patch tokens)")
+    if last_layers < 1:
+        raise AttentionError(f"--last-layers must be at least 1, got {last_layers}")
+    grid = tuple(model.grid_size)
+    depth = len(model.blocks)
+    insert_at = model.insert_layer if placement in ("input", "insert") else None
+    if insert_at is not None:
+        # only layers that contain the class token can show its attention
+        watched = set(range(max(insert_at, depth - last_layers), depth))
+    else:
+        watched = set()
+
+    was_training = model.training
+    model.eval()
+    layers: list[LayerAttention] = []
+    try:
+        with torch.inference_mode():
+            x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+            for i, block in enumerate(model.blocks):
+                if i == insert_at:
+                    x = torch.cat((model._cls(x.shape[0]), x), dim=1)
+                if i in watched:
+                    layers.append(_layer(f"sa.{i}", class_row_attention(block.attn,
+                                                                        block.norm1(x)), grid))
+                x = block(x)
+            if model.ca_blocks:
+                cls = model._cls(x.shape[0])
+                for j, block in enumerate(model.ca_blocks):
+                    u = block.norm1(torch.cat((cls, x), dim=1))
+                    layers.append(_layer(f"ca.{j}", block.attn.attention_map(u), grid))
+                    cls = block(x, cls)
+                x = torch.cat((cls, x), dim=1)
+            logits = model.forward_head(model.norm(x))
+    finally:
+        model.train(was_training)
+    # clones made outside inference mode are ordinary tensors, usable anywhere afterwards
+    layers = [LayerAttention(la.name, la.weights.clone(), la.maps.clone()) for la in layers]
+    return AttentionTrace(layers=layers, tokens=x.clone(), logits=logits.clone())
+
+
+def attention_maps(
+    model: ImageTransformer, images: torch.Tensor, last_layers: int = 2
+) -> list[LayerAttention]:
+    """Per layer (``ca.<i>`` or ``sa.<i>``, in forward order): name, the class token's
+    weights over all tokens (batch, heads, tokens) and its patch maps (batch, heads, gh, gw).
+    """
+    return trace_attention(model, images, last_layers).layers
+
+
+def upsample_maps(
+    maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear"
+) -> torch.Tensor:
+    """(batch, heads, gh, gw) -> (batch, heads, H, W) with ``F.interpolate``."""
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(maps.float(), size=size, mode=mode, **kwargs)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run folder's ``checkpoints/best.ckpt`` (else
+    ``last.ckpt``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for sub in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "best.ckpt", "last.ckpt"):
+            if (path / sub).is_file():
+                return path / sub
+        raise AttentionError(f"no checkpoints/best.ckpt or checkpoints/last.ckpt in {path}")
+    raise AttentionError(f"checkpoint not found: {path}")
+
+
+def run_folder(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def model_from_config(config: dict) -> ImageTransformer:
+    """Rebuilds an ``ImageTransformer`` from its ``config`` (as saved in caitlab checkpoints)."""
+    cfg = dict(config)
+    for key in ("img_size", "patch_size"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = tuple(cfg[key])
+    if cfg.get("layerscale_init") is None:  # saved as None when residual != layerscale
+        cfg.pop("layerscale_init", None)
+    return ImageTransformer(**cfg)
+
+
+def load_model(path: str | Path) -> tuple[ImageTransformer, Path]:
+    """The model of a caitlab checkpoint (file or run folder), in eval mode, and the file."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load's failures on foreign bytes take many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AttentionError(f"{ckpt} is not a readable checkpoint: {first}") from None
+    config = obj.get("caitlab", {}).get("model_config") if isinstance(obj, dict) else None
+    if not isinstance(config, dict):
+        raise AttentionError(f"{ckpt} is not a caitlab checkpoint (no caitlab.model_config "
+                             "to rebuild the model from)")
+    try:
+        model = model_from_config(config)
+    except (ModelConfigError, TypeError) as err:
+        raise AttentionError(f"{ckpt}: cannot rebuild the model from its config: {err}") from None
+    try:
+        state = unwrap_state_dict(obj, str(ckpt))
+        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile
+        check_state_dict(state, model, str(ckpt))
+    except CheckpointError as err:
+        raise AttentionError(str(err)) from None
+    model.load_state_dict(state, strict=True)
+    return model.eval(), ckpt
+
+
+def _img_size(model: ImageTransformer) -> tuple[int, int]:
+    return tuple(model.patch_embed.img_size)  # type: ignore[return-value]
+
+
+def _digits_module(model: ImageTransformer):
+    from caitlab.data import DigitsDataModule
+
+    h, w = _img_size(model)
+    if h != w:
+        raise AttentionError(f"--digits needs a square model input, this one is {h}x{w}")
+    if model.patch_embed.proj.in_channels not in (1, 3):
+        raise AttentionError("--digits needs a model with 1 or 3 input channels")
+    dm = DigitsDataModule(img_size=h, in_chans=model.patch_embed.proj.in_channels)
+    dm.setup()
+    return dm
+
+
+def load_digits(
+    model: ImageTransformer, indices: Sequence[int]
+) -> tuple[torch.Tensor, list[str], list[int], tuple[float, ...], tuple[float, ...]]:
+    """Digits test images for ``model``: (images, names, labels, mean, std)."""
+    dm = _digits_module(model)
+    x, y = dm.tensors["test"]
+    bad = [i for i in indices if not 0 <= i < len(x)]
+    if bad:
+        raise AttentionError(f"--digits {bad[0]} is out of range: the test split has "
+                             f"{len(x)} images (0..{len(x) - 1})")
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    return (x[idx], [f"digit{i}" for i in indices], [int(v) for v in y[idx]],
+            (dm.mean,), (dm.std,))
+
+
+def default_mean_std(model: ImageTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    chans = model.patch_embed.proj.in_channels
+    if chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if chans == 1:
+        dm = _digits_module(model) if len(set(_img_size(model))) == 1 else None
+        if dm is not None:
+            return (dm.mean,), (dm.std,)
+    raise AttentionError(f"no default --mean/--std for a {chans}-channel model: give them")
+
+
+def load_image_files(
+    model: ImageTransformer, paths: Sequence[str | Path],
+    mean: Sequence[float], std: Sequence[float],
+) -> tuple[torch.Tensor, list[str]]:
+    """Image files converted to the model's channels and size, normalised: (images, stems)."""
+    from PIL import Image, UnidentifiedImageError
+
+    chans = model.patch_embed.proj.in_channels
+    if chans not in (1, 3):
+        raise AttentionError(f"image files need a 1- or 3-channel model, this one has {chans}")
+    mean_t = _per_channel(mean, chans, "--mean")
+    std_t = _per_channel(std, chans, "--std")
+    if (std_t <= 0).any():
+        raise AttentionError("--std must be positive")
+    h, w = _img_size(model)
+    out, names, used = [], [], set()
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise AttentionError(f"image not found: {p}")
+        try:
+            with Image.open(p) as img:
+                img = img.convert("L" if chans == 1 else "RGB")
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+                t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        except (UnidentifiedImageError, OSError) as err:
+            raise AttentionError(f"{p} is not a readable image: {err}") from None
+        t = t.view(h, w, chans).permute(2, 0, 1).float() / 255.0
+        out.append((t - mean_t[:, None, None]) / std_t[:, None, None])
+        name, k = p.stem, 2
+        while name in used:  # two files with the same stem must not overwrite each other
+            name, k = f"{p.stem}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return torch.stack(out), names
+
+
+def _per_channel(values: Sequence[float], chans: int, flag: str) -> torch.Tensor:
+    if len(values) not in (1, chans):
+        raise AttentionError(f"{flag} takes 1 or {chans} values, got {len(values)}")
+    t = torch.tensor([float(v) for v in values])
+    return t.expand(chans).clone()
+
+
+# --- plotting ------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attention(
+    image: torch.Tensor,
+    layers: Sequence[LayerAttention],
+    index: int,
+    path: str | Path,
+    title: str | None = None,
+    mode: str = "bilinear",
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> Path:
+    """One PNG: ``image`` (C, H, W, values in [0, 1]) in the first column, then per layer a
+    row with each head's map of sample ``index``, upsampled to H x W and overlaid."""
+    plt = _pyplot()
+    path = Path(path)
+    c, h, w = image.shape
+    shown = image.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    base = dict(cmap="gray", vmin=0, vmax=1) if c == 1 else {}
+    if c == 1:
+        shown = shown[..., 0]
+    heads = max(layer.maps.shape[1] for layer in layers)
+    rows, cols = len(layers), heads + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.0 * rows + 0.4), squeeze=False)
+    try:
+        for r, layer in enumerate(layers):
+            up = upsample_maps(layer.maps[index:index + 1], (h, w), mode)[0]
+            axes[r, 0].imshow(shown, interpolation="nearest", **base)
+            axes[r, 0].set_title("input" if r == 0 else "", fontsize=9)
+            axes[r, 0].set_ylabel(layer.name, fontsize=10)
+            for head in range(heads):
+                ax = axes[r, head + 1]
+                if head < up.shape[0]:
+                    m = up[head]
+                    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+                    ax.imshow(shown, interpolation="nearest", **base)
+                    ax.imshow(m.cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1,
+                              interpolation="nearest")
+                    ax.set_title(f"{layer.name} / head {head}", fontsize=9)
+                else:
+                    ax.set_visible(False)
+            for ax in axes[r]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a caitlab checkpoint (.ckpt) or run folder "
+                        "(uses checkpoints/best.ckpt, else last.ckpt)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="FILE", help="image files (PIL)")
+    src.add_argument("--digits", nargs="+", type=int, metavar="INDEX",
+                     help="indices into the digits test split")
+    parser.add_argument("--out", type=Path,
+                        help="output folder (default: <run folder>/attention)")
+    parser.add_argument("--last-layers", type=int, default=2, metavar="N",
+                        help="SA models: show the class token's row in the last N layers "
+                             "(default 2)")
+    parser.add_argument("--mean", type=float, nargs="+", help="--images normalisation "
+                        "(default: ImageNet for 3 channels, the digits' for 1)")
+    parser.add_argument("--std", type=float, nargs="+", help="see --mean")
+    parser.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
+                        help="how maps are resized to the image (default bilinear)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (0.5)")
+    parser.add_argument("--cmap", default="jet", help="matplotlib colour map (jet)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except AttentionError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    model, ckpt = load_model(args.checkpoint)
+    if model.cls_token is None:
+        raise AttentionError("no class token to visualise (class_token=none: the model "
+                             "average-pools its patch tokens)")
+    labels: list[int] | None = None
+    if args.digits is not None:
+        x, names, labels, mean, std = load_digits(model, args.digits)
+    else:
+        if args.mean is None or args.std is None:
+            mean, std = default_mean_std(model)
+        mean = tuple(args.mean) if args.mean is not None else mean
+        std = tuple(args.std) if args.std is not None else std
+        x, names = load_image_files(model, args.images, mean, std)
+
+    trace = trace_attention(model, x, args.last_layers)
+    if not trace.layers:
+        raise AttentionError("no layer carries the class token")
+    chans = x.shape[1]
+    mean_t, std_t = _per_channel(mean, chans, "--mean"), _per_channel(std, chans, "--std")
+    shown = x * std_t[:, None, None] + mean_t[:, None, None]
+    probs = trace.logits.softmax(dim=-1) if trace.logits.shape[-1] > 0 else None
+    out = args.out if args.out is not None else run_folder(ckpt) / "attention"
+    for i, name in enumerate(names):
+        title = name if labels is None else f"{name} (label {labels[i]})"
+        if probs is not None:
+            p, k = probs[i].max(dim=-1)
+            title += f": predicted {int(k)} ({float(p):.2f})"
+        path = plot_attention(shown[i], trace.layers, i,
+                              out / f"attention_{name}.png", title, args.upsample,
+                              args.alpha, args.cmap)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
