@@ -8,6 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+# Paper Table 3 (CaiT) and DeiT Table 1, millions of parameters at 224 px and 1000 classes:
+# one table, shared with caitlab-bench --compare-paper.
+from caitlab.bench import PAPER_PARAMS_M
 from caitlab.models import (
     ImageTransformer,
     ModelConfigError,
@@ -172,17 +175,6 @@ def test_non_square_images_and_any_channels():
                              embed_dim=16, depth=1, num_heads=2)
     assert model.pos_embed.shape == (1, 6, 16)
     assert model(torch.randn(2, 5, 8, 12)).shape == (2, 3)
-
-
-# Paper Table 3 (CaiT) and DeiT Table 1, millions of parameters at 224 px and 1000 classes.
-PAPER_PARAMS_M = {
-    "cait_xxs24_224": 12.0, "cait_xxs24_384": 12.0, "cait_xxs36_224": 17.3,
-    "cait_xxs36_384": 17.3, "cait_xs24_224": 26.6, "cait_xs24_384": 26.6, "cait_xs36_224": 38.6,
-    "cait_s24_224": 46.9, "cait_s24_384": 46.9, "cait_s36_384": 68.2, "cait_s48_224": 89.5,
-    "cait_m24_224": 185.9, "cait_m36_384": 270.9, "cait_m48_448": 356.0,
-    "deit_tiny_patch16_224": 5.7, "deit_small_patch16_224": 22.1,
-    "deit_base_patch16_224": 86.6,
-}
 
 
 def test_every_paper_variant_is_registered():
