@@ -38,6 +38,7 @@ class Run:
     name: str
     summary: dict[str, Any]
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/top1)
+    folder: Path | None = None  # the run folder, for runs read from disk
 
     @property
     def status(self) -> str:
@@ -97,7 +98,8 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
             summary = {"status": "unreadable"}
-        runs.append(Run(path.parent.name, summary, _read_curve(path.parent / "metrics.csv")))
+        runs.append(Run(path.parent.name, summary, _read_curve(path.parent / "metrics.csv"),
+                        folder=path.parent))
     return runs
 
 
