@@ -29,6 +29,19 @@ NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_e
 SIGNATURE_LENGTH = 10
 
 STATES = ("pending", "running", "completed", "failed", "diverged", "interrupted")
+# States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
+# crashed config usually gives the same result.
+RETRY_ONLY = ("failed", "diverged")
+
+
+def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | None:
+    """Why a (re-)launch must not train this run again, or None when it should run."""
+    status = (summary or {}).get("status")
+    if status == "completed":
+        return "completed"
+    if status in RETRY_ONLY and not retry_failed:
+        return f"{status} (pass retry_failed=true to run it again)"
+    return None
 
 
 def signature_config(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from caitlab.runs import (
     register_resolvers,
     resume_checkpoint,
     signature,
+    skip_reason,
     variant_signature,
     write_text_atomic,
 )
@@ -36,11 +37,6 @@ from caitlab.secrets import redact
 register_resolvers()
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-# States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
-# crashed config usually gives the same result.
-RETRY_ONLY = ("failed", "diverged")
 
 
 class UserError(Exception):
@@ -117,13 +113,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains (or resumes, or skips) the run described by ``cfg``; returns its summary."""
     run_dir = _run_dir(cfg)
     previous = read_summary(run_dir)
-    if previous and previous.get("status") == "completed":
+    reason = skip_reason(previous, bool(cfg.get("retry_failed", False)))
+    if reason == "completed":
         print(f"[caitlab] {run_dir}: already completed "
               f"(test/top1={previous.get('test/top1')}), skipping")
         return previous
-    if previous and previous.get("status") in RETRY_ONLY and not cfg.get("retry_failed", False):
-        print(f"[caitlab] {run_dir}: {previous['status']} before "
-              f"({previous.get('error', '')}); skipping. Pass retry_failed=true to run it again")
+    if reason is not None:
+        print(f"[caitlab] {run_dir}: {reason}, skipping ({previous.get('error', '')})")
         return previous
 
     # Heavy imports only once we know there is work to do (--cfg job, skips stay fast).

@@ -22,11 +22,9 @@ from hydra_plugins.hydra_submitit_launcher import config as hsl_config
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hsl
 from omegaconf import OmegaConf
 
-from caitlab.runs import Summary, read_summary, signature
+from caitlab.runs import RETRY_ONLY, Summary, read_summary, signature, skip_reason
 
 log = logging.getLogger(__name__)
-
-RETRY_ONLY = ("failed", "diverged")
 
 
 def _skipped(overrides: list[str], summary: dict[str, Any]) -> JobReturn:
@@ -50,9 +48,9 @@ class _SweepAwareMixin:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             run_dir = Path(str(cfg.hydra.sweep.dir)) / signature(cfg)
             previous = read_summary(run_dir) or {}
-            status = previous.get("status")
-            if status == "completed" or (status in RETRY_ONLY and not retry):
-                log.info(f"\tskipping {' '.join(overrides)}: {status} ({run_dir})")
+            reason = skip_reason(previous, retry)
+            if reason is not None:
+                log.info(f"\tskipping {' '.join(overrides)}: {reason} ({run_dir})")
                 skipped.append(_skipped(overrides, previous))
             else:
                 todo.append((idx, overrides, run_dir))
