@@ -17,6 +17,7 @@ GRIDS = {  # experiment: number of runs
     "residual_vs_depth": 16, "residual_vs_depth_tiny": 16,
     "class_token_placement": 7, "class_token_placement_tiny": 6,
     "vit_vs_cait": 7, "vit_vs_cait_tiny": 6, "demo": 4,
+    "static_key_tiny": 4, "evit_keep_rate_tiny": 3,
 }
 
 
@@ -56,6 +57,13 @@ def test_every_run_of_the_grid_builds(experiment):
             ("input", 0, 0), ("insert", 6, 0), ("insert", 8, 0), ("insert", 10, 0),
             ("insert", 11, 0), ("class_attention", 0, 1), ("class_attention", 0, 2)}
         assert {m["residual"] for m in models} == {"none"}
+    if experiment == "static_key_tiny":
+        assert {(m["class_token"], m["attention"]) for m in models} == {
+            ("input", "standard"), ("input", "static_key"),
+            ("class_attention", "standard"), ("class_attention", "static_key")}
+    if experiment == "evit_keep_rate_tiny":
+        assert {(m["keep_rate"], tuple(m["reorg_layers"])) for m in models} == {
+            (1.0, ()), (0.7, (1, 2)), (0.5, (1, 2))}
 
 
 @pytest.mark.slow

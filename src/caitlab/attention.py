@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from caitlab.models.checkpoint import CheckpointError, check_state_dict, unwrap_state_dict
-from caitlab.models.transformer import Attention, ImageTransformer, ModelConfigError
+from caitlab.models.transformer import (
+    Attention,
+    ImageTransformer,
+    ModelConfigError,
+    kept_tokens,
+    rank_tokens,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,26 +84,22 @@ def class_row_attention(attn: Attention, u: torch.Tensor) -> torch.Tensor:
 
     Returns (batch, heads, tokens): ``softmax(q_cls k^T * scale)``, with the talking-heads
     mixing before (``proj_l``) and after (``proj_w``) the softmax when the layer has it, so
-    that the result is exactly the row that multiplies V.
+    that the result is exactly the row that multiplies V. Static-key layers use their learned
+    keys. This is the row EViT token reorganisation ranks tokens by.
     """
-    b, n, _ = u.shape
-    qkv = attn.qkv(u).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0][:, :, :1], qkv[1]  # (b, h, 1, d), (b, h, n, d)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (b, h, 1, n)
-    if attn.talking_heads:
-        # head mixing is per (query, key) entry and the softmax per query row, so mixing the
-        # class row alone equals mixing the full matrix and taking its row
-        weights = attn._mix_heads(attn._mix_heads(logits, attn.proj_l).softmax(dim=-1),
-                                  attn.proj_w)
-    else:
-        weights = logits.softmax(dim=-1)
-    return weights[:, :, 0]
+    q, k, _ = attn.qkv_heads(u)
+    return attn.class_row(q, k)
 
 
-def _layer(name: str, weights: torch.Tensor, grid: tuple[int, int]) -> LayerAttention:
+def _layer(name: str, weights: torch.Tensor, grid: tuple[int, int],
+           positions: torch.Tensor) -> LayerAttention:
+    """``positions``: (batch, tokens - 1), the grid cell of each non-class token, -1 for a
+    token fused by EViT; cells whose token was dropped stay 0 in the map."""
     b, h, _ = weights.shape
-    maps = weights[:, :, 1:].reshape(b, h, *grid)
-    return LayerAttention(name=name, weights=weights, maps=maps)
+    patch_weights = weights[:, :, 1:] * (positions >= 0)[:, None]
+    maps = weights.new_zeros(b, h, grid[0] * grid[1]).scatter_add_(
+        2, positions.clamp(min=0)[:, None].expand(-1, h, -1), patch_weights)
+    return LayerAttention(name=name, weights=weights, maps=maps.view(b, h, *grid))
 
 
 def trace_attention(
@@ -108,7 +110,9 @@ def trace_attention(
     ``last_layers`` SA layers that contain the class token for ``input``/``insert`` ones.
 
     No hooks: the blocks are called directly, in the order of ``forward_features``, and the
-    attention weights are recomputed from each layer's normalised input.
+    attention weights are recomputed from each layer's normalised input. After an EViT
+    reorganising layer the maps follow each kept token back to its grid cell: dropped patches
+    are 0, and the fused token is left out of the maps (its weight stays in ``weights``).
     """
     placement = getattr(model, "class_token", None)
     if placement is None or not hasattr(model, "blocks"):
@@ -133,18 +137,28 @@ def trace_attention(
     try:
         with torch.inference_mode():
             x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
             for i, block in enumerate(model.blocks):
                 if i == insert_at:
                     x = torch.cat((model._cls(x.shape[0]), x), dim=1)
+                reorganises = block.keep_rate < 1.0
+                row = (class_row_attention(block.attn, block.norm1(x))
+                       if i in watched or reorganises else None)
                 if i in watched:
-                    layers.append(_layer(f"sa.{i}", class_row_attention(block.attn,
-                                                                        block.norm1(x)), grid))
+                    layers.append(_layer(f"sa.{i}", row, grid, positions))
+                keep = kept_tokens(x.shape[1] - 1, block.keep_rate)
+                if reorganises and keep < x.shape[1] - 1:
+                    # the block ranks its tokens by this same row: follow the kept ones
+                    order = rank_tokens(row)[1][:, :keep]
+                    positions = torch.cat((positions.gather(1, order),
+                                           positions.new_full((x.shape[0], 1), -1)), dim=1)
                 x = block(x)
             if model.ca_blocks:
                 cls = model._cls(x.shape[0])
                 for j, block in enumerate(model.ca_blocks):
                     u = block.norm1(torch.cat((cls, x), dim=1))
-                    layers.append(_layer(f"ca.{j}", block.attn.attention_map(u), grid))
+                    layers.append(_layer(f"ca.{j}", block.attn.attention_map(u), grid,
+                                         positions))
                     cls = block(x, cls)
                 x = torch.cat((cls, x), dim=1)
             logits = model.forward_head(model.norm(x))

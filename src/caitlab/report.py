@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-AXES = ("model", "class_token", "ca_depth", "residual", "layerscale_init", "depth", "embed_dim")
+AXES = ("model", "class_token", "ca_depth", "residual", "layerscale_init", "depth", "embed_dim",
+        "attention", "keep_rate")
+# Columns shown only when some variant sets them: (column, values that mean "not used").
+OPTIONAL_COLUMNS = (("attention", ("", "standard")), ("token reorg", ("",)))
 METRICS = ("val/top1_best", "test/top1", "test/top5")
 # wandb run states for runs whose summary never got a caitlab status
 WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "failed",
@@ -159,6 +162,14 @@ def _placement(axes: dict[str, Any]) -> str:
     return "" if token is None else str(token)
 
 
+def _token_reorg(axes: dict[str, Any]) -> str:
+    """EViT's keep rate and layers, e.g. ``0.7 @ 1,2``; empty without reorganisation."""
+    layers = axes.get("reorg_layers")
+    if not layers or axes.get("keep_rate") is None:
+        return ""
+    return f"{axes['keep_rate']:g} @ {','.join(str(i) for i in layers)}"
+
+
 def variant_row(variant: Variant) -> dict[str, str]:
     axes = variant.axes
     first = variant.runs[0].summary
@@ -171,6 +182,8 @@ def variant_row(variant: Variant) -> dict[str, str]:
         "eps": "" if axes.get("layerscale_init") is None else f"{axes['layerscale_init']:g}",
         "depth": str(axes.get("depth", "")),
         "width": str(axes.get("embed_dim", "")),
+        "attention": str(axes.get("attention") or ""),
+        "token reorg": _token_reorg(axes),
         "params (M)": _count(model.get("params"), 1e6),
         "GMACs": _count(model.get("macs"), 1e9, 3),
     }
@@ -194,11 +207,17 @@ def variant_row(variant: Variant) -> dict[str, str]:
 def _sort_key(variant: Variant):
     a = variant.axes
     return (str(a.get("model", "")), str(a.get("class_token", "")), str(a.get("residual", "")),
-            a.get("depth") or 0, a.get("embed_dim") or 0)
+            a.get("depth") or 0, a.get("embed_dim") or 0, str(a.get("attention") or ""),
+            -(a.get("keep_rate") or 1.0))
 
 
 def table_rows(variants: list[Variant]) -> list[dict[str, str]]:
-    return [variant_row(v) for v in sorted(variants, key=_sort_key)]
+    rows = [variant_row(v) for v in sorted(variants, key=_sort_key)]
+    for column, unused in OPTIONAL_COLUMNS:  # keep tables of other sweeps as they were
+        if all(row[column] in unused for row in rows):
+            for row in rows:
+                del row[column]
+    return rows
 
 
 def to_markdown(rows: list[dict[str, str]]) -> str:
@@ -330,6 +349,10 @@ def variant_label(variant: Variant) -> str:
     parts = [str(a.get("model", "?")), _placement(a), str(a.get("residual", ""))]
     if a.get("depth") is not None:
         parts.append(f"d{a['depth']}")
+    if a.get("attention") not in (None, "standard"):
+        parts.append(str(a["attention"]).replace("_", "-"))
+    if _token_reorg(a):
+        parts.append(f"keep {a['keep_rate']:g}")
     return " ".join(p for p in parts if p)
 
 

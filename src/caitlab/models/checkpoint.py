@@ -61,7 +61,8 @@ def _grid(n: int) -> tuple[int, int] | None:
 def remap_state_dict(
     state_dict: dict[str, torch.Tensor], model: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """Renames timm/official keys to ours and resamples the position embedding to the model."""
+    """Renames timm/official keys to ours and resamples the position embedding (and static
+    keys) to the model's grid."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         key = key.replace("blocks_token_only.", "ca_blocks.")  # timm Cait class attention
@@ -82,7 +83,31 @@ def remap_state_dict(
         if src is not None and src != grid and pos.shape[-1] == target.shape[-1]:
             pos = resample_abs_pos_embed(pos, list(grid), list(src), num_prefix_tokens=0)
         out["pos_embed"] = pos
+    for key in [k for k in out if k.endswith(".attn.static_key")]:
+        out[key] = _resample_static_key(out[key], model, key)
     return out
+
+
+def _resample_static_key(keys: torch.Tensor, model: nn.Module, name: str) -> torch.Tensor:
+    """Static-key attention keeps one key per token position, (heads, tokens, head_dim): like
+    the position embedding, its patch part is resampled over the grid when the image size
+    differs (the class token's key, first where the layer has one, is kept as it is)."""
+    try:
+        target = model.get_parameter(name)
+    except AttributeError:
+        return keys  # not in this model: check_state_dict names it
+    grid = tuple(getattr(model, "grid_size", ()))
+    if keys.ndim != 3 or target.ndim != 3 or len(grid) != 2 or keys.shape == target.shape:
+        return keys
+    prefix = target.shape[1] - grid[0] * grid[1]
+    src = _grid(keys.shape[1] - prefix)
+    if prefix not in (0, 1) or src is None or (keys.shape[0], keys.shape[2]) != (
+            target.shape[0], target.shape[2]):
+        return keys  # another architecture: check_state_dict reports the shapes
+    heads, n, dim = keys.shape
+    flat = keys.permute(1, 0, 2).reshape(1, n, heads * dim)
+    flat = resample_abs_pos_embed(flat, list(grid), list(src), num_prefix_tokens=prefix)
+    return flat.reshape(-1, heads, dim).permute(1, 0, 2).contiguous()
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:

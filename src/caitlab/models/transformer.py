@@ -2,13 +2,15 @@
 
 The knobs are the ablation axes of "Going deeper with image transformers" (Touvron et al.,
 2021): where the class token lives, how residual branches are scaled, the LayerScale init,
-talking-heads attention, depth and width. Parameter names follow timm's ``Cait`` and
-``VisionTransformer`` wherever the two agree, so checkpoints map with a few renames
-(see ``checkpoint.py``).
+talking-heads attention, depth and width; and two neighbouring ideas, static-key attention
+(Hu, Zhou, Rostami, 2024) and EViT token reorganisation (Liang et al., 2022). Parameter
+names follow timm's ``Cait`` and ``VisionTransformer`` wherever the two agree, so
+checkpoints map with a few renames (see ``checkpoint.py``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -21,6 +23,7 @@ from caitlab.models._registry import register_model
 CLASS_TOKEN_PLACEMENTS = ("input", "insert", "class_attention", "none")
 RESIDUAL_SCALINGS = ("none", "rezero", "rezero_norm", "layerscale")
 DROP_PATH_SCHEDULES = ("uniform", "linear")
+ATTENTIONS = ("standard", "static_key")
 
 ClassToken = Literal["input", "insert", "class_attention", "none"]
 Residual = Literal["none", "rezero", "rezero_norm", "layerscale"]
@@ -64,7 +67,12 @@ def _branch_scale(residual: str, dim: int, eps: float) -> tuple[nn.Module, bool]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, optionally with talking heads (Shazeer et al., 2020).
+    """Multi-head self-attention, optionally with talking heads (Shazeer et al., 2020) and
+    static keys (Hu, Zhou, Rostami, "Static Key Attention in Vision", 2024).
+
+    With ``static_keys=N`` the layer has no key projection (``qv`` projects queries and values
+    only); its keys are a learned ``static_key`` of shape (heads, N, head_dim), one key per
+    token position, so the layer only accepts sequences of exactly N tokens.
 
     Plain attention runs through ``F.scaled_dot_product_attention`` (fused kernels). Talking
     heads mix the heads of the logits before the softmax (``proj_l``) and of the weights after
@@ -80,13 +88,24 @@ class Attention(nn.Module):
         talking_heads: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        static_keys: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.talking_heads = talking_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.static_key: nn.Parameter | None = None
+        if static_keys is None:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        else:
+            # Static-key attention: queries and values are projected from the tokens, the keys
+            # are parameters, one per head and token position. The paper gives no init; like
+            # the position embedding (also one vector per position) they start at
+            # trunc_normal(std=0.02), so attention starts near uniform as with projected keys.
+            self.qv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+            self.static_key = nn.Parameter(torch.empty(num_heads, static_keys, self.head_dim))
+            trunc_normal_(self.static_key, std=0.02)
         self.attn_drop = nn.Dropout(attn_drop)
         if talking_heads:
             self.proj_l = nn.Linear(num_heads, num_heads)
@@ -95,18 +114,58 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     @staticmethod
-    def _mix_heads(attn: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
+    def _mix_heads(attn: torch.Tensor, mix: nn.Linear, scale: float = 1.0) -> torch.Tensor:
+        """``mix`` applied over the head axis of ``scale * attn`` (batch, heads, n, m).
+
+        One bmm with the (heads x heads) weight expanded over the batch as a view: no copy of
+        the n x m maps, where ``matmul(weight, attn)`` folds the batch into a transposed copy
+        and timm's permute-linear-permute copies twice (3-7x slower here, fwd and bwd).
+        ``scale`` is folded into the small weight instead of a pass over the maps.
+        """
         b, h, n, m = attn.shape
-        mixed = torch.matmul(mix.weight, attn.reshape(b, h, n * m))
+        weight = mix.weight * scale if scale != 1.0 else mix.weight
+        mixed = torch.bmm(weight.expand(b, h, h), attn.reshape(b, h, n * m))
         return (mixed + mix.bias[:, None]).view(b, h, n, m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values, each (batch, heads, tokens, head_dim).
+
+        Static keys are the same for every image: expanded over the batch as a view (no copy),
+        so static-key attention still runs through SDPA.
+        """
+        b, n, _ = x.shape
+        if self.static_key is None:
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qv = self.qv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, v = qv.unbind(0)
+        return q, self.static_key.expand(b, -1, -1, -1), v
+
+    def class_row(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The class token's (index 0) attention weights over all tokens: (batch, heads, tokens).
+
+        Only the class query's row is computed, at a cost linear in the tokens. Talking heads
+        mix its logits (``proj_l``) and weights (``proj_w``): the mixing is per (query, key)
+        entry and the softmax per row, so this is exactly the row of the full matrix that
+        multiplies V.
+        """
+        logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # (b, h, 1, n)
         if self.talking_heads:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = self._mix_heads(attn, self.proj_l).softmax(dim=-1)
+            weights = self._mix_heads(self._mix_heads(logits, self.proj_l).softmax(dim=-1),
+                                      self.proj_w)
+        else:
+            weights = logits.softmax(dim=-1)
+        return weights[:, :, 0]
+
+    def forward(
+        self, x: torch.Tensor, with_class_row: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention output; with ``with_class_row``, also ``class_row`` (for EViT)."""
+        b, n, c = x.shape
+        q, k, v = self.qkv_heads(x)
+        if self.talking_heads:
+            attn = self._mix_heads(q @ k.transpose(-2, -1), self.proj_l, self.scale)
+            attn = attn.softmax(dim=-1)
             attn = self.attn_drop(self._mix_heads(attn, self.proj_w))
             x = attn @ v
         else:
@@ -114,7 +173,8 @@ class Attention(nn.Module):
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
             )
         x = x.transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(x))
+        out = self.proj_drop(self.proj(x))
+        return (out, self.class_row(q, k)) if with_class_row else out
 
 
 class ClassAttention(nn.Module):
@@ -162,8 +222,60 @@ class ClassAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, c)))
 
 
+def kept_tokens(num_tokens: int, keep_rate: float) -> int:
+    """EViT's ``ceil(keep_rate * num_tokens)``, the attentive tokens a layer keeps.
+
+    The 1e-9 absorbs float noise (0.7 * 10 is 7.000000000000001 in binary) that would
+    otherwise keep one token more than the rate says.
+    """
+    return math.ceil(keep_rate * num_tokens - 1e-9)
+
+
+def reorganised_length(n: int, keep_rate: float) -> int:
+    """Sequence length after a reorganising layer that sees ``n`` tokens (class token first)."""
+    keep = kept_tokens(n - 1, keep_rate)
+    return n if keep >= n - 1 else 1 + keep + 1  # class, attentive tokens, the fused token
+
+
+def rank_tokens(class_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attentiveness of the non-class tokens and their order, most attentive first.
+
+    ``class_row``: (batch, heads, tokens), the class token's attention weights with the class
+    token itself at index 0. Attentiveness is the weight averaged over heads (EViT, Eq. 3);
+    returns (scores, order), both (batch, tokens - 1), ``order`` indexing ``x[:, 1:]``.
+    """
+    scores = class_row[:, :, 1:].mean(dim=1)
+    return scores, scores.argsort(dim=1, descending=True)
+
+
+def reorganise_tokens(x: torch.Tensor, class_row: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """EViT token reorganisation (Liang et al., ICLR 2022) of ``x`` = [cls, tokens].
+
+    Keeps the class token and the ``ceil(keep_rate * (N - 1))`` tokens the class token attends
+    to most (in that order), and fuses the others into one token, ``sum_i a_i x_i`` over them
+    with ``a_i`` their attentiveness: the paper's Eq. 4 and the official code, which do not
+    renormalise the weights. Returns ``x`` itself when nothing would be dropped.
+    """
+    b, n, c = x.shape
+    keep = kept_tokens(n - 1, keep_rate)
+    if keep >= n - 1:
+        return x
+    scores, order = rank_tokens(class_row)
+    tokens = x[:, 1:]
+    kept = tokens.gather(1, order[:, :keep, None].expand(-1, -1, c))
+    rest = order[:, keep:]
+    weights = scores.gather(1, rest).to(x.dtype)
+    fused = tokens.gather(1, rest[..., None].expand(-1, -1, c)) * weights[..., None]
+    return torch.cat((x[:, :1], kept, fused.sum(dim=1, keepdim=True)), dim=1)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block whose two residual branches are scaled by ``residual``."""
+    """Pre-norm transformer block whose two residual branches are scaled by ``residual``.
+
+    With ``keep_rate < 1`` the block reorganises its tokens as EViT does: after the attention
+    branch and before the MLP, using the class token's attention of this same layer (so the
+    MLP, and every later layer, runs on fewer tokens). ``static_keys``: see ``Attention``.
+    """
 
     def __init__(
         self,
@@ -178,18 +290,26 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_eps: float = 1e-6,
+        static_keys: int | None = None,
+        keep_rate: float = 1.0,
     ) -> None:
         super().__init__()
+        self.keep_rate = keep_rate
         self.ls1, keep_norm = _branch_scale(residual, dim, layerscale_init)
         self.ls2, _ = _branch_scale(residual, dim, layerscale_init)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
-        self.attn = Attention(dim, num_heads, qkv_bias, talking_heads, attn_drop, proj_drop)
+        self.attn = Attention(dim, num_heads, qkv_bias, talking_heads, attn_drop, proj_drop,
+                              static_keys)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        if self.keep_rate < 1.0:
+            out, class_row = self.attn(self.norm1(x), with_class_row=True)
+            x = reorganise_tokens(x + self.drop_path(self.ls1(out)), class_row, self.keep_rate)
+        else:
+            x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -231,6 +351,46 @@ def _check(ok: bool, message: str) -> None:
         raise ModelConfigError(message)
 
 
+def _reorg_layers(value: tuple[int, ...] | list[int] | str, depth: int) -> tuple[int, ...]:
+    """``reorg_layers`` as sorted zero-based indices; ``"auto"`` scales the paper's layers."""
+    if value == "auto":
+        # EViT reorganises at layers 4, 7, 10 of 12 (zero-based 3, 6, 9): 1/4, 1/2, 3/4 deep
+        return tuple(sorted({depth * k // 12 for k in (3, 6, 9)}))
+    ok = not isinstance(value, str)
+    try:
+        layers = tuple(value) if ok else ()
+    except TypeError:
+        ok = False
+    _check(ok and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
+           f"reorg_layers={value!r} must be 'auto' or a list of layer indices")
+    bad = [i for i in layers if not 0 <= i < depth]
+    _check(not bad, f"reorg_layers={list(layers)}: layer {bad[0] if bad else ''} is not in "
+                    f"[0, depth={depth})")
+    _check(len(set(layers)) == len(layers), f"reorg_layers={list(layers)} repeats a layer")
+    return tuple(sorted(layers))
+
+
+def _check_reorg(class_token: str, insert_layer: int, attention: str, keep_rate: float,
+                 layers: tuple[int, ...]) -> None:
+    """Token reorganisation is ranked by the class token's attention in the same SA layer."""
+    what = f"keep_rate={keep_rate} (EViT token reorganisation at layers {list(layers)})"
+    _check(class_token != "class_attention",
+           f"{what} is not possible with class_token=class_attention: the class token only "
+           "exists in the class-attention stage, so it cannot rank patch tokens in "
+           "self-attention")
+    _check(class_token != "none",
+           f"{what} is not possible with class_token=none: there is no class token to rank "
+           "patch tokens")
+    early = [i for i in layers if class_token == "insert" and i < insert_layer]
+    _check(not early, f"reorg_layers={list(layers)}: layer {early[0] if early else ''} comes "
+                      f"before the class token joins (insert_layer={insert_layer}), so no "
+                      "class token can rank the tokens there")
+    _check(attention != "static_key",
+           f"attention=static_key cannot be combined with {what}: a static key belongs to a "
+           "token position, and positions lose their meaning once tokens are reordered "
+           "and fused")
+
+
 def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     _check(
@@ -260,6 +420,13 @@ class ImageTransformer(nn.Module):
             (``uniform``, CaiT) or rising linearly from 0 (``linear``, DeiT).
         drop_rate: dropout before the head; ``pos_drop_rate``, ``attn_drop_rate`` and
             ``proj_drop_rate`` as in timm.
+        attention: ``standard`` or ``static_key`` (Hu et al., 2024): every SA layer learns
+            its keys, one per token position, sized to the tokens that layer sees.
+        keep_rate, reorg_layers: EViT token reorganisation (Liang et al., 2022) in the SA layers
+            ``reorg_layers`` (zero-based; ``"auto"``, the default: the paper's layers 4, 7, 10
+            of 12 scaled to ``depth``), keeping ``keep_rate`` of the tokens there; off at
+            ``keep_rate=1`` (the default) or with no layers. Needs a class token in
+            self-attention (``input``/``insert``).
     """
 
     def __init__(
@@ -286,6 +453,9 @@ class ImageTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         drop_path_schedule: str = "uniform",
         norm_eps: float = 1e-6,
+        attention: str = "standard",
+        keep_rate: float = 1.0,
+        reorg_layers: tuple[int, ...] | list[int] | str = "auto",
     ) -> None:
         super().__init__()
         img = _as_pair(img_size, "img_size")
@@ -329,6 +499,15 @@ class ImageTransformer(nn.Module):
             except (TypeError, ValueError):
                 eps = -1.0
             _check(eps > 0, f"layerscale_init={layerscale_init!r} must be 'auto' or > 0")
+        _check(attention in ATTENTIONS,
+               f"attention={attention!r} must be one of {', '.join(ATTENTIONS)}")
+        layers = _reorg_layers(reorg_layers, depth)
+        _check(isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool)
+               and 0.0 < keep_rate <= 1.0, f"keep_rate={keep_rate!r} must be in (0, 1]")
+        if keep_rate < 1.0 and layers:
+            _check_reorg(class_token, insert_layer, attention, keep_rate, layers)
+        else:
+            keep_rate, layers = 1.0, ()  # off: one config for every way of saying so
 
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -342,6 +521,7 @@ class ImageTransformer(nn.Module):
             insert_layer=self.insert_layer,
             ca_depth=ca_depth if class_token == "class_attention" else 0,
             residual=residual, layerscale_init=eps, talking_heads=talking_heads,
+            attention=attention, keep_rate=float(keep_rate), reorg_layers=list(layers),
             drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, attn_drop_rate=attn_drop_rate,
             proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
             drop_path_schedule=drop_path_schedule, norm_eps=norm_eps,
@@ -359,9 +539,19 @@ class ImageTransformer(nn.Module):
             dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         else:
             dpr = [drop_path_rate] * depth
+        # Tokens each SA layer attends over: the class token joins at insert_layer (0 for
+        # input), and a reorganising layer hands fewer tokens to the next one.
+        self.layer_tokens: list[int] = []
+        n = num_patches
+        for i in range(depth):
+            n += 1 if class_token in ("input", "insert") and i == self.insert_layer else 0
+            self.layer_tokens.append(n)
+            n = reorganised_length(n, keep_rate) if i in layers else n
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, talking_heads, residual, eps,
-                  dpr[i], attn_drop_rate, proj_drop_rate, norm_eps)
+                  dpr[i], attn_drop_rate, proj_drop_rate, norm_eps,
+                  static_keys=self.layer_tokens[i] if attention == "static_key" else None,
+                  keep_rate=keep_rate if i in layers else 1.0)
             for i in range(depth)
         )
         # CaiT runs class attention without stochastic depth (timm and the official code agree).
@@ -403,7 +593,11 @@ class ImageTransformer(nn.Module):
         return self.cls_token.expand(batch, -1, -1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens ``[cls, patches]`` (just ``patches`` when there is no class token)."""
+        """Normalised tokens ``[cls, patches]`` (just ``patches`` when there is no class token).
+
+        After EViT token reorganisation the patches are the kept ones, most attentive first,
+        then the fused token: ``layer_tokens`` says how many each SA layer sees.
+        """
         x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
         insert_at = self.insert_layer if self.class_token in ("input", "insert") else None
         for i, block in enumerate(self.blocks):
