@@ -192,3 +192,27 @@ def test_impossible_mfu_is_flagged(tiny_result):
     fake = {"inference": {"mfu": 0.5}, "training": {"mfu": 2.0}}
     notes = bench._warnings(fake, torch.device("cuda"))  # cuda: no load-average note
     assert len(notes) == 1 and "MFU above 100% (training)" in notes[0]
+
+
+def test_compare_prints_macs_saved_per_value(capsys):
+    out = run_json(capsys, "vit_tiny", "--compare", "keep_rate=1.0,0.7,0.5", "--no-throughput")
+    assert out["compare"]["key"] == "keep_rate"
+    results = out["compare"]["results"]
+    assert [r["overrides"]["keep_rate"] for r in results] == [1.0, 0.7, 0.5]
+    macs = [r["macs"] for r in results]
+    assert macs[0] > macs[1] > macs[2]  # EViT drops tokens, so MACs fall
+    assert len({r["params"] for r in results}) == 1  # and no parameter changes
+    assert main(["vit_tiny", "--compare", "keep_rate=1.0,0.7", "--no-throughput"]) == 0
+    table = capsys.readouterr().out
+    assert "0.7" in table and f"{macs[1] / macs[0]:.2f}" in table
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["vit_tiny", "--compare", "keep_rate"], "--compare expects KEY=V1,V2"),
+    (["vit_tiny", "--compare", "keep_rate=0.7"], "give at least two values"),
+    (["--compare", "keep_rate=1,0.5"], "--compare needs a MODEL"),
+])
+def test_compare_bad_requests_are_one_line_errors(capsys, argv, message):
+    assert main([*argv, "--no-throughput"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("caitlab-bench: error:") and message in err and "\n" not in err

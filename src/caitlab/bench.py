@@ -213,6 +213,32 @@ def _time_repeats(step, device, warmup: int, repeats: int, iters: int) -> list[f
     return times
 
 
+def time_interleaved(steps: dict[str, Any], device, warmup: int, repeats: int,
+                     iters: int) -> dict[str, list[float]]:
+    """Seconds per repeat of each named step, the steps taking turns repeat by repeat.
+
+    Side-by-side comparisons (ours against a reference) alternate so that a change of clock,
+    cache or load during the run hits every contender alike; each gets ``warmup`` untimed
+    calls first.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        # Reverse the order every other repeat: whoever goes first pays no systematic price.
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            times[name] += _time_repeats(steps[name], device, 0, 1, iters)
+    return times
+
+
+def median_ratio(ours: list[float], reference: list[float]) -> float:
+    """Throughput of ours over the reference's, from their median times."""
+    return statistics.median(reference) / statistics.median(ours)
+
+
 def default_matmul_size(device) -> int:
     import torch
 
@@ -499,6 +525,39 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_variants(key: str, results: list[dict[str, Any]]) -> str:
+    """One row per value of ``key``: MACs, img/s and their ratios to the first value's."""
+    base = results[0]
+    timed = base["inference"] is not None
+    lines = [f"{base['model']}: {key} compared ({'img/s ' if timed else ''}ratios are to "
+             f"{key}={base['overrides'][key]!r})", ""]
+    header = f"{key:<16}{'params (M)':>11}{'GMACs':>9}{'MACs x':>8}"
+    if timed:
+        header += f"{'infer img/s':>12}{'x':>7}{'train img/s':>12}{'x':>7}{'train MFU':>10}"
+    lines += [header, "-" * len(header)]
+    for r in results:
+        row = (f"{r['overrides'][key]!s:<16}{r['params'] / 1e6:>11.2f}{_gmacs(r['macs']):>9}"
+               f"{r['macs'] / base['macs']:>8.2f}")
+        if timed:
+            inf, tr = r["inference"]["images_per_s"], r["training"]["images_per_s"]
+            row += (f"{inf:>12.1f}{inf / base['inference']['images_per_s']:>7.2f}"
+                    f"{tr:>12.1f}{tr / base['training']['images_per_s']:>7.2f}"
+                    f"{100 * r['training']['mfu']:>9.1f}%")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def parse_compare(text: str) -> tuple[str, list[Any]]:
+    """``"keep_rate=1.0,0.7,0.5"`` -> ``("keep_rate", [1.0, 0.7, 0.5])``."""
+    key, sep, values = text.partition("=")
+    if not sep or not key.strip().isidentifier() or not values.strip():
+        raise BenchError(f"--compare expects KEY=V1,V2,..., got {text!r}")
+    parsed = [parse_overrides([f"{key.strip()}={v}"])[key.strip()] for v in values.split(",")]
+    if len(parsed) < 2:
+        raise BenchError(f"--compare {key}: give at least two values")
+    return key.strip(), parsed
+
+
 def format_compare(rows: list[dict[str, Any]]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -566,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine fewer threads than cores often time far more steadily")
     p.add_argument("--no-throughput", action="store_true",
                    help="only params and MACs, counted on the meta device (instant)")
+    p.add_argument("--compare", metavar="KEY=V1,V2,...",
+                   help="bench MODEL once per value of one constructor argument and print "
+                        "the MACs and img/s of each with ratios to the first value "
+                        "(keep_rate=1.0,0.7,0.5; depth=12,24,36; attention=standard,static_key)")
     p.add_argument("--compare-paper", action="store_true",
                    help="every CaiT/DeiT variant's params and GMACs beside the papers'")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -579,11 +642,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
 
+    if args.compare is not None and args.model is None:
+        return fail("--compare needs a MODEL")
     if args.model is None and not args.compare_paper:
         return fail("give a MODEL, or --compare-paper")
     try:
         out: dict[str, Any] = {}
-        if args.model is not None:
+        if args.compare is not None:
+            key, values = parse_compare(args.compare)
+            out["compare"] = {"key": key, "results": [
+                bench(args.model, {**parse_overrides(args.overrides), key: value},
+                      img_size=args.img_size, batch=args.batch, device=args.device,
+                      precision=args.precision, warmup=args.warmup, repeats=args.repeats,
+                      iters=args.iters, compile=args.compile,
+                      throughput=not args.no_throughput, matmul_size=args.matmul_size,
+                      threads=args.threads)
+                for value in values]}
+        elif args.model is not None:
             out = bench(args.model, parse_overrides(args.overrides), img_size=args.img_size,
                         batch=args.batch, device=args.device, precision=args.precision,
                         warmup=args.warmup, repeats=args.repeats, iters=args.iters,
@@ -598,7 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     parts = []
-    if args.model is not None:
+    if "compare" in out:
+        parts.append(format_variants(out["compare"]["key"], out["compare"]["results"]))
+    elif args.model is not None:
         parts.append(format_table(out))
     if args.compare_paper:
         parts.append(format_compare(out["compare_paper"]))
