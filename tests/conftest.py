@@ -34,6 +34,19 @@ def caitlab_train(out: Path, *overrides: str, env: dict[str, str] | None = None,
     return proc
 
 
+def make_image_folder(root: Path) -> Path:
+    """``root/{train,val}/class{0,1}/{0..3}.png``: a tiny ImageNet-layout folder, two colours."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, colour in enumerate(("red", "blue")):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20 + i, 24), colour).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def train_cmd(tmp_path):
     def run(*overrides, **kwargs):
@@ -60,3 +73,13 @@ def slurm_cluster():
     if not slurm_up():
         pytest.skip("the local SLURM cluster is not running: scripts/slurm/start.sh (as root; "
                     "make test starts it)")
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """Runs ``caitlab-train`` without paying its imports again (see tests/forkserver.py)."""
+    from forkserver import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()

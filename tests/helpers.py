@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import time
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -40,3 +43,57 @@ class SignalAtStep(Callback):
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.sig)
+
+
+class SigkillAt(Callback):
+    """Kills this process with SIGKILL -- no handler, no clean-up, as the OOM killer or a node
+    failure would -- at the first moment ``where`` once the global step is >= ``step``:
+
+    - ``batch``: as a training batch starts;
+    - ``backward``: after the backward pass, before the optimizer step;
+    - ``validation``: as a validation batch starts;
+    - ``checkpoint``: halfway through writing a checkpoint's bytes, before its rename.
+    """
+
+    WHERE = ("batch", "backward", "validation", "checkpoint")
+
+    def __init__(self, step: int, where: str) -> None:
+        if where not in self.WHERE:
+            raise ValueError(f"where={where!r}: one of {self.WHERE}")
+        self.step, self.where = step, where
+
+    @staticmethod
+    def _kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # never reached: SIGKILL to oneself is delivered at once
+
+    def _maybe_kill(self, trainer, where: str) -> None:
+        if where == self.where and trainer.global_step >= self.step:
+            self._kill()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.where != "checkpoint":
+            return
+        save = torch.save
+
+        def torn_save(obj, f, *args, **kwargs):
+            if hasattr(f, "write") and trainer.global_step >= self.step:
+                buf = io.BytesIO()
+                save(obj, buf, *args, **kwargs)
+                f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                self._kill()
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = torn_save  # this process dies with the patch, the test's is untouched
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe_kill(trainer, "batch")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._maybe_kill(trainer, "backward")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0) -> None:
+        self._maybe_kill(trainer, "validation")

@@ -102,3 +102,12 @@ def test_typed_config_errors_name_key_and_value(override, message):
     with pytest.raises(ConfigError) as err:
         train_config(_compose(override))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_signature_resolves_keys_that_point_outside_the_kept_ones():
+    # data.root interpolates paths.data_dir, and paths is not part of the signature
+    cfg = _compose("data=cifar10", "paths.data_dir=/datasets")
+    from caitlab.runs import signature_config
+
+    assert signature_config(cfg)["data"]["root"].startswith("/datasets")
+    assert signature(cfg) != signature(_compose("data=cifar10", "paths.data_dir=/elsewhere"))

@@ -1,7 +1,12 @@
-"""Bad input gets one clear line and a non-zero exit; broken state is recovered or named."""
+"""Bad input gets one clear line and a non-zero exit; broken state is recovered or named.
+
+The ``caitlab-train`` runs are forked from one warm process (``forkserver`` fixture,
+tests/forkserver.py): the same ``main()`` as the console script, without ~10 s of imports each.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,13 +17,13 @@ import pytest
 import torch
 
 from caitlab.runs import ResumeError, RunLock, resume_checkpoint
-from conftest import caitlab_train
+from conftest import clean_env, make_image_folder
 
 
-def _error_line(proc: subprocess.CompletedProcess) -> str:
+def _error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("caitlab-train: error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
     return lines[0]
 
 
@@ -28,46 +33,154 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
         (["model=nope"], "Could not find 'model/nope'"),
         (["experiment=nope"], "Could not find 'experiment/nope'"),
         (["optim.momentum=0.9"], "Key 'momentum' is not in struct"),
+        (["optim.lr=fast"], "optim.lr='fast' must be a number"),
         (["model.name=cait_xxl"], "unknown model name 'cait_xxl'"),
         (["model.embed_dim=30"], "embed_dim=30 is not divisible by num_heads=4"),
         (["model.img_size=9"], "img_size=9 is not divisible by patch_size=2"),
         (["model/class_token=insert", "model.insert_layer=4"], "insert_layer=4 must be in [0"),
         (["model.depth=0"], "depth=0 must be a positive integer"),
+        (["model.depth=-2"], "depth=-2 must be a positive integer"),
+        (["model.num_heads=0"], "num_heads=0 must be a positive integer"),
         (["model.num_heads=-1"], "num_heads=-1"),
         (["optim.lr=0"], "optim.lr=0.0 is not allowed: must be > 0"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: must be > 0"),
         (["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed"),
-        (["data.batch_size=0"], "data.batch_size"),
+        (["trainer.max_epochs=-3"], "trainer.max_epochs=-3 is not allowed"),
+        (["data.batch_size=0"], "data.batch_size: must be an integer >= 1, got 0"),
+        (["data.batch_size=-8"], "data.batch_size: must be an integer >= 1, got -8"),
         (["trainer.devices=64"], "trainer.devices=64 is not allowed"),
-        (["data=imagefolder", "data.root=/no/such/folder"], "/no/such/folder"),
+        (["data=imagefolder", "data.root=/no/such/folder"], "/no/such/folder does not exist"),
+        (["data=imagefolder", "data.root={tmp}/no_classes"],
+         "{tmp}/no_classes has no class folders under train/"),
         (["finetune_from=/no/such.ckpt"], "checkpoint not found: /no/such.ckpt"),
+        (["finetune_from={tmp}/notes.txt"], "{tmp}/notes.txt is not a readable checkpoint"),
     ],
 )
-def test_user_errors_are_one_line_with_the_key(tmp_path, overrides, message):
-    proc = caitlab_train(tmp_path, *overrides, "logger=csv", check=False)
+def test_user_errors_are_one_line_with_the_key(tmp_path, forkserver, overrides, message):
+    (tmp_path / "no_classes" / "train").mkdir(parents=True)
+    (tmp_path / "no_classes" / "val").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    proc = forkserver.run(tmp_path, *overrides, "logger=csv", check=False)
     assert proc.returncode == 2
-    assert message in _error_line(proc)
+    assert message.format(tmp=tmp_path) in _error_line(proc)
     assert not list(tmp_path.rglob("summary.json"))  # nothing was started
 
 
-def test_checkpoint_of_another_architecture_for_finetuning(tmp_path):
+def test_checkpoint_of_another_architecture_for_finetuning(tmp_path, forkserver):
     path = tmp_path / "deit.pth"
     from caitlab.models import create_model
 
     torch.save(create_model("deit_tiny_patch16_224").state_dict(), path)
-    proc = caitlab_train(tmp_path, f"finetune_from={path}", "logger=csv", check=False)
+    proc = forkserver.run(tmp_path, f"finetune_from={path}", "logger=csv", check=False)
     assert proc.returncode == 2
     assert "does not fit ImageTransformer" in _error_line(proc)
 
 
-def test_unwritable_output_folder(tmp_path):
+def test_output_folder_under_a_file(tmp_path, forkserver):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = caitlab_train(tmp_path, f"paths.output_dir={blocker}/out", "logger=csv",
-                         check=False)
+    proc = forkserver.run(tmp_path, f"paths.output_dir={blocker}/out", "logger=csv",
+                          check=False)
     assert proc.returncode == 2
-    line = _error_line(proc)  # Hydra creates the folder first; its error names the path
-    assert "Not a directory" in line and str(blocker) in line
+    assert _error_line(proc).startswith(
+        f"caitlab-train: error: cannot write {blocker}/out/default/")
+    assert "Not a directory; paths.output_dir (or CAITLAB_OUTPUT_DIR) must be a writable " \
+        "folder" in _error_line(proc)
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write into: a read-only mount as root (root ignores modes)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"as root only a read-only mount makes a folder unwritable, and this "
+                    f"machine refuses one: {proc.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_read_only_output_folder(read_only_folder, forkserver, tmp_path):
+    proc = forkserver.run(tmp_path, f"paths.output_dir={read_only_folder}/out", "logger=csv",
+                          check=False)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert line.startswith(f"caitlab-train: error: cannot write {read_only_folder}/out")
+    assert ("Read-only file system" if os.geteuid() == 0 else "Permission denied") in line
+    assert "paths.output_dir (or CAITLAB_OUTPUT_DIR) must be a writable folder" in line
+
+
+# two loader workers: the path every real image folder takes (data.num_workers defaults to 8)
+IMAGES = ("data=imagefolder", "data.num_classes=2", "data.batch_size=4", "data.num_workers=2",
+          "model=vit_tiny", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+          "model.depth=1", "trainer.max_epochs=1", "logger=csv")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_corrupt_image_in_the_folder_stops_or_is_skipped(tmp_path, forkserver, policy):
+    root, out = tmp_path / "images", tmp_path / "out"
+    out.mkdir()
+    bad = make_image_folder(root) / "train" / "class1" / "2.png"
+    bad.write_bytes(b"not a png \x00\x01" * 10)
+    proc = forkserver.run(out, *IMAGES, f"data.root={root}", f"data.on_corrupt={policy}",
+                          check=False)
+    (summary,) = [json.loads(p.read_text()) for p in out.rglob("summary.json")]
+    if policy == "stop":
+        assert proc.returncode == 2
+        assert _error_line(proc) == (
+            f"caitlab-train: error: data.root: cannot decode image {bad} (UnidentifiedImageError:"
+            f" cannot identify image file <_io.BufferedReader name='{bad}'>); fix or remove it,"
+            " or set data.on_corrupt=skip")
+        assert summary["status"] == "failed" and str(bad) in summary["error"]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert summary["status"] == "completed"
+        warned = [ln for ln in proc.stdout.splitlines()
+                  if f"data.on_corrupt=skip: skipping undecodable image {bad}" in ln]
+        assert warned  # once per worker process that met it
+
+
+def test_slurm_without_partition_where_the_cluster_has_no_default(tmp_path, forkserver):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # the SLURM client of a cluster none of whose partitions is the default (no '*' in sinfo)
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf 'cpu\\ngpu\\n'\n")
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/submitted\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = forkserver.run(tmp_path, "-m", "hydra/launcher=slurm", "model.depth=1,2",
+                          "logger=csv", env=env, check=False)
+    assert proc.returncode == 2
+    assert _error_line(proc) == (
+        "caitlab-train: error: cluster.partition=null is not allowed: this SLURM cluster has no "
+        "default partition; set one of cpu, gpu")
+    assert not (tmp_path / "submitted").exists()  # refused before anything was submitted
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+@pytest.mark.slurm
+def test_partition_check_reads_the_real_cluster(slurm_cluster, monkeypatch):
+    from caitlab.config import ConfigError
+    from hydra_plugins.caitlab_launcher.launcher import check_partition, slurm_partitions
+
+    monkeypatch.delenv("SBATCH_PARTITION", raising=False)
+    names, default = slurm_partitions()
+    assert default == "debug" and names == ["debug"]  # scripts/slurm/slurm.conf.in
+    check_partition({"partition": None})  # the default partition takes the jobs
+    check_partition({"partition": "debug"})
+    with pytest.raises(ConfigError, match=r"cluster.partition='nope' is not allowed: this SLURM "
+                                          r"cluster has no partition nope; use one of debug"):
+        check_partition({"partition": "nope"})
 
 
 def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):

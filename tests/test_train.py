@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import caitlab_train, clean_env
+from conftest import caitlab_train, clean_env, make_image_folder
 
 TINY_RUN = ("model.embed_dim=32", "model.depth=2", "trainer.max_epochs=2",
             "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
@@ -116,15 +116,7 @@ def test_every_model_preset_trains(tmp_path):
 
 @pytest.mark.slow
 def test_data_presets_digits_synthetic_and_imagefolder(tmp_path):
-    from PIL import Image
-
-    root = tmp_path / "images"
-    for split in ("train", "val"):
-        for c, colour in enumerate(("red", "blue")):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (20 + i, 24), colour).save(folder / f"{i}.png")
+    root = make_image_folder(tmp_path / "images")
     caitlab_train(tmp_path, "-m", "data=digits,synthetic", "data.batch_size=16",
                   "model=vit_tiny", *TINY_RUN, "logger=csv", "name=data")
     caitlab_train(tmp_path, "data=imagefolder", f"data.root={root}", "data.num_classes=2",

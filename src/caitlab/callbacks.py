@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
+from weakref import proxy
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from caitlab.runs import Summary
 
@@ -16,7 +20,9 @@ class SummaryCallback(Callback):
     def __init__(self, summary: Summary, wall_before: float, t0: float) -> None:
         self.summary, self.wall_before, self.t0 = summary, wall_before, t0
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    # on_validation_end, not on_validation_epoch_end: the module logs the epoch's metrics in
+    # its own on_validation_epoch_end, which Lightning calls after the callbacks'.
+    def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
@@ -33,3 +39,52 @@ class SummaryCallback(Callback):
         if getattr(pl_module, "images_per_s", None) is not None:
             values["images_per_s"] = pl_module.images_per_s
         self.summary.update(**values)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint by a metric, written as a hard link to ``latest``'s file when that
+    was saved at the same step (the usual case: both are saved at every epoch end).
+
+    The two files would hold the same weights, optimizer and loop state; serialising and
+    fsync'ing them twice per epoch doubled the cost of checkpointing. ``latest`` replaces its
+    file by rename, so the link keeps pointing at this epoch's contents after ``last.ckpt``
+    moves on. The link is made under a temporary name and renamed: atomic like every save.
+    ``latest`` must come before this callback in the trainer's callback list.
+    """
+
+    def __init__(self, *args: Any, latest: ModelCheckpoint, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.latest = latest
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        source = Path(self.latest._last_checkpoint_saved or "")
+        if (self.latest._last_global_step_saved != trainer.global_step
+                or not source.is_file() or self.save_weights_only):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        if trainer.is_global_zero:
+            _link_atomic(source, Path(filepath))
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def _link_atomic(source: Path, target: Path) -> None:
+    """``target`` becomes ``source``'s contents in one rename (a hard link, or a copy where
+    the filesystem has none)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -57,6 +57,18 @@ class DataConfigError(ValueError):
     """A data config that cannot work; the one-line message names ``data.<key>`` or the path."""
 
 
+def data_error_message(err: DataConfigError) -> str:
+    """``err``'s one line, also when a DataLoader worker raised it: torch re-raises a worker's
+    error in the main process with the worker's whole traceback as the message, and the
+    original message as its last line."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = f"{DataConfigError.__module__}.{DataConfigError.__name__}: "
+    return last.removeprefix(name)
+
+
 # --------------------------------------------------------------------------------------------
 # argument checks
 

@@ -26,6 +26,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from caitlab.runs import name_path
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file, fsync'ed, then renamed over the old one:
@@ -47,9 +49,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)  # a full disk gets its space back
+            # torch reports a full disk as "unexpected pos ..." with the OSError as context
+            named = name_path(err, path)
+            if named is err:
+                raise
+            raise named from err
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)

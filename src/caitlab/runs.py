@@ -9,6 +9,7 @@ sweep resumes or skips instead of duplicating (Dora's idea).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -47,14 +48,22 @@ def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | Non
 def signature_config(cfg: DictConfig | dict) -> dict[str, Any]:
     """The part of the config that decides the result, resolved, as plain data."""
     if isinstance(cfg, DictConfig):
-        data = {k: cfg[k] for k in cfg if k not in NON_RESULT_KEYS}
-        data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+        # Each node resolved where it is: its interpolations may point outside the kept keys
+        # (data.root -> paths.data_dir).
+        data = {k: _plain(cfg, k) for k in cfg if k not in NON_RESULT_KEYS}
     else:
         data = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     trainer = data.get("trainer")
     if isinstance(trainer, dict):
         data["trainer"] = {k: v for k, v in trainer.items() if k not in NON_RESULT_TRAINER_KEYS}
     return data
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    node = cfg._get_node(key)
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return cfg[key]
 
 
 def signature(cfg: DictConfig | dict) -> str:
@@ -83,10 +92,42 @@ def _gpus_if_gpu(accelerator: str, devices: Any) -> Any:
 
 
 def register_resolvers() -> None:
+    from caitlab.secrets import register_netrc_resolver
+
+    register_netrc_resolver()  # secrets typed on the command line become ${netrc:...}
     if not OmegaConf.has_resolver("signature"):
         OmegaConf.register_new_resolver("signature", _signature_resolver, use_cache=False)
     if not OmegaConf.has_resolver("gpus_if_gpu"):
         OmegaConf.register_new_resolver("gpus_if_gpu", _gpus_if_gpu)
+
+
+# errno values that mean the storage refused a write: the disk or quota is full, the folder is
+# read-only or not ours. None of them is a bug in the run, and none is fixed by retrying at once.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STORAGE_ERRNOS = (*DISK_FULL_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                  errno.EFBIG)
+
+
+def storage_error(err: BaseException | None) -> OSError | None:
+    """The refused write (an ``OSError`` with one of ``STORAGE_ERRNOS``) behind ``err``, looked
+    for along its cause/context chain: torch and Lightning re-raise a failed write as their own
+    error types, with the ``OSError`` only as the context."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def name_path(err: BaseException, path: Path) -> BaseException:
+    """A refused write as an ``OSError`` that names ``path``; a write into an open file fails
+    without a file name, and ``No space left on device`` alone does not say where."""
+    found = storage_error(err)
+    if found is None or (found is err and found.filename):
+        return err
+    return OSError(found.errno, found.strerror, str(path))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -100,10 +141,26 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        named = name_path(err, path)
+        if named is err:
+            raise
+        raise named from err
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Deletes the temporary files of atomic writes (``.<name>.<random>.tmp``) whose writer
+    died before its rename (SIGKILL, node failure): a checkpoint's can be gigabytes. Call it
+    only while holding the run's ``RunLock``, so that no live writer owns them."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for path in folder.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -5,7 +5,9 @@ The CSV logger always runs, so every run folder has ``metrics.csv`` whatever els
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import netrc
 import os
 from pathlib import Path
@@ -17,18 +19,42 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
+from caitlab.runs import write_text_atomic
 from caitlab.secrets import redact
 
 WANDB_HOST = "api.wandb.ai"
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it."""
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it.
+
+    A full disk costs no row already written: a new column rewrites the file atomically
+    (Lightning truncates it first), and an append cut short is cut back to its last whole row.
+    """
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(Path(self.metrics_file_path), text.getvalue())
+
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError:
+            with contextlib.suppress(OSError), open(self.metrics_file_path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+            raise
 
 
 class ResumableCSVLogger(CSVLogger):

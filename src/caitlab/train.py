@@ -6,6 +6,7 @@ already completed skips it, one that stopped part-way resumes from ``last.ckpt``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -21,18 +22,21 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab.runs import (
+    DISK_FULL_ERRNOS,
     ResumeError,
     RunLock,
     Summary,
     read_summary,
     register_resolvers,
+    remove_stale_temp_files,
     resume_checkpoint,
     signature,
     skip_reason,
+    storage_error,
     variant_signature,
     write_text_atomic,
 )
-from caitlab.secrets import redact
+from caitlab.secrets import hide_in_argv, redact
 
 register_resolvers()
 
@@ -41,6 +45,15 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, without a traceback."""
+
+
+def storage_message(err: OSError, where: Path | None = None) -> str:
+    """One line for a write the storage refused, naming the file (or the folder written in)."""
+    path = err.filename or where
+    if err.errno in DISK_FULL_ERRNOS:
+        return (f"no space left on device writing {path}; files written before are intact: "
+                "free space, then run the same command again")
+    return f"cannot write {path}: {err.strerror}"
 
 
 def _overrides() -> list[str]:
@@ -86,9 +99,11 @@ def ablation_axes(model_config: dict[str, Any], model_name: str) -> dict[str, An
     """The values a comparison is made along, as stored in the summary and the wandb tags."""
     axes = {k: model_config.get(k) for k in (
         "class_token", "insert_layer", "ca_depth", "residual", "layerscale_init", "depth",
-        "embed_dim", "num_heads", "talking_heads")}
+        "embed_dim", "num_heads", "talking_heads", "attention", "keep_rate", "reorg_layers")}
     if axes["residual"] != "layerscale":
         axes["layerscale_init"] = None  # eps means nothing without LayerScale
+    if not axes["reorg_layers"]:
+        axes["keep_rate"] = axes["reorg_layers"] = None  # no token reorganisation
     return {"model": model_name, **axes}
 
 
@@ -129,9 +144,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from caitlab.callbacks import SummaryCallback
+    from caitlab.callbacks import BestCheckpoint, SummaryCallback
     from caitlab.config import ConfigError, check_trainer, train_config
-    from caitlab.data import DataConfigError
+    from caitlab.data import DataConfigError, data_error_message
     from caitlab.models import (
         CheckpointError,
         ModelConfigError,
@@ -182,6 +197,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if lock is not None and not lock.acquire():
         raise UserError(f"{run_dir} is being trained by another process ({lock.holder()}); "
                         "not starting it twice")
+    if lock is not None:  # held: whatever temporary file is here, its writer is dead
+        remove_stale_temp_files(run_dir)
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     rank_zero = is_rank_zero()
     if rank_zero:
@@ -233,14 +250,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                       batch_size=cfg.data.batch_size)
         if tcfg.compile:
             module.model = torch.compile(module.model)
-        checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                                        monitor="val/top1", mode="max", save_top_k=1,
-                                        enable_version_counter=False)
         # Lightning's save_last only follows a new best; resuming needs every epoch's state.
         latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last",
                                  monitor=None, save_top_k=1, enable_version_counter=False)
+        checkpointing = BestCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                                       monitor="val/top1", mode="max", save_top_k=1,
+                                       enable_version_counter=False, latest=latest)
         stopper = GracefulStop(last_ckpt)
-        callbacks = [checkpointing, latest, SummaryCallback(summary, wall_before, attempt_t0),
+        # latest before best: best.ckpt links to the last.ckpt of the same epoch
+        callbacks = [latest, checkpointing, SummaryCallback(summary, wall_before, attempt_t0),
                      stopper]
         for cb_cfg in (cfg.get("callbacks") or {}).values():
             if cb_cfg is not None and "_target_" in cb_cfg:
@@ -260,7 +278,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.interrupted:
             summary.update(status="interrupted")
             raise KeyboardInterrupt
-        test_ckpt = "best" if checkpointing.best_model_path else None
+        # the path itself: ckpt_path="best" would read the first ModelCheckpoint (latest)
+        test_ckpt = checkpointing.best_model_path or None
         results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt,
                                verbose=False)
         test = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -298,6 +317,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             stopper.requeue_now()  # submitit requeues this job and exits
         raise
     except BaseException as err:
+        refused = storage_error(err)
+        if refused is not None:
+            # A full disk or a folder turned read-only: nothing in the run to fix, and what is
+            # on disk is whole (every write is atomic), so the same command resumes later. The
+            # summary is best effort: it may not fit on the disk either.
+            with contextlib.suppress(OSError):
+                summary.update(status="interrupted", interrupted_by=refused.strerror,
+                               error=redact(storage_message(refused, run_dir)),
+                               wall_s=wall_before + time.time() - attempt_t0)
+            raise
+        if isinstance(err, DataConfigError):  # found while training, e.g. a corrupt image
+            message = data_error_message(err)
+            summary.update(status="failed", error=redact(message),
+                           wall_s=wall_before + time.time() - attempt_t0)
+            raise UserError(message) from None
         (run_dir / "error.log").write_text(redact(traceback.format_exc()))
         summary.update(status="failed", error=redact(f"{type(err).__name__}: {err}"),
                        wall_s=wall_before + time.time() - attempt_t0)
@@ -313,7 +347,7 @@ def run(cfg: DictConfig) -> float | None:
         summary = train(cfg)
         return summary.get("test/top1")
     except UserError as err:
-        print(f"caitlab-train: error: {err}", file=sys.stderr)
+        print(f"caitlab-train: error: {redact(str(err))}", file=sys.stderr)
         if multirun:
             return None
         sys.exit(2)
@@ -326,6 +360,13 @@ def run(cfg: DictConfig) -> float | None:
               f"({_run_dir(cfg)})", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
+        refused = storage_error(err)
+        if refused is not None:
+            print(f"caitlab-train: error: {redact(storage_message(refused, _run_dir(cfg)))} "
+                  f"(run folder {_run_dir(cfg)})", file=sys.stderr)
+            if multirun:
+                return None
+            sys.exit(1)
         status = (read_summary(_run_dir(cfg)) or {}).get("status", "failed")
         print(f"caitlab-train: {status}: {redact(str(err)).splitlines()[0] if str(err) else ''}"
               f" (run folder {_run_dir(cfg)})", file=sys.stderr)
@@ -362,12 +403,22 @@ def main() -> None:
         sys.argv.remove("--debug")
     full = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    sys.argv[1:] = hide_in_argv(sys.argv[1:])  # before Hydra saves the overrides as typed
     try:
         _hydra_main()
     except Exception as err:
         if full:
             raise
-        print(f"caitlab-train: error: {redact(one_line(err))}", file=sys.stderr)
+        # Hydra creates the run folder, its .hydra/ files and train.log before our code runs
+        refused = storage_error(err)
+        if refused is None:
+            message = one_line(err)
+        elif refused.errno in DISK_FULL_ERRNOS:
+            message = storage_message(refused)
+        else:
+            message = (f"{storage_message(refused)}; paths.output_dir (or CAITLAB_OUTPUT_DIR) "
+                       "must be a writable folder")
+        print(f"caitlab-train: error: {redact(message)}", file=sys.stderr)
         sys.exit(2)
 
 
