@@ -1,0 +1,107 @@
+"""The sweep launcher's plan: every job's config and run folder as Hydra's full composition
+gives them, from one composition per set of config-group overrides (no SLURM needed)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from caitlab.runs import register_resolvers, signature
+from caitlab.train import CONF_DIR
+
+# Hydra's plugin scan re-executes the plugin module, redefining its classes: always look them
+# up through the module, never keep an imported class.
+from hydra_plugins.caitlab_launcher import launcher as plugin
+
+TASK = ["model.embed_dim=32", "trainer=debug", "logger=csv", "paths.output_dir=/tmp/plan"]
+
+# Jobs in the order a sweep would give them, covering each way of applying value overrides:
+# in place (the same keys, plain values; +add and ~delete kept from the job before), a fresh
+# copy (other keys, another +add, a list, a key set twice), new group choices, values other
+# keys interpolate (data.seed: ${seed}, data.img_size: ${model.img_size}) and a value that
+# moves the sweep folder (name).
+JOBS = [
+    ["model=vit_tiny", "seed=0", "model.depth=2"],
+    ["model=vit_tiny", "seed=1", "model.depth=2"],
+    ["model=vit_tiny", "seed=1", "model.depth=3"],
+    ["model=vit_tiny", "seed=2", "model.img_size=16"],
+    ["model=vit_tiny", "seed=2", "model.depth=3"],
+    ["model=cait_tiny", "model/residual=none", "seed=0", "model.depth=2"],
+    ["model=cait_tiny", "model/residual=layerscale", "seed=0", "model.depth=2"],
+    ["model=vit_tiny", "+recipe.note=abc", "seed=0"],
+    ["model=vit_tiny", "+recipe.note=abc", "seed=1"],
+    ["model=vit_tiny", "+recipe.note=xyz", "seed=1"],
+    ["model=vit_tiny", "seed=0", "model.depth=2"],
+    ["model=vit_tiny", "~ema", "seed=4"],
+    ["model=vit_tiny", "~ema", "seed=3"],
+    ["model=vit_tiny", "model.depth=4", "model.depth=5"],
+    ["model=vit_tiny", "model.depth=4", "model.depth=6"],
+    ["model=vit_tiny", "seed=5", "trainer.devices=[0]"],
+    ["model=vit_tiny", "seed=5", "name=other"],
+    ["model=vit_tiny", "seed=5", "model.depth=2"],
+]
+
+
+@pytest.fixture
+def hydra_loader():
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("train", TASK, run_mode=RunMode.MULTIRUN)
+        yield loader, master
+
+
+def test_plan_gives_every_job_hydras_config_and_run_folder(hydra_loader):
+    loader, master = hydra_loader
+    plan = plugin.SweepPlan(loader, master)
+    expected = set()
+    for job in JOBS:
+        overrides = TASK + job
+        full = loader.load_sweep_config(master, overrides)
+        planned = plan.config(overrides)
+        assert _without_hydra(planned) == _without_hydra(full), job
+        assert planned.hydra.sweep.dir == full.hydra.sweep.dir
+        expected.add(Path(full.hydra.sweep.dir) / signature(full))
+        assert plan.run_dir(overrides) == Path(full.hydra.sweep.dir) / signature(full), job
+    assert {plan.run_dir(TASK + job) for job in JOBS} == expected
+    # one composition per set of group overrides, not per job
+    assert len(plan._bases) == 3
+
+
+# an unknown key, an unknown group option, adding a key that exists, an unparsable value
+@pytest.mark.parametrize("job", [["model.no_such_key=1"], ["model=no_such_model"],
+                                 ["+seed=3"], ["seed=[1"]])
+def test_plan_refuses_what_hydra_refuses(hydra_loader, job):
+    loader, master = hydra_loader
+    with pytest.raises(Exception) as hydra_error:
+        loader.load_sweep_config(master, TASK + job)
+    with pytest.raises(type(hydra_error.value)):
+        plugin.SweepPlan(loader, master).config(TASK + job)
+
+
+def test_array_task_runs_the_shared_launcher_and_requeues_itself(tmp_path):
+    shared = tmp_path / "launcher.pkl"
+    with open(shared, "wb") as f:
+        pickle.dump((_Echo(), {"state": 1}), f)
+    task = plugin.ArrayTask(str(shared))
+    assert pickle.loads(pickle.dumps(task))(["seed=1"], "hydra.sweep.dir", 3, "id") == \
+        (["seed=1"], "hydra.sweep.dir", 3, "id", {"state": 1})
+    requeued = task.checkpoint(["seed=1"], "hydra.sweep.dir", 3, "id")
+    assert requeued.function is task and requeued.args == (["seed=1"], "hydra.sweep.dir", 3,
+                                                           "id")
+
+
+def _without_hydra(cfg) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
+
+
+class _Echo:
+    def __call__(self, *args):
+        return args
