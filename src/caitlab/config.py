@@ -28,7 +28,7 @@ class OptimConfig:
     eps: float = 1e-8
     scale_lr: bool = True  # lr * global_batch / 512, as in DeiT
     clip_grad: float | None = None  # max gradient norm; None: no clipping
-    fused: bool | None = None  # fused AdamW kernels (CUDA); None: torch decides
+    fused: bool | None = None  # fused AdamW kernels; None: fused on GPU, torch's default on CPU
 
     def validate(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "> 0")

@@ -18,7 +18,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab.config import TrainConfig
@@ -34,9 +34,13 @@ class DivergedError(RuntimeError):
 
 
 def _accuracy(num_classes: int) -> MetricCollection:
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    # validate_args=False: the inputs are the model's own logits and the data's labels, and
+    # the checks (value ranges, dtypes) cost as much as the update itself, every step.
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro",
+                                          validate_args=False)}
     if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro",
+                                             validate_args=False)
     return MetricCollection(metrics)
 
 
@@ -60,6 +64,11 @@ class ClassificationModule(L.LightningModule):
         self.train_metrics = _accuracy(num_classes).clone(prefix="train/")
         self.val_metrics = _accuracy(num_classes).clone(prefix="val/")
         self.test_metrics = _accuracy(num_classes).clone(prefix="test/")
+        # Losses are averaged on the device too (weighted by batch size) and synchronised
+        # across ranks once, at epoch end, like the accuracies.
+        self.train_loss_mean = MeanMetric()
+        self.val_loss_mean = MeanMetric()
+        self.test_loss_mean = MeanMetric()
         self.ema = ModelEmaV3(model, decay=self.cfg.ema.decay) if self.cfg.ema.enabled else None
         self.nonfinite_steps = 0
         self._epoch_images = 0
@@ -90,26 +99,56 @@ class ClassificationModule(L.LightningModule):
             if self.nonfinite_steps > self.cfg.recipe.max_nonfinite_steps:
                 raise DivergedError(self.global_step, self.current_epoch, loss.item())
             return None  # Lightning skips backward and the optimizer step
+        # Metrics accumulate on the device every step; Lightning's self.log costs about a
+        # millisecond a call on the CPU, so it runs only on the steps the loggers write
+        # (trainer.log_every_n_steps) and once per epoch, never once per step.
         self.train_metrics.update(logits.detach(), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=x.shape[0])
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self.train_loss_mean.update(loss.detach(), weight=x.shape[0])
+        if self._logs_this_step():
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
+                     prog_bar=True)
         self._epoch_images += x.shape[0]
         return loss
 
-    def _eval_step(self, batch, metrics: MetricCollection, stage: str) -> None:
+    def _logs_this_step(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        # Lightning's own rule (log_every_n_steps, counted in optimizer steps), so every
+        # value logged here is one the loggers write.
+        return trainer._logger_connector.should_update_logs
+
+    def _eval_step(self, batch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
         x, y = batch
         logits = self._eval_model()(x)
-        loss = F.cross_entropy(logits, y)
         metrics.update(logits, y)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
-        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
+        loss_mean.update(F.cross_entropy(logits, y), weight=x.shape[0])
+
+    def _log_epoch(self, metrics: MetricCollection, loss_mean: MeanMetric, loss_name: str,
+                   prog_bar: bool = False) -> None:
+        """Logs the epoch's values (compute() synchronises ranks) and resets for the next."""
+        values = metrics.compute()
+        if loss_mean.update_count:  # nothing to average when the epoch skipped every step
+            values[loss_name] = loss_mean.compute()
+        # compute() already synchronised ranks; sync_dist averages equal values (a no-op)
+        # and keeps Lightning's epoch-level DDP warning quiet
+        self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
+        metrics.reset()
+        loss_mean.reset()
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics, self.val_loss_mean)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss_mean.update_count:
+            self._log_epoch(self.val_metrics, self.val_loss_mean, "val/loss", prog_bar=True)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics, self.test_loss_mean)
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_loss_mean.update_count:
+            self._log_epoch(self.test_metrics, self.test_loss_mean, "test/loss")
 
     # --- throughput: training images per second of training-step time ---------------------
 
@@ -135,10 +174,18 @@ class ClassificationModule(L.LightningModule):
         return self._epoch_images * world / seconds
 
     def on_train_epoch_end(self) -> None:
+        if self.train_loss_mean.update_count:
+            self._log_epoch(self.train_metrics, self.train_loss_mean, "train/loss_epoch")
         ips = self.images_per_s
         if ips is not None:
             self.log("perf/images_per_s", ips, on_epoch=True)
             self.log("perf/epoch_time_s", self._epoch_t1 - self._epoch_t0, on_epoch=True)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.strategy.root_device.type == "cuda":
+            # TF32 tensor cores for the fp32 matmuls that bf16 autocast leaves in fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     # --- optimisation ----------------------------------------------------------------------
 
@@ -152,8 +199,12 @@ class ClassificationModule(L.LightningModule):
         optim = self.cfg.optim
         lr = optim.lr * self.global_batch_size() / 512 if optim.scale_lr else optim.lr
         kwargs = {"betas": optim.betas, "eps": optim.eps} if optim.name != "sgd" else {}
-        if optim.fused is not None and optim.name == "adamw":
-            kwargs["fused"] = optim.fused
+        if optim.name == "adamw":
+            fused = optim.fused
+            if fused is None:  # torch would pick foreach; the fused kernel is faster on GPU
+                fused = next(self.model.parameters()).is_cuda or None
+            if fused is not None:
+                kwargs["fused"] = fused
         optimizer = create_optimizer_v2(self.model, opt=optim.name, lr=lr,
                                         weight_decay=optim.weight_decay, **kwargs)
         sched = self.cfg.sched
@@ -180,7 +231,8 @@ class ClassificationModule(L.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self._logs_this_step():
+            self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:

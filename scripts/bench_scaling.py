@@ -1,0 +1,86 @@
+"""How a CaiT-S config's cost grows with depth and image size.
+
+    .venv/bin/python scripts/bench_scaling.py                  # depth 12/24/36 x 224/384 px
+    .venv/bin/python scripts/bench_scaling.py --device cuda --precision bf16 --batch 64
+
+For each point: MACs per image, inference and training images/s with their model FLOP
+utilisation (against one large matmul timed in the same run), and the measured cost per image
+relative to depth 12 at 224 px beside what the MACs predict. Self-attention layers cost
+linearly in depth; tokens grow (384/224)^2 = 2.94x from 224 to 384 px, and attention's
+token-pair terms grow with their square, so the MACs rise a little faster than 2.94x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from caitlab.bench import (
+    _device_name,
+    _dtype,
+    _resolve_device,
+    build_model,
+    default_matmul_size,
+    matmul_peak_flops,
+    measure_throughput,
+)
+from caitlab.models import count_macs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cait_s24_224", help="the CaiT-S config (default)")
+    p.add_argument("--depths", default="12,24,36")
+    p.add_argument("--sizes", default="224,384")
+    p.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 64 on CUDA")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=("32", "bf16"), default="32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+
+    device = _resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    batch = args.batch or (64 if device.type == "cuda" else 2)
+    n = default_matmul_size(device)
+    peak = matmul_peak_flops(device, _dtype(args.precision), n)
+    print(f"{args.model} on {device} ({_device_name(device)}), "
+          f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, batch {batch}; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s; median of {args.repeats} x {args.iters} "
+          f"batches after {args.warmup} warm-up\n")
+    header = (f"{'depth':>5}{'img':>5}{'GMACs':>8}{'infer img/s':>12}{'MFU':>7}"
+              f"{'train img/s':>12}{'MFU':>7}{'cost x':>8}{'MACs x':>8}")
+    print(header + "\n" + "-" * len(header))
+    base = None
+    for size in (int(s) for s in args.sizes.split(",")):
+        for depth in (int(d) for d in args.depths.split(",")):
+            model = build_model(args.model, {"depth": depth}, size, device=device)
+            macs = count_macs(model)
+            r = measure_throughput(model, batch=batch, device=device,
+                                   precision=args.precision, macs=macs, peak=peak,
+                                   warmup=args.warmup, repeats=args.repeats, iters=args.iters,
+                                   compile=args.compile)
+            train_s_per_img = 1 / r["training"]["images_per_s"]
+            if base is None:
+                base = (train_s_per_img, macs)
+            print(f"{depth:>5}{size:>5}{macs / 1e9:>8.2f}"
+                  f"{r['inference']['images_per_s']:>12.2f}{100 * r['inference']['mfu']:>6.1f}%"
+                  f"{r['training']['images_per_s']:>12.2f}{100 * r['training']['mfu']:>6.1f}%"
+                  f"{train_s_per_img / base[0]:>8.2f}{macs / base[1]:>8.2f}", flush=True)
+            del model
+    print("\ncost x: training seconds per image relative to the first row; MACs x: the same "
+          "ratio predicted by the MACs. Equal columns: cost grows exactly as the arithmetic.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
