@@ -75,7 +75,12 @@ def test_cli_json_keys_and_precision_bf16(capsys):
     assert r["model"] == "cait_tiny" and r["precision"] == "bf16" and r["batch"] == 8
     for phase in ("inference", "training"):
         assert PHASE_KEYS <= set(r[phase])
-        assert r[phase]["images_per_s"] > 0 and 0 < r[phase]["mfu"] < 1
+        assert r[phase]["images_per_s"] > 0 and r[phase]["mfu"] > 0
+        # CPUs without bf16 matmul units emulate the peak's bf16 matmul, which can then run
+        # slower than the tiny model's mostly non-matmul step: a figure not to trust, and the
+        # result says so rather than printing it silently
+        if r[phase]["mfu"] >= 1:
+            assert any("MFU above 100%" in w for w in r["warnings"])
 
 
 def test_cli_text_output(capsys):

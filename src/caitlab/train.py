@@ -141,10 +141,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from caitlab.callbacks import BestCheckpoint, SummaryCallback
+    from caitlab.callbacks import BestCheckpoint, SteadyProgressBar, SummaryCallback
     from caitlab.config import ConfigError, check_trainer, train_config
     from caitlab.data import DataConfigError, data_error_message
     from caitlab.models import (
@@ -264,7 +264,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if cb_cfg is not None and "_target_" in cb_cfg:
                 callbacks.append(instantiate(cb_cfg))
         if cfg.trainer.get("enable_progress_bar", True):
-            callbacks.append(RichProgressBar(leave=True))
+            callbacks.append(SteadyProgressBar(leave=True))
         plugins: list = [AtomicCheckpointIO()]
         if SLURMEnvironment.detect():
             # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
