@@ -98,13 +98,18 @@ def run_reference(cfg) -> tuple[list[float], dict]:
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
     data.setup("fit")
-    train_x, train_y = data.tensors["train"]
-    val_x, val_y = data.tensors["val"]
+    # the trainer's device and precision (trainer=gpu: CUDA, bf16-mixed autocast)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    model.to(device)
+    train_x, train_y = (t.to(device) for t in data.tensors["train"])
+    val_x, val_y = (t.to(device) for t in data.tensors["val"])
     bs = cfg.data.batch_size
     opt_cfg, sched_cfg = cfg.optim, cfg.sched
     lr = opt_cfg.lr * bs / 512 if opt_cfg.scale_lr else opt_cfg.lr
+    fused = {"fused": True} if device.type == "cuda" else {}  # as ClassificationModule does
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=opt_cfg.weight_decay,
-                              betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
+                              betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, **fused)
     epochs = cfg.trainer.max_epochs
     steps_per_epoch = -(-len(train_x) // bs)
     total = steps_per_epoch * epochs
@@ -117,14 +122,21 @@ def run_reference(cfg) -> tuple[list[float], dict]:
     ckpt.parent.mkdir(parents=True, exist_ok=True)
 
     step, starts = 0, []
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     for epoch in range(epochs):
-        starts.append(time.perf_counter())
+        starts.append(now())
         model.train()
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(
-            cfg.seed + epoch))  # the same order TensorBatches draws
+            cfg.seed + epoch)).to(device)  # the same order TensorBatches draws
         for b in range(steps_per_epoch):
             idx = order[b * bs:(b + 1) * bs]
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx], label_smoothing=smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(train_x[idx])
+            loss = F.cross_entropy(logits.float(), train_y[idx], label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -132,14 +144,14 @@ def run_reference(cfg) -> tuple[list[float], dict]:
             sched.step_update(num_updates=step)
         model.eval()
         correct = 0
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for b in range(0, len(val_x), bs):
                 correct += int((model(val_x[b:b + bs]).argmax(1) == val_y[b:b + bs]).sum())
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "epoch": epoch, "val_top1": correct / len(val_x)}, ckpt)
-    starts.append(time.perf_counter())
+    starts.append(now())
     times = [b - a for a, b in zip(starts[1:-1], starts[2:], strict=True)]
-    return times, {k: v.detach() for k, v in model.state_dict().items()}
+    return times, {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def bench_case(case: str, rounds: int, epochs: int | None, extra: list[str]) -> dict:
