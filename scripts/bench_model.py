@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from caitlab.bench import (
     _autocast,
     _device_name,
-    _dtype,
-    _resolve_device,
-    default_matmul_size,
-    matmul_peak_flops,
+    build_model,
     median_ratio,
     mfu,
+    prepare_device,
     time_interleaved,
 )
 from caitlab.models import count_macs, create_model
@@ -43,21 +41,19 @@ def timm_reference(case: str, name: str, device) -> torch.nn.Module:
     from timm.models.vision_transformer import Attention
 
     with torch.device(device):
-        if case == "cait-noth":
-            ref = timm.create_model(name, pretrained=False)
-            # timm's own Cait class, its plain (fused SDPA) attention in the SA blocks
-            ref = Cait(img_size=ref.patch_embed.img_size, patch_size=16,
-                       embed_dim=ref.embed_dim, depth=len(ref.blocks),
-                       num_heads=ref.blocks[0].attn.num_heads, attn_block=Attention,
-                       init_values=float(ref.blocks[0].gamma_1[0]))
-            return ref
-        return timm.create_model(name, pretrained=False)
+        if case != "cait-noth":
+            return timm.create_model(name, pretrained=False)
+        # timm's own Cait class, its plain (fused SDPA) attention in the SA blocks; the
+        # geometry read from our variant, built on the meta device for nothing
+        c = build_model(name).config
+        return Cait(img_size=tuple(c["img_size"]), patch_size=c["patch_size"][0],
+                    embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
+                    attn_block=Attention, init_values=c["layerscale_init"])
 
 
 def ours_like(case: str, name: str, ref: torch.nn.Module, device) -> torch.nn.Module:
     with torch.device(device):
-        model = create_model(name, talking_heads=False) if case == "cait-noth" else \
-            create_model(name)
+        model = create_model(name, **({"talking_heads": False} if case == "cait-noth" else {}))
     model.load_state_dict(remap_state_dict(ref.state_dict(), model), strict=True)
     return model
 
@@ -130,20 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
-    device = _resolve_device(args.device)
+    device, peak, n = prepare_device(args.device, args.precision, args.threads)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     args.batch = args.batch or (64 if cuda else 8)
     names = {"cait": args.cait or ("cait_s24_224" if cuda else "cait_xxs24_224"),
              "deit": args.deit or ("deit_small_patch16_224" if cuda else "deit_tiny_patch16_224")}
     names["cait-noth"] = names["cait"]
 
-    n = default_matmul_size(device)
-    peak = matmul_peak_flops(device, _dtype(args.precision), n)
     print(f"device {device} ({_device_name(device)}), precision "
           f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, batch {args.batch}"
           f"{', compiled' if args.compile else ''}; median of {args.repeats} interleaved "

@@ -15,17 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from caitlab.bench import (
-    _device_name,
-    _dtype,
-    _resolve_device,
-    build_model,
-    default_matmul_size,
-    matmul_peak_flops,
-    measure_throughput,
-)
+from caitlab.bench import _device_name, build_model, measure_throughput, prepare_device
 from caitlab.models import count_macs
 
 
@@ -45,14 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
-    device = _resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device, peak, _ = prepare_device(args.device, args.precision, args.threads)
     batch = args.batch or (64 if device.type == "cuda" else 2)
-    n = default_matmul_size(device)
-    peak = matmul_peak_flops(device, _dtype(args.precision), n)
     print(f"{args.model} on {device} ({_device_name(device)}), "
           f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, batch {batch}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s; median of {args.repeats} x {args.iters} "

@@ -264,10 +264,6 @@ def importtime_report(work: Path, top: int, min_s: float, timeout: float) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def _spread(values: list[float]) -> str:
     return f"min {min(values):.2f}, max {max(values):.2f}"
 
@@ -311,16 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncaitlab-train start-up, {args.repeats} fresh processes each, median "
               f"({os.cpu_count()} CPUs; load average {load_before[0]:.2f} before, "
               f"{load_after[0]:.2f} after)")
-        print(f"  --cfg job                          {_median(cfg_job):6.2f} s  "
+        print(f"  --cfg job                          {statistics.median(cfg_job):6.2f} s  "
               f"({_spread(cfg_job)})")
-        print(f"  first optimizer step (demo run)    {_median(first):6.2f} s  "
+        print(f"  first optimizer step (demo run)    {statistics.median(first):6.2f} s  "
               f"({_spread(first)})")
-        print(f"    of which the training imports    {_median(imports):6.2f} s  "
+        print(f"    of which the training imports    {statistics.median(imports):6.2f} s  "
               f"(`python -c 'import {', '.join(TRAINING_IMPORTS[:3])}, ...'`)")
         print("\n  phases of the first step (median seconds; cumulative from the command):")
         previous = 0.0
         for key, what in PHASES:
-            at = _median([r[key] for r in runs])
+            at = statistics.median([r[key] for r in runs])
             print(f"    {key:<12}{at:6.2f}  +{at - previous:5.2f}  {what}")
             previous = at
 
@@ -328,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             importtime_report(work, args.top, args.min_pull, args.timeout)
 
     print()
-    print(verdict("caitlab-train --cfg job", _median(cfg_job), TARGET_CFG_JOB_S))
-    print(verdict("first optimizer step of the demo run on CPU", _median(first),
+    print(verdict("caitlab-train --cfg job", statistics.median(cfg_job), TARGET_CFG_JOB_S))
+    print(verdict("first optimizer step of the demo run on CPU", statistics.median(first),
                   TARGET_FIRST_STEP_S))
     return 0
 

@@ -271,6 +271,22 @@ def matmul_peak_flops(device, dtype, size: int | None = None, repeats: int = 5,
     return 2 * n**3 * iters / statistics.median(times)
 
 
+def prepare_device(name: str | None, precision: str, threads: int | None = None):
+    """(device, matmul peak FLOP/s, matmul size) for a benchmark script: ``threads`` CPU
+    threads when given, TF32 matmuls on CUDA (as training uses them), and the MFU
+    denominator timed now, on this device and precision."""
+    import torch
+
+    device = _resolve_device(name)
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    n = default_matmul_size(device)
+    return device, matmul_peak_flops(device, _dtype(precision), n), n
+
+
 def mfu(images_per_s: float, macs_per_image: float, peak: float, training: bool) -> float:
     """Model FLOP utilisation as a fraction: achieved FLOP/s over ``peak`` FLOP/s.
 

@@ -126,10 +126,9 @@ class ClassificationModule(L.LightningModule):
 
     def _log_epoch(self, metrics: MetricCollection, loss_mean: MeanMetric, loss_name: str,
                    prog_bar: bool = False) -> None:
-        """Logs the epoch's values (compute() synchronises ranks) and resets for the next."""
-        values = metrics.compute()
-        if loss_mean.update_count:  # nothing to average when the epoch skipped every step
-            values[loss_name] = loss_mean.compute()
+        """Logs the epoch's values (compute() synchronises ranks) and resets for the next.
+        Callers skip epochs without a single update (every step skipped as non-finite)."""
+        values = {**metrics.compute(), loss_name: loss_mean.compute()}
         # compute() already synchronised ranks; sync_dist averages equal values (a no-op)
         # and keeps Lightning's epoch-level DDP warning quiet
         self.log_dict(values, prog_bar=prog_bar, sync_dist=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from caitlab.runs import name_path
+from caitlab.runs import write_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,27 +34,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Loading is ``weights_only`` (a checkpoint file cannot run code)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)  # a full disk gets its space back
-            # torch reports a full disk as "unexpected pos ..." with the OSError as context
-            named = name_path(err, path)
-            if named is err:
-                raise
-            raise named from err
+        write_atomic(Path(path), lambda f: torch.save(checkpoint, f), binary=True,
+                     sync_folder=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)

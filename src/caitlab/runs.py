@@ -15,8 +15,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,24 +131,40 @@ def name_path(err: BaseException, path: Path) -> BaseException:
     return OSError(found.errno, found.strerror, str(path))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: readers never see half."""
+def write_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False,
+                 sync_folder: bool = False) -> None:
+    """``write(f)`` into a temporary file in ``path``'s folder, fsync, rename over ``path``:
+    readers, and a process killed at any moment, see the old file or the new one, never half.
+    ``sync_folder`` also fsyncs the folder, so the rename itself survives a crash of the node.
+    A write the storage refuses (full disk...) raises an ``OSError`` that names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if sync_folder:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except BaseException as err:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp)  # a full disk gets its space back
+        # torch reports a full disk as "unexpected pos ..." with the OSError as context
         named = name_path(err, path)
         if named is err:
             raise
         raise named from err
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` written with :func:`write_atomic`."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
