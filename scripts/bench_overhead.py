@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "caitlab" / "conf")
 
 CASES = {
     # the demo's own config (one of its four runs), as make demo trains it

@@ -39,8 +39,12 @@ from caitlab.runs import (
 from caitlab.secrets import hide_in_argv, redact
 
 register_resolvers()
+# train.yaml's searchpath names ./conf, which most folders do not have: not worth a warning.
+warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=.* is not")
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The package's own configs (shipped in the wheel); a project adds its own through ./conf
+# (hydra.searchpath in train.yaml), --config-dir or hydra.searchpath=[...].
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 class UserError(Exception):
