@@ -250,7 +250,7 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys):
         ([str(none_ckpt), "--digits", "0"], "no class token to visualise"),
         ([str(tmp_path / "missing.ckpt"), "--digits", "0"], "checkpoint not found"),
         ([str(tmp_path), "--digits", "0"], "no checkpoints/best.ckpt"),
-        ([str(junk), "--digits", "0"], "not a readable checkpoint"),
+        ([str(junk), "--digits", "0"], f"{junk} is not a checkpoint: it is a text file"),
         ([str(bare), "--digits", "0"], "not a caitlab checkpoint"),
         ([str(good), "--digits", "100000"], "out of range"),
         ([str(good), "--images", str(tmp_path / "nope.png")], "image not found"),
@@ -262,3 +262,84 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys):
         assert err.startswith("caitlab-attention: error: ") and message in err, (argv, err)
         assert err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def run_folder_of(tmp_path, model, data: dict):
+    """A run folder as caitlab-train leaves it: its checkpoint and its resolved config."""
+    import yaml
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_checkpoint(model, run / "checkpoints" / "best.ckpt")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    return run
+
+
+def titles_of(monkeypatch) -> list[str]:
+    import caitlab.attention as attention
+
+    titles, plot = [], attention.plot_attention
+
+    def spy(image, layers, index, path, title=None, *args):
+        titles.append(title)
+        return plot(image, layers, index, path, title, *args)
+
+    monkeypatch.setattr(attention, "plot_attention", spy)
+    return titles
+
+
+@pytest.mark.parametrize("data", [
+    {"_target_": "caitlab.data.ImageFolderDataModule", "root": "/data/imagenet"},
+    {"_target_": "caitlab.data.Cifar10DataModule", "root": "/data/cifar10"},
+])
+def test_digits_refused_for_a_run_trained_on_other_data(tmp_path, capsys, data):
+    run = run_folder_of(tmp_path, tiny("vit_tiny"), data)
+    assert main([str(run), "--digits", "0", "17"]) == 2
+    err = capsys.readouterr().err
+    option = "imagefolder" if "ImageFolder" in data["_target_"] else "cifar10"
+    assert err == (f"caitlab-attention: error: --digits: {run} was trained on data={option}, "
+                   "not digits; give its images with --images\n")
+    assert not (run / "attention").exists()
+
+
+def test_titles_name_the_image_folder_classes(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "pets"
+    for split in ("train", "val"):
+        for name in ("cat", "dog", ".hidden"):
+            (root / split / name).mkdir(parents=True)
+    model = tiny("cait_tiny", in_chans=3, num_classes=2)
+    run = run_folder_of(tmp_path, model, {"_target_": "caitlab.data.ImageFolderDataModule",
+                                          "root": str(root)})
+    img = tmp_path / "photo.png"
+    Image.radial_gradient("L").convert("RGB").save(img)
+    titles = titles_of(monkeypatch)
+    assert main([str(run), "--images", str(img)]) == 0
+    (title,) = titles
+    assert title.startswith("photo: predicted ") and title.split()[2] in ("cat", "dog"), title
+    check_png(run / "attention" / "attention_photo.png")
+
+
+def test_titles_name_cifar_classes_and_digits_keep_theirs(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    meta = tmp_path / "cifar10" / "cifar-10-batches-py" / "batches.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_bytes(pickle.dumps({"label_names": names, "num_vis": 3072}))
+    model = tiny("vit_tiny", in_chans=3, img_size=32, patch_size=8)
+    run = run_folder_of(tmp_path, model, {"_target_": "caitlab.data.Cifar10DataModule",
+                                          "root": str(meta.parent.parent)})
+    img = tmp_path / "x.png"
+    Image.radial_gradient("L").convert("RGB").save(img)
+    titles = titles_of(monkeypatch)
+    assert main([str(run), "--images", str(img), "--out", str(tmp_path / "a")]) == 0
+    assert titles[-1].split()[2] in names, titles
+
+    digits = run_folder_of(tmp_path / "d", tiny("cait_tiny"),
+                           {"_target_": "caitlab.data.DigitsDataModule", "val_fraction": 0.1,
+                            "test_fraction": 0.2})
+    assert main([str(digits), "--digits", "3"]) == 0
+    assert titles[-1].startswith("digit3 (label ") and "predicted " in titles[-1]
+    label = titles[-1].split("(label ")[1].split(")")[0]
+    assert label in [str(i) for i in range(10)]

@@ -95,11 +95,31 @@ def test_deit_position_embedding_resampled_with_class_position_folded(tmp_path, 
     torch.testing.assert_close(ours.cls_token.detach(), timm_deit.cls_token.detach() + pos[:, :1])
 
 
-def test_file_that_is_not_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("content,message", [
+    # torch.load's own error for these is KeyError: '101' and 'Unsupported operand 110'
+    (b"hello world\n", "is not a checkpoint: it is a text file (starting 'hello world')"),
+    (b"this is not a checkpoint\n", "is not a checkpoint: it is a text file (starting 'this is "
+                                    "not a checkpoint')"),
+    (b"", "is not a checkpoint: the file is empty"),
+    (bytes(range(256)), "is not a checkpoint: torch.save writes a zip archive or a pickle, "
+                       "it is neither"),
+])
+def test_file_that_is_not_a_checkpoint(tmp_path, content, message):
     path = tmp_path / "notes.pth"
-    path.write_text("this is not a checkpoint\n")
-    with pytest.raises(CheckpointError, match=r"notes.pth is not a readable checkpoint"):
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(create_model("cait_tiny"), path)
+    assert str(err.value) == f"{path} {message}"
+
+
+def test_torn_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(100)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(create_model("cait_tiny"), path)
+    assert str(err.value).startswith(f"{path} is not a readable checkpoint (torn or corrupt?): ")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
 
 
 def test_missing_checkpoint_file(tmp_path):
@@ -137,5 +157,6 @@ def test_pickled_code_is_not_executed(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"evil.pth is not a readable checkpoint: it holds a "
+                                              r"Python object \(print\) that loading would run"):
         load_checkpoint(create_model("cait_tiny"), path)

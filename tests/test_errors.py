@@ -53,7 +53,8 @@ def _error_line(proc) -> str:
         (["data=imagefolder", "data.root={tmp}/no_classes"],
          "{tmp}/no_classes has no class folders under train/"),
         (["finetune_from=/no/such.ckpt"], "checkpoint not found: /no/such.ckpt"),
-        (["finetune_from={tmp}/notes.txt"], "{tmp}/notes.txt is not a readable checkpoint"),
+        (["finetune_from={tmp}/notes.txt"],
+         "{tmp}/notes.txt is not a checkpoint: it is a text file (starting 'not a checkpoint')"),
     ],
 )
 def test_user_errors_are_one_line_with_the_key(tmp_path, forkserver, overrides, message):

@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caitlab.models.checkpoint import CheckpointError, check_state_dict, unwrap_state_dict
+from caitlab.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    load_file,
+    unwrap_state_dict,
+)
 from caitlab.models.transformer import (
     Attention,
     ImageTransformer,
@@ -222,10 +227,9 @@ def load_model(path: str | Path) -> tuple[ImageTransformer, Path]:
     """The model of a caitlab checkpoint (file or run folder), in eval mode, and the file."""
     ckpt = resolve_checkpoint(path)
     try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load's failures on foreign bytes take many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AttentionError(f"{ckpt} is not a readable checkpoint: {first}") from None
+        obj = load_file(ckpt)
+    except CheckpointError as err:
+        raise AttentionError(str(err)) from None
     config = obj.get("caitlab", {}).get("model_config") if isinstance(obj, dict) else None
     if not isinstance(config, dict):
         raise AttentionError(f"{ckpt} is not a caitlab checkpoint (no caitlab.model_config "
@@ -244,11 +248,71 @@ def load_model(path: str | Path) -> tuple[ImageTransformer, Path]:
     return model.eval(), ckpt
 
 
+# The data modules of caitlab's data= options, by the class name config.yaml records.
+DATA_OPTIONS = {"DigitsDataModule": "digits", "ImageFolderDataModule": "imagefolder",
+                "Cifar10DataModule": "cifar10", "Cifar100DataModule": "cifar100",
+                "SyntheticDataModule": "synthetic"}
+
+
+def run_data_config(ckpt: Path) -> dict | None:
+    """The ``data`` node of the config the checkpoint's run was trained with (its run
+    folder's ``config.yaml``), or None for a checkpoint outside a run folder."""
+    path = run_folder(ckpt) / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path)).get("data")
+    except Exception:  # an unreadable config.yaml only costs the checks it allows
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def data_option(data: dict) -> str:
+    """``digits``, ``imagefolder``... as the run's ``data=`` chose it (else the class name)."""
+    name = str(data.get("_target_", "")).rsplit(".", 1)[-1]
+    return DATA_OPTIONS.get(name, name or "unknown")
+
+
+def class_names(data: dict | None, num_classes: int) -> list[str] | None:
+    """The names of the classes the model predicts, where the run's data has them: the
+    digits themselves, an ImageFolder's class folders, CIFAR's label names."""
+    if data is None:
+        return None
+    option = data_option(data)
+    names: list[str] | None = None
+    if option == "digits":
+        names = [str(i) for i in range(10)]
+    elif option == "imagefolder" and data.get("root"):
+        from caitlab.data import find_class_folders
+
+        train = Path(str(data["root"])).expanduser() / "train"
+        names = find_class_folders(train) if train.is_dir() else None
+    elif option in ("cifar10", "cifar100") and data.get("root"):
+        names = _cifar_classes(Path(str(data["root"])).expanduser(), option)
+    return names if names is not None and len(names) == num_classes else None
+
+
+def _cifar_classes(root: Path, option: str) -> list[str] | None:
+    import pickle
+
+    import torchvision.datasets
+
+    cls = torchvision.datasets.CIFAR10 if option == "cifar10" else torchvision.datasets.CIFAR100
+    meta = root / cls.base_folder / cls.meta["filename"]
+    try:  # read as torchvision reads it (CIFAR10._load_meta), without loading the images
+        with open(meta, "rb") as f:
+            return [str(n) for n in pickle.load(f, encoding="latin1")[cls.meta["key"]]]
+    except (OSError, pickle.UnpicklingError, KeyError, EOFError, TypeError):
+        return None
+
+
 def _img_size(model: ImageTransformer) -> tuple[int, int]:
     return tuple(model.patch_embed.img_size)  # type: ignore[return-value]
 
 
-def _digits_module(model: ImageTransformer):
+def _digits_module(model: ImageTransformer, data: dict | None = None):
     from caitlab.data import DigitsDataModule
 
     h, w = _img_size(model)
@@ -256,16 +320,19 @@ def _digits_module(model: ImageTransformer):
         raise AttentionError(f"--digits needs a square model input, this one is {h}x{w}")
     if model.patch_embed.proj.in_channels not in (1, 3):
         raise AttentionError("--digits needs a model with 1 or 3 input channels")
-    dm = DigitsDataModule(img_size=h, in_chans=model.patch_embed.proj.in_channels)
+    # the run's own split: its test images are the ones the indices name
+    split = {k: data[k] for k in ("val_fraction", "test_fraction") if k in (data or {})}
+    dm = DigitsDataModule(img_size=h, in_chans=model.patch_embed.proj.in_channels, **split)
     dm.setup()
     return dm
 
 
 def load_digits(
-    model: ImageTransformer, indices: Sequence[int]
+    model: ImageTransformer, indices: Sequence[int], data: dict | None = None
 ) -> tuple[torch.Tensor, list[str], list[int], tuple[float, ...], tuple[float, ...]]:
-    """Digits test images for ``model``: (images, names, labels, mean, std)."""
-    dm = _digits_module(model)
+    """Digits test images for ``model``: (images, names, labels, mean, std). ``data``: the
+    run's data config, when known (its split)."""
+    dm = _digits_module(model, data)
     x, y = dm.tensors["test"]
     bad = [i for i in indices if not 0 <= i < len(x)]
     if bad:
@@ -436,8 +503,13 @@ def _run(args: argparse.Namespace) -> int:
         raise AttentionError("no class token to visualise (class_token=none: the model "
                              "average-pools its patch tokens)")
     labels: list[int] | None = None
+    data = run_data_config(ckpt)
     if args.digits is not None:
-        x, names, labels, mean, std = load_digits(model, args.digits)
+        if data is not None and data_option(data) != "digits":
+            raise AttentionError(
+                f"--digits: {run_folder(ckpt)} was trained on data={data_option(data)}, not "
+                "digits; give its images with --images")
+        x, names, labels, mean, std = load_digits(model, args.digits, data)
     else:
         if args.mean is None or args.std is None:
             mean, std = default_mean_std(model)
@@ -453,11 +525,16 @@ def _run(args: argparse.Namespace) -> int:
     shown = x * std_t[:, None, None] + mean_t[:, None, None]
     probs = trace.logits.softmax(dim=-1) if trace.logits.shape[-1] > 0 else None
     out = args.out if args.out is not None else run_folder(ckpt) / "attention"
+    classes = class_names(data, trace.logits.shape[-1])
+
+    def label(k: int) -> str:
+        return classes[k] if classes is not None else str(k)
+
     for i, name in enumerate(names):
-        title = name if labels is None else f"{name} (label {labels[i]})"
+        title = name if labels is None else f"{name} (label {label(labels[i])})"
         if probs is not None:
             p, k = probs[i].max(dim=-1)
-            title += f": predicted {int(k)} ({float(p):.2f})"
+            title += f": predicted {label(int(k))} ({float(p):.2f})"
         path = plot_attention(shown[i], trace.layers, i,
                               out / f"attention_{name}.png", title, args.upsample,
                               args.alpha, args.cmap)

@@ -9,6 +9,7 @@ under ``model.``). Everything is checked before a single tensor is copied.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -25,12 +26,44 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return unwrap_state_dict(load_file(path), str(path))
+
+
+# What torch.save writes: a zip archive (torch >= 1.6), or a pickle (the legacy format).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def load_file(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)`` (no code runs), its failures in one line naming
+    the file: torch's own message for a text file is a bare ``KeyError: '101'``."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load's failures on foreign bytes take many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint: {first}") from None
-    return unwrap_state_dict(obj, str(path))
+        raise CheckpointError(f"{path} {_unreadable(Path(path), err)}") from None
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as read_err:
+        return f"cannot be read: {read_err.strerror or read_err}"
+    if not head:
+        return "is not a checkpoint: the file is empty"
+    if not head.startswith(_TORCH_MAGIC):
+        # the 64 bytes read may end inside a character
+        text = (head[:-3] if len(head) == 64 else head).decode("utf-8", "replace")
+        if all(c.isprintable() or c.isspace() for c in text.replace("\ufffd", "\0")):
+            start = " ".join(text.split())[:30]
+            return f"is not a checkpoint: it is a text file (starting {start!r})"
+        return "is not a checkpoint: torch.save writes a zip archive or a pickle, it is neither"
+    message = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if unsafe:
+        return (f"is not a readable checkpoint: it holds a Python object ({unsafe.group(1)}) "
+                "that loading would run; only tensors and plain data are read")
+    first = " ".join(message.split(". ")[0].split())[:120] or type(err).__name__
+    return f"is not a readable checkpoint (torn or corrupt?): {type(err).__name__}: {first}"
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
