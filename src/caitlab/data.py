@@ -19,7 +19,12 @@ Two kinds of loaders:
   real ``DataLoader``), so DDP sharding is done here: see :func:`shard_indices`.
 * Files (:class:`Cifar10DataModule`, :class:`Cifar100DataModule`,
   :class:`ImageFolderDataModule`): ordinary ``DataLoader``\\ s with workers; Lightning injects
-  the ``DistributedSampler`` under DDP.
+  the ``DistributedSampler`` under DDP. ``num_workers: auto`` is one fewer than the CPUs of the
+  rank (:func:`available_cpus`: affinity mask, ``SLURM_CPUS_PER_TASK``), and a count above them
+  is capped, said once.
+
+Every module refuses in ``setup('fit')`` a training split that makes no batch under
+``drop_last`` (per rank under DDP), instead of an epoch that trains nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,11 @@ class DataConfigError(ValueError):
     """A data config that cannot work; the one-line message names ``data.<key>`` or the path."""
 
 
+class ImageReadError(DataConfigError):
+    """Reading or transforming one image raised (not for a corrupt file: ``on_corrupt``); the
+    one line names the file and the cause, the traceback is worth keeping."""
+
+
 def data_error_message(err: DataConfigError) -> str:
     """``err``'s one line, also when a DataLoader worker raised it: torch re-raises a worker's
     error in the main process with the worker's whole traceback as the message, and the
@@ -65,7 +76,7 @@ def data_error_message(err: DataConfigError) -> str:
     if "Original Traceback" not in text:
         return text
     last = text.splitlines()[-1]
-    name = f"{DataConfigError.__module__}.{DataConfigError.__name__}: "
+    name = f"{type(err).__module__}.{type(err).__name__}: "
     return last.removeprefix(name)
 
 
@@ -93,6 +104,51 @@ def _float(key: str, value: Any, low: float, high: float, *, low_open: bool = Fa
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def _workers(value: Any) -> int | str:
+    """``num_workers``: an integer >= 0, or ``auto`` (see :func:`loader_workers`)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise DataConfigError(f"data.num_workers: must be an integer >= 0 or auto, "
+                              f"got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# loader workers
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a container's cpuset, SLURM's
+    task binding), and at most ``SLURM_CPUS_PER_TASK`` under SLURM, which need not bind."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    return max(1, cpus)
+
+
+def loader_workers(requested: int | str, cpus: int) -> tuple[int, str | None]:
+    """Workers per DataLoader for ``requested`` (an integer or ``auto``) given ``cpus`` for this
+    process, and the one line to say about it (None: nothing worth saying).
+
+    ``auto`` is ``cpus - 1``: the main process, which collates and feeds the model, keeps a
+    CPU. More workers than CPUs only compete with each other and the main process for them
+    (and each holds a copy of the dataset's file list), so an explicit count is capped at
+    ``cpus``.
+    """
+    if requested == "auto":
+        return max(0, cpus - 1), None
+    if requested > cpus:
+        return cpus, (f"data.num_workers={requested} but this process has {cpus} CPU"
+                      f"{'s' if cpus != 1 else ''}: using {cpus} loader worker"
+                      f"{'s' if cpus != 1 else ''} (data.num_workers=auto follows the CPUs)")
+    return int(requested), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +274,7 @@ class _BaseDataModule(LightningDataModule):
         in_chans: int,
         num_classes: int,
         seed: int,
-        num_workers: int,
+        num_workers: int | str,
         drop_last: bool,
     ) -> None:
         super().__init__()
@@ -228,9 +284,10 @@ class _BaseDataModule(LightningDataModule):
         self._in_chans = _int("in_chans", in_chans, 1)
         self._num_classes = _int("num_classes", num_classes, 1)
         self.seed = _int("seed", seed, -(2**63))
-        self.num_workers = _int("num_workers", num_workers, 0)
+        self.num_workers = _workers(num_workers)
         self.drop_last = bool(drop_last)
         self._num_train_samples: int | None = None
+        self._loader_workers: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -263,15 +320,61 @@ class _BaseDataModule(LightningDataModule):
             "num_train_samples": self._num_train_samples,
         }
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return dist_rank_world()
+
+    def _processes_per_node(self) -> int:
+        """Ranks sharing this machine's CPUs: under SLURM each task has its own CPUs."""
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            return 1
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if local.isdigit() and int(local) > 0:
+            return int(local)
+        trainer = self.trainer
+        return max(1, int(getattr(trainer, "num_devices", 1))) if trainer is not None else 1
+
+    def loader_workers(self) -> int:
+        """``num_workers`` resolved against the CPUs this rank has (:func:`loader_workers`);
+        decided, and said if capped, once: at the first loader."""
+        if self._loader_workers is None:
+            cpus = max(1, available_cpus() // self._processes_per_node())
+            self._loader_workers, note = loader_workers(self.num_workers, cpus)
+            if note is not None and self._rank_world()[0] == 0:
+                log.warning(note)
+        return self._loader_workers
+
+    def check_train_batches(self, num_train: int) -> None:
+        """Refuses, before any training, a split too small for one batch under ``drop_last``.
+
+        Each rank iterates ``ceil(n / world_size)`` samples (DistributedSampler and
+        :func:`shard_indices` pad), and ``drop_last`` drops its incomplete last batch; an
+        epoch of no batches would train nothing and still report a test accuracy.
+        """
+        _, world = self._rank_world()
+        per_rank = math.ceil(num_train / world)
+        if not self.drop_last or per_rank >= self.batch_size:
+            return
+        counts = f"{num_train} training images"
+        if world > 1:
+            counts += f" ({per_rank} per rank on {world} ranks)"
+        raise DataConfigError(
+            f"data: {counts} make no batch of data.batch_size={self.batch_size} with "
+            f"data.drop_last=true; set data.batch_size={per_rank} or lower, or "
+            "data.drop_last=false")
+
     def _file_loader(self, ds: Dataset | None, train: bool) -> DataLoader:
         """A per-sample DataLoader; Lightning injects its DistributedSampler under DDP."""
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() first")
         gen = torch.Generator().manual_seed(self.seed) if train else None
+        workers = self.loader_workers()
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train, generator=gen,
                           drop_last=train and self.drop_last,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+                          num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0)
 
     def current_epoch(self) -> int:
         """The trainer's epoch (0 without a trainer); seeds the in-memory shuffles."""
@@ -364,8 +467,12 @@ class DigitsDataModule(_InMemoryDataModule):
         self.std: float | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tensors:
-            return
+        if not self.tensors:
+            self._make_tensors()
+        if stage in (None, "fit"):
+            self.check_train_batches(self.num_train_samples)
+
+    def _make_tensors(self) -> None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -445,6 +552,8 @@ class SyntheticDataModule(_InMemoryDataModule):
             if split not in self.tensors:
                 self.tensors[split] = self._generate(split)
         self._num_train_samples = self.split_sizes["train"]
+        if stage in (None, "fit"):
+            self.check_train_batches(self.num_train_samples)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,7 +586,7 @@ class _CifarDataModule(_BaseDataModule):
         num_classes: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
-        num_workers: int = 4,
+        num_workers: int | str = "auto",
         drop_last: bool = False,
     ) -> None:
         if num_classes is None:
@@ -561,6 +670,8 @@ class _CifarDataModule(_BaseDataModule):
                 eval_full.transforms = type(full.transforms)(eval_full.transform, None)
                 self.val_set = Subset(eval_full, perm[:n_val].tolist())
             self._num_train_samples = len(self.train_set)
+        if stage in (None, "fit"):
+            self.check_train_batches(self.num_train_samples)
         need_test = stage in (None, "test", "predict") or (
             stage in ("fit", "validate") and self.val_set is None)
         if need_test and self.test_set is None:
@@ -610,6 +721,10 @@ def find_class_folders(directory: str | Path) -> list[str]:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def _reason(err: BaseException) -> str:
+    return _one_line(f"{type(err).__name__}: {err}")
+
+
 def _image_folder_cls() -> type:
     from torchvision.datasets import ImageFolder
 
@@ -619,6 +734,9 @@ def _image_folder_cls() -> type:
         ``stop``: a file that cannot be decoded raises :class:`DataConfigError` naming it.
         ``skip``: it is logged (once per file and process) and the next decodable sample in
         the index order is returned instead, so a batch keeps its size and shapes.
+        Any other error reading or transforming a file raises :class:`ImageReadError` with
+        the file and the cause in its one line: inside a DataLoader worker torch would
+        otherwise show only ``Caught ValueError in DataLoader worker process 1``.
         """
 
         def __init__(self, root: str, transform: Callable | None, on_corrupt: str) -> None:
@@ -639,7 +757,7 @@ def _image_folder_cls() -> type:
                 try:
                     sample = self.loader(path)
                 except _DECODE_ERRORS as e:
-                    reason = _one_line(f"{type(e).__name__}: {e}")
+                    reason = _reason(e)
                     if self.on_corrupt == "stop":
                         raise DataConfigError(
                             f"data.root: cannot decode image {path} ({reason}); fix or remove "
@@ -649,10 +767,17 @@ def _image_folder_cls() -> type:
                         log.warning("data.on_corrupt=skip: skipping undecodable image %s (%s)",
                                     path, reason)
                     continue
-                if self.transform is not None:
-                    sample = self.transform(sample)
-                if self.target_transform is not None:
-                    target = self.target_transform(target)
+                except Exception as e:
+                    raise ImageReadError(f"data: reading image {path} failed ({_reason(e)})"
+                                         ) from e
+                try:
+                    if self.transform is not None:
+                        sample = self.transform(sample)
+                    if self.target_transform is not None:
+                        target = self.target_transform(target)
+                except Exception as e:
+                    raise ImageReadError(f"data: the transform failed on image {path} "
+                                         f"({_reason(e)})") from e
                 return sample, target
             raise DataConfigError(f"data.root: no image under {self.root} can be decoded")
 
@@ -670,6 +795,9 @@ class ImageFolderDataModule(_BaseDataModule):
     ``color_jitter`` when a RandAugment policy is set, as in DeiT -- and evaluation
     ``create_transform(is_training=False, crop_pct, interpolation)`` (CaiT evaluates at
     ``crop_pct=1.0``). ``on_corrupt``: ``stop`` or ``skip`` an image PIL cannot decode.
+    timm's posterize op is guarded (:mod:`caitlab.augment`) so that no RandAugment draw raises;
+    an ``img_size`` that would shrink photographs to a toy size is refused
+    (:meth:`_check_img_size`).
     """
 
     def __init__(
@@ -679,7 +807,7 @@ class ImageFolderDataModule(_BaseDataModule):
         img_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
-        num_workers: int = 4,
+        num_workers: int | str = "auto",
         crop_pct: float = 0.875,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         reprob: float = 0.25,
@@ -713,6 +841,7 @@ class ImageFolderDataModule(_BaseDataModule):
         self.auto_augment = auto_augment
         self.root = Path(root).expanduser()
         self.classes = self._check_folders()
+        self._check_img_size()
         self.train_transform, self.eval_transform = self._transforms()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -741,8 +870,59 @@ class ImageFolderDataModule(_BaseDataModule):
                                   f"{only_val})")
         return train
 
+    #: Below this, an input size is a digits-sized toy, no size to shrink photographs to
+    #: unawares: data.img_size follows model.img_size, 8 for the CPU presets.
+    SMALL_IMG_SIZE = 32
+
+    def sample_image_sizes(self, limit: int = 8) -> list[tuple[Path, int, int]]:
+        """``(path, width, height)`` of up to ``limit`` training images spread over the first
+        class folders, read from the file headers alone (cheap on any folder); files PIL cannot
+        open are left out here, and left to ``on_corrupt`` in training."""
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        per_class = max(1, math.ceil(limit / len(self.classes)))
+        found: list[tuple[Path, int, int]] = []
+        for name in self.classes[:limit]:
+            taken = 0
+            with os.scandir(self.root / "train" / name) as entries:
+                for entry in entries:
+                    if taken == per_class or len(found) == limit:
+                        break
+                    if not entry.name.lower().endswith(IMG_EXTENSIONS):
+                        continue
+                    try:
+                        with Image.open(entry.path) as img:
+                            found.append((Path(entry.path), *img.size))
+                        taken += 1
+                    except _DECODE_ERRORS:
+                        continue
+        return found
+
+    def _check_img_size(self) -> None:
+        """Refuses shrinking photographs to a toy size: a folder of images at least 4x larger
+        (median short side) than an ``img_size`` under :attr:`SMALL_IMG_SIZE`, which is what
+        an image folder gets when ``model.img_size`` is left at a CPU preset's 8."""
+        size = self.img_size
+        if size >= self.SMALL_IMG_SIZE:
+            return
+        sizes = self.sample_image_sizes()
+        if not sizes:
+            return
+        shorts = sorted(min(w, h) for _, w, h in sizes)
+        short = shorts[len(shorts) // 2]
+        if short < 4 * size:
+            return
+        path, w, h = next(s for s in sizes if min(s[1], s[2]) == short)
+        suggest = 224 if short >= 224 else max(self.SMALL_IMG_SIZE, short // 16 * 16)
+        raise DataConfigError(
+            f"data.img_size={size} (it follows model.img_size) would shrink images like {path} "
+            f"({w}x{h} px) to {size}x{size} px; set model.img_size={suggest} (or another size "
+            f"the model's patch_size divides), or resize the files if {size} px is meant")
+
     def _transforms(self) -> tuple[Callable, Callable]:
         from timm.data import create_transform
+
+        from caitlab.augment import guard_augment_ops
 
         try:
             train = create_transform(input_size=self.img_size, is_training=True,
@@ -752,6 +932,7 @@ class ImageFolderDataModule(_BaseDataModule):
         except (AssertionError, ValueError, KeyError) as e:
             raise DataConfigError(f"data.auto_augment: {self.auto_augment!r} is not a timm "
                                   f"augmentation policy ({_one_line(e)})") from e
+        guard_augment_ops(train)
         evaluation = create_transform(input_size=self.img_size, is_training=False,
                                       crop_pct=self.crop_pct, interpolation=self.interpolation)
         return train, evaluation
@@ -766,6 +947,8 @@ class ImageFolderDataModule(_BaseDataModule):
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._load("train", self.train_transform)
             self._num_train_samples = len(self.train_set)
+        if stage in (None, "fit"):
+            self.check_train_batches(self.num_train_samples)
         if self.val_set is None:
             self.val_set = self._load("val", self.eval_transform)
 

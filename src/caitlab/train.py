@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from caitlab.callbacks import BestCheckpoint, SteadyProgressBar, SummaryCallback
     from caitlab.config import ConfigError, check_trainer, train_config
-    from caitlab.data import DataConfigError, data_error_message
+    from caitlab.data import DataConfigError, ImageReadError, data_error_message
     from caitlab.models import (
         CheckpointError,
         ModelConfigError,
@@ -333,6 +333,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise
         if isinstance(err, DataConfigError):  # found while training, e.g. a corrupt image
             message = data_error_message(err)
+            if isinstance(err, ImageReadError):
+                # an image broke the loader or a transform: the line names the file and the
+                # cause, the traceback (a DataLoader worker's too) is for a bug report
+                (run_dir / "error.log").write_text(redact(traceback.format_exc()))
+                message += f"; traceback in {run_dir / 'error.log'}"
             summary.update(status="failed", error=redact(message),
                            wall_s=wall_before + time.time() - attempt_t0)
             raise UserError(message) from None
