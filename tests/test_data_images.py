@@ -36,6 +36,7 @@ from caitlab.data import (
     loader_workers,
 )
 from caitlab.train import CONF_DIR
+from conftest import clean_env
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -433,3 +434,17 @@ def test_real_photo_folder_trains_an_epoch_with_the_default_recipe(tmp_path, for
     epochs = {r.split(",")[header.index("epoch")] for r in rows[1:]
               if r.split(",")[header.index("train/loss_epoch")] not in ("", None)}
     assert epochs == {"0", "1"}  # 64 images // 16 = 4 batches an epoch, both epochs trained
+
+
+def test_more_workers_than_cpus_is_said_once_in_a_run(tmp_path, forkserver):
+    root, out = tmp_path / "images", tmp_path / "out"
+    out.mkdir()
+    make_photo_folder(root, per_class=4, val=2)
+    proc = forkserver.run(out, "data=imagefolder", f"data.root={root}", "data.num_classes=4",
+                          "data.batch_size=8", "data.num_workers=8", *TINY_MODEL,
+                          "trainer.max_epochs=1", "logger=csv",
+                          env=clean_env(SLURM_CPUS_PER_TASK="2"))
+    said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "num_workers" in ln]
+    assert len(said) == 1, said
+    assert said[0].endswith("data.num_workers=8 but this process has 2 CPUs: using 2 loader "
+                            "workers (data.num_workers=auto follows the CPUs)")
