@@ -7,6 +7,7 @@ values) and give the module attribute access with defaults in one place.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,6 +177,29 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         ema=to_dataclass(EmaConfig, cfg.get("ema"), "ema"),
         compile=_coerce(cfg.get("compile", False), bool, "compile"),
     )
+
+
+def fit_warmup(sched: SchedConfig, max_epochs: int) -> str | None:
+    """Caps a warm-up that would take more than half the run at half the run; returns the
+    line that says so, or None. Without it a short run (``trainer.max_epochs=3`` with the
+    5-epoch DeiT warm-up) never reaches its lr and ends at chance."""
+    limit = max_epochs / 2
+    if sched.name == "constant" or sched.warmup_epochs <= limit:
+        return None
+    message = (f"sched.warmup_epochs={sched.warmup_epochs:g} is more than half of "
+               f"trainer.max_epochs={max_epochs}: warming up for {limit:g} epochs instead")
+    sched.warmup_epochs = limit
+    return message
+
+
+def check_choice(group: str, choice: str | None, options: list[str], given: bool) -> None:
+    """An option of an ``optional`` group that does not exist is silently skipped by Hydra:
+    refused here when the user named it (``recipe=digitz``)."""
+    if not given or choice is None or choice in options:
+        return
+    close = difflib.get_close_matches(str(choice), options, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; options: {', '.join(options)}"
+    raise ConfigError(f"{group}={choice} is not an option of {group}{hint}")
 
 
 def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bool,

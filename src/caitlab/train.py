@@ -92,6 +92,24 @@ def is_rank_zero() -> bool:
     return True
 
 
+def _check_recipe_choice() -> None:
+    """``recipe`` is optional (data without a recipe of its own keeps the group defaults), so
+    Hydra would skip a mistyped ``recipe=...`` without a word."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from caitlab.config import check_choice
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get("recipe")
+    except ValueError:
+        return
+    if not GlobalHydra.instance().is_initialized():  # a job unpickled by submitit
+        return
+    given = any(o.lstrip("+~").split("=")[0] == "recipe" for o in _overrides())
+    options = GlobalHydra.instance().config_loader().get_group_options("recipe")
+    check_choice("recipe", choice, options, given)
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
@@ -149,7 +167,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from caitlab.callbacks import BestCheckpoint, SteadyProgressBar, SummaryCallback
-    from caitlab.config import ConfigError, check_trainer, train_config
+    from caitlab.config import ConfigError, check_trainer, fit_warmup, train_config
     from caitlab.data import DataConfigError, ImageReadError, data_error_message
     from caitlab.models import (
         CheckpointError,
@@ -168,9 +186,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                    CheckpointError)
     try:
         tcfg = train_config(cfg)
+        _check_recipe_choice()
         check_trainer(cfg.trainer, multirun=_is_multirun(),
                       under_slurm=SLURMEnvironment.detect(),
                       gpus_visible=torch.cuda.device_count(), cpus=os.cpu_count() or 1)
+        warmup_note = fit_warmup(tcfg.sched, cfg.trainer.max_epochs)
+        if warmup_note:
+            print(f"[caitlab] {warmup_note}", file=sys.stderr)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
