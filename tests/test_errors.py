@@ -30,9 +30,10 @@ def _error_line(proc) -> str:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model=nope"], "Could not find 'model/nope'"),
+        (["model=nope"], "Could not find 'model/nope'; model= takes one of cait_m24_224, "),
         (["experiment=nope"], "Could not find 'experiment/nope'"),
-        (["optim.momentum=0.9"], "Key 'momentum' is not in struct"),
+        (["optim.momentum=0.9"], "optim.momentum: no key 'momentum' in optim (to add a new key: "
+                                 "+optim.momentum=...)"),
         (["optim.lr=fast"], "optim.lr='fast' must be a number"),
         (["model.name=cait_xxl"], "unknown model name 'cait_xxl'"),
         (["model.embed_dim=30"], "embed_dim=30 is not divisible by num_heads=4"),
@@ -65,7 +66,35 @@ def test_user_errors_are_one_line_with_the_key(tmp_path, forkserver, overrides, 
     proc = forkserver.run(tmp_path, *overrides, "logger=csv", check=False)
     assert proc.returncode == 2
     assert message.format(tmp=tmp_path) in _error_line(proc)
-    assert not list(tmp_path.rglob("summary.json"))  # nothing was started
+    # nothing was started, and Hydra's folder for the run is gone again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_classes", "notes.txt"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+        (["model=vit_tine"], "In 'train': Could not find 'model/vit_tine'; did you mean "
+                             "vit_tiny?"),
+        (["data=digit"], "Could not find 'data/digit'; did you mean digits?"),
+        (["experiment=dem"], "Could not find 'experiment/dem'; did you mean demo?"),
+        (["model/residual=layerscal"], "Could not find 'model/residual/layerscal'; did you mean "
+                                       "layerscale?"),
+        (["model/residal=none"], "model/residal: no key 'model/residal' in the config; did you "
+                                 "mean model/residual?"),
+        (["trainer.max_epoch=3"], "trainer.max_epoch: no key 'max_epoch' in trainer; did you "
+                                  "mean trainer.max_epochs?"),
+        (["trainr.max_epochs=3"], "did you mean trainer.max_epochs?"),
+        (["model.layerscale_int=1e-5"], "did you mean model.layerscale_init?"),
+        (["+model.extra.alpha=1", "model.extra.alfa=2"], "model.extra.alfa: no key 'alfa' in "
+                                                          "model.extra; did you mean "
+                                                          "model.extra.alpha?"),
+])
+def test_mistyped_names_get_the_closest_one_in_a_short_line(tmp_path, forkserver, overrides,
+                                                            message):
+    proc = forkserver.run(tmp_path, *overrides, "logger=csv", check=False)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert line.startswith("caitlab-train: error: ") and line.endswith(message), line
+    assert len(line) < 200, line  # not every option of the group, nor Hydra's search path
+    assert not list(tmp_path.iterdir())
 
 
 def test_checkpoint_of_another_architecture_for_finetuning(tmp_path, forkserver):

@@ -58,17 +58,24 @@ def test_ddp_over_two_slurm_tasks_takes_ranks_from_slurm(tmp_path):
 
 def test_one_failing_run_does_not_stop_the_others_and_is_retried_only_on_request(tmp_path):
     # embed_dim 30 is not divisible by the 4 heads: that run fails, the other trains
-    caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
-                  "trainer=debug", "name=mixed")
+    # every launch exits 1: a run of the sweep failed, or was skipped as failed
+    first = caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
+                          "trainer=debug", "name=mixed", check=False)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "a run of the sweep failed: embed_dim=30 is not divisible" in first.stderr
     states = {s["status"]: s for s in
               _summaries(tmp_path / "mixed").values()}
     assert set(states) == {"completed", "failed"}
     assert "embed_dim=30 is not divisible by num_heads=4" in states["failed"]["error"]
     again = caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
-                          "trainer=debug", "name=mixed")
+                          "trainer=debug", "name=mixed", check=False)
+    assert again.returncode == 1
     assert "0 to run, 2 already done" in again.stdout + again.stderr
+    assert "failed before (embed_dim=30 is not divisible by num_heads=4); not run again " \
+        "without retry_failed=true" in again.stdout + again.stderr
     retry = caitlab_train(tmp_path, "-m", *SLURM, "model=vit_tiny", "model.embed_dim=30,32",
-                          "trainer=debug", "name=mixed", "retry_failed=true")
+                          "trainer=debug", "name=mixed", "retry_failed=true", check=False)
+    assert retry.returncode == 1  # it failed again
     assert "1 to run, 1 already done" in retry.stdout + retry.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -11,7 +12,10 @@ from weakref import proxy
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
+from caitlab.console import say
 from caitlab.runs import Summary
+
+log = logging.getLogger("caitlab")
 
 
 class SummaryCallback(Callback):
@@ -110,3 +114,58 @@ class SteadyProgressBar(RichProgressBar):
             return
         self._shown_at = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class EpochLines(Callback):
+    """One line per epoch with its metrics, in train.log and (``console=True``, where no
+    progress bar shows them) on the console::
+
+        epoch 3/30  train/loss 1.234  val/loss 1.100  val/top1 85.1  4.2 s
+
+    The module logs the epoch's training loss in its own ``on_train_epoch_end``, which
+    Lightning calls after the callbacks': the line is written as the next epoch starts, or
+    as training ends. Accuracies in percent; the time is the epoch's, validation included.
+    """
+
+    def __init__(self, console: bool = True) -> None:
+        self.console = console
+        self._t0 = time.monotonic()
+        self._ended: tuple[int, float] | None = None  # (epoch, its duration) not yet written
+        self._validated = -1
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._write(trainer)
+        self._t0 = time.monotonic()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validated = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._ended = (trainer.current_epoch, time.monotonic() - self._t0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        if self._ended is None or not trainer.is_global_zero:
+            self._ended = None
+            return
+        epoch, seconds = self._ended
+        self._ended = None
+        metrics = trainer.callback_metrics
+        total = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else None
+        parts = [f"epoch {epoch + 1}/{total}" if total else f"epoch {epoch + 1}"]
+        shown = [("train/loss_epoch", "train/loss", False)]
+        if self._validated == epoch:  # otherwise the values are an earlier epoch's
+            shown += [("val/loss", "val/loss", False), ("val/top1", "val/top1", True)]
+        for key, name, percent in shown:
+            value = metrics.get(key)
+            if value is not None:
+                value = float(value)
+                parts.append(f"{name} {100 * value:.1f}" if percent else f"{name} {value:.3f}")
+        parts.append(f"{seconds:.1f} s")
+        say(log, "  ".join(parts), console=self.console)

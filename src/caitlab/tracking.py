@@ -105,17 +105,27 @@ def build_loggers(
             continue
         if _is_wandb(cfg._target_):
             mode = wandb_mode()
+            # wandb's own lines (banner, settings notes, a 40-line run summary) are kept out
+            # of the run's output; WANDB_SILENT=false brings them back. What a person needs
+            # from it is said here: where offline runs are, and how to upload them.
+            os.environ.setdefault("WANDB_SILENT", "true")
             if mode == "offline":
                 print(f"wandb: no API key configured, logging offline; upload later with: "
                       f"wandb sync {run_dir / 'wandb'}/offline-run-*")
             # wandb.init's `config` clashes with instantiate's own first argument
             kwargs = {k: v for k, v in redact(OmegaConf.to_container(cfg, resolve=True)).items()
                       if k != "_target_"}
-            loggers.append(get_class(cfg._target_)(
+            wandb_logger = get_class(cfg._target_)(
                 **kwargs, save_dir=str(run_dir), name=name, group=group, tags=tags, id=wandb_id,
                 resume="allow", offline=mode == "offline", mode=mode, config=config,
                 reinit="finish_previous",
-            ))
+            )
+            # Lightning passes wandb.init anonymous=None, which wandb >= 0.19 warns about
+            # whatever its value (and WANDB_SILENT does not cover): unset means the same.
+            init_args = getattr(wandb_logger, "_wandb_init", {})
+            if init_args.get("anonymous", "unset") is None:
+                del init_args["anonymous"]
+            loggers.append(wandb_logger)
         else:
             loggers.append(instantiate(OmegaConf.create(redact(OmegaConf.to_container(
                 cfg, resolve=True))), save_dir=str(run_dir)))
@@ -136,4 +146,7 @@ def finish_wandb(exit_code: int) -> None:
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
+        run = wandb.run
+        if not run.offline and run.url and os.environ.get("WANDB_SILENT") == "true":
+            print(f"wandb: {run.url}")  # the one line of wandb's that silence keeps out
         wandb.finish(exit_code=exit_code)

@@ -7,12 +7,16 @@ already completed skips it, one that stopped part-way resumes from ``last.ckpt``
 from __future__ import annotations
 
 import contextlib
+import difflib
+import logging
 import os
+import re
 import sys
 import time
 import traceback
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from caitlab.console import one_handler_per_line, say
 from caitlab.runs import (
     DISK_FULL_ERRNOS,
     ResumeError,
@@ -49,6 +54,20 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, without a traceback."""
+
+
+class RunFailed(Exception):
+    """A run that failed, or was skipped because it had failed before; its line is printed.
+
+    In a sweep each job raises it (after its line) instead of returning: Hydra's launchers
+    go on with the other jobs, and its sweeper re-raises the first once they have all run,
+    so that the sweep's exit status is non-zero (``main``).
+    """
+
+
+log = logging.getLogger("caitlab")
+# the lines of this process's sweep jobs that failed or were skipped as failed
+_failed_runs: list[str] = []
 
 
 def storage_message(err: OSError, where: Path | None = None) -> str:
@@ -152,12 +171,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     previous = read_summary(run_dir)
     reason = skip_reason(previous, bool(cfg.get("retry_failed", False)))
     if reason == "completed":
-        print(f"[caitlab] {run_dir}: already completed "
-              f"(test/top1={previous.get('test/top1')}), skipping")
+        say(log, f"already completed, skipping: {result_line(previous, run_dir)}")
         return previous
     if reason is not None:
-        print(f"[caitlab] {run_dir}: {reason}, skipping ({previous.get('error', '')})")
-        return previous
+        raise RunFailed(skipped_message(previous, run_dir))
 
     # Heavy imports only once we know there is work to do (--cfg job, skips stay fast).
     import lightning as L
@@ -166,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from caitlab.callbacks import BestCheckpoint, SteadyProgressBar, SummaryCallback
+    from caitlab.callbacks import BestCheckpoint, EpochLines, SteadyProgressBar, SummaryCallback
     from caitlab.config import ConfigError, check_trainer, fit_warmup, train_config
     from caitlab.data import DataConfigError, ImageReadError, data_error_message
     from caitlab.models import (
@@ -182,6 +199,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from caitlab.tracking import build_loggers, finish_wandb, wandb_run
 
     _quiet_known_warnings()
+    one_handler_per_line()
     user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
                    CheckpointError)
     try:
@@ -258,6 +276,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary.update(status="running", attempts=summary["attempts"] + 1,
                    resumed_from=str(resume_from) if resume_from else None,
                    slurm_job_id=slurm_job_id())
+    if resume_from:  # Lightning's own line about it is in train.log only (caitlab.console)
+        say(log, f"resuming {shown_path(run_dir)} from {resume_from.name} "
+                 f"(attempt {summary['attempts']})")
 
     exit_code = 1
     loggers: list = []
@@ -289,13 +310,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for cb_cfg in (cfg.get("callbacks") or {}).values():
             if cb_cfg is not None and "_target_" in cb_cfg:
                 callbacks.append(instantiate(cb_cfg))
-        if cfg.trainer.get("enable_progress_bar", True):
+        # A bar is for a terminal: in a file (a pipe, a SLURM log) every redraw is lines of
+        # its own, so there the epoch lines stand in for it.
+        bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+        callbacks.append(EpochLines(console=not bar))
+        if bar:
             callbacks.append(SteadyProgressBar(leave=True))
         plugins: list = [AtomicCheckpointIO()]
         if SLURMEnvironment.detect():
             # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
             plugins.append(SLURMEnvironment(auto_requeue=False))
         trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
+                              enable_progress_bar=bar,
                               plugins=plugins, default_root_dir=str(run_dir))
 
         summary.update(world_size=trainer.world_size)
@@ -324,6 +350,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                         summary["model"].items()
                                                         if k != "config"}})
         exit_code = 0
+        say(log, result_line(summary.data, run_dir))
         return summary.data
     except DivergedError as err:
         summary.update(status="diverged", diverged_step=err.step, diverged_epoch=err.epoch,
@@ -371,17 +398,83 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finish_wandb(exit_code)
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (``outputs/demo/...``)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def result_line(summary: Mapping[str, Any], run_dir: Path) -> str:
+    """A run's result in one line: ``test/top1 94.4  best val/top1 92.8  30 epochs  29 s  ->
+    outputs/demo/029503e85c`` (test/top1 is the best validation epoch's checkpoint's)."""
+    parts = []
+    for key, name in (("test/top1", "test/top1"), ("val/top1_best", "best val/top1")):
+        value = summary.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{name} {100 * value:.1f}")
+    if summary.get("epochs"):
+        parts.append(f"{summary['epochs']} epochs")
+    if isinstance(summary.get("wall_s"), (int, float)):
+        parts.append(f"{summary['wall_s']:.0f} s")
+    return "  ".join([*parts, f"-> {shown_path(run_dir)}"])
+
+
+def skipped_message(previous: Mapping[str, Any], run_dir: Path) -> str:
+    """One line for a re-launched run that failed (or diverged) before: its first error line
+    (a failure's message may carry a whole traceback) and how to run it again."""
+    lines = str(previous.get("error") or "").strip().splitlines()
+    error = lines[0] if lines else "no error recorded"
+    if len(error) > 150:
+        error = error[:147] + "..."
+    return (f"{shown_path(run_dir)}: {previous.get('status')} before ({error}); not run again "
+            "without retry_failed=true")
+
+
+def remove_unstarted_run_folder(run_dir: Path) -> None:
+    """Hydra makes the run folder (``.hydra/``, ``train.log``) before caitlab checks the
+    config: a rejected config leaves nothing behind. A folder holding anything else (a run's
+    files, another process's lock) is left as it is."""
+    hydra_dir = run_dir / ".hydra"
+    try:
+        if {p.name for p in run_dir.iterdir()} - {".hydra", "train.log"}:
+            return
+        hydra_files = list(hydra_dir.iterdir()) if hydra_dir.is_dir() else []
+        if {p.name for p in hydra_files} - {"config.yaml", "hydra.yaml", "overrides.yaml"}:
+            return
+        for path in hydra_files:
+            path.unlink()
+        if hydra_dir.is_dir():
+            hydra_dir.rmdir()
+        (run_dir / "train.log").unlink(missing_ok=True)
+        run_dir.rmdir()
+        run_dir.parent.rmdir()  # <output_dir>/<name>/, when this was its only run
+    except OSError:
+        pass  # only ever tidying: whatever could not go stays
+
+
+def _failed(line: str, multirun: bool, code: int) -> None:
+    """Prints a run's one line; exits with ``code``, or in a sweep raises RunFailed."""
+    print(line, file=sys.stderr, flush=True)
+    if multirun:
+        _failed_runs.append(line)
+        raise RunFailed(line.removeprefix("caitlab-train: ").removeprefix("error: "))
+    sys.exit(code)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Hydra task: returns the test top-1 (Hydra sweepers can optimise it)."""
     multirun = _is_multirun()
     try:
         summary = train(cfg)
         return summary.get("test/top1")
+    except RunFailed as err:  # skipped: it failed before
+        _failed(f"caitlab-train: skipped {redact(str(err))}", multirun, 1)
     except UserError as err:
-        print(f"caitlab-train: error: {redact(str(err))}", file=sys.stderr)
-        if multirun:
-            return None
-        sys.exit(2)
+        if not multirun:  # a sweep's failed run keeps its summary for the sweep's table
+            remove_unstarted_run_folder(_run_dir(cfg))
+        _failed(f"caitlab-train: error: {redact(str(err))}", multirun, 2)
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
         status = (read_summary(_run_dir(cfg)) or {}).get("status")
@@ -393,17 +486,14 @@ def run(cfg: DictConfig) -> float | None:
     except Exception as err:
         refused = storage_error(err)
         if refused is not None:
-            print(f"caitlab-train: error: {redact(storage_message(refused, _run_dir(cfg)))} "
-                  f"(run folder {_run_dir(cfg)})", file=sys.stderr)
-            if multirun:
-                return None
-            sys.exit(1)
+            _failed(f"caitlab-train: error: {redact(storage_message(refused, _run_dir(cfg)))} "
+                    f"(run folder {_run_dir(cfg)})", multirun, 1)
         status = (read_summary(_run_dir(cfg)) or {}).get("status", "failed")
-        print(f"caitlab-train: {status}: {redact(str(err)).splitlines()[0] if str(err) else ''}"
-              f" (run folder {_run_dir(cfg)})", file=sys.stderr)
-        if multirun:  # one failing run never stops the other runs of its sweep
-            return None
-        sys.exit(1)
+        # one failing run never stops the other runs of its sweep (RunFailed)
+        _failed(f"caitlab-train: {status}: "
+                f"{redact(str(err)).splitlines()[0] if str(err) else ''}"
+                f" (run folder {_run_dir(cfg)})", multirun, 1)
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -411,16 +501,91 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return run(cfg)
 
 
+def _chain(err: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _config_groups() -> list[str]:
+    """The config groups (``model``, ``model/residual``...): caitlab's and the project's."""
+    groups: set[str] = set()
+    for root in (Path(CONF_DIR), Path(os.environ.get("CAITLAB_CONFIG_DIR", "conf"))):
+        if root.is_dir():
+            groups.update(d.relative_to(root).as_posix() for d in root.rglob("*")
+                          if d.is_dir() and not d.name.startswith((".", "_")))
+    return sorted(groups)
+
+
+def _shortlist(options: list[str], width: int = 110) -> str:
+    shown = ""
+    for i, option in enumerate(options):
+        more = f", ... ({len(options)} in all)"
+        if len(shown) + len(option) + 2 + (len(more) if i < len(options) - 1 else 0) > width:
+            return shown + more
+        shown = f"{shown}, {option}" if shown else option
+    return shown
+
+
+def mistyped_name(err: BaseException) -> str | None:
+    """One line for a config option or key that does not exist, with the closest existing
+    name (difflib) -- Hydra's own message lists every option and its search path."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError
+
+    chain = _chain(err)
+    for e in chain:
+        if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+            group, _, name = e.missing_cfg_file.rpartition("/")
+            head = " ".join(str(e).strip().splitlines()[0].split())
+            guess = _closest(name, list(e.options))
+            if guess is not None:
+                return f"{head}; did you mean {guess}?"
+            return f"{head}; {group}= takes one of {_shortlist(list(e.options))}"
+    for e in chain:
+        parent, key = getattr(e, "parent_node", None), getattr(e, "key", None)
+        if not (isinstance(e, (ConfigKeyError, AttributeError)) and isinstance(key, str)
+                and parent is not None and "is not in struct" in str(e)):
+            continue
+        full_key = str(getattr(e, "full_key", None) or key)
+        prefix = full_key[:-len(key)] if full_key.endswith(key) else ""
+        messages = " ".join(str(x) for x in chain)
+        typed = re.search(r"Could not override '([^']+)'", messages)
+        override = typed.group(1) if typed else full_key
+        rest = override[len(full_key):] if override.startswith(full_key) else ""
+        options = [str(k) for k in parent.keys()]
+        if not prefix:  # the top level: a key or a config group (model/residual=...)
+            options += _config_groups()
+        where = prefix.rstrip(".") or "the config"
+        line = f"{override}: no key '{key}' in {where}"
+        guess = _closest(key, options)
+        if guess is not None:
+            return f"{line}; did you mean {prefix}{guess}{rest}?"
+        # not Hydra's `+key=value` hint: the value may be a secret
+        return f"{line} (to add a new key: +{override}=...)"
+    return None
+
+
 def one_line(err: BaseException) -> str:
     """Hydra/OmegaConf errors span lines (hints, option lists, full_key...): one line."""
-    parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        for line in str(err).splitlines():
+    known = mistyped_name(err)
+    if known is not None:
+        return known
+    parts = []
+    for e in _chain(err):
+        # Hydra appends every option of a group and its whole search path
+        text = re.split(r"\n\s*(?:Available options in|Config search path)", str(e))[0]
+        for line in text.splitlines():
             line = " ".join(line.split())
             if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
                 parts.append(line.rstrip(":"))
-        err = err.__cause__
     return "; ".join(dict.fromkeys(parts)) or "unknown error"
 
 
@@ -437,6 +602,13 @@ def main() -> None:
     sys.argv[1:] = hide_in_argv(sys.argv[1:])  # before Hydra saves the overrides as typed
     try:
         _hydra_main()
+    except RunFailed as err:  # Hydra's sweeper re-raises a failed job's, once all have run
+        if _failed_runs:
+            print(f"caitlab-train: error: {len(_failed_runs)} run(s) of the sweep failed or "
+                  "were skipped as failed (lines above); the others ran", file=sys.stderr)
+        else:  # the jobs ran elsewhere (submitit): the first failure's line
+            print(f"caitlab-train: error: a run of the sweep failed: {err}", file=sys.stderr)
+        sys.exit(1)
     except Exception as err:
         if full:
             raise

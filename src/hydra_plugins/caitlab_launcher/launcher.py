@@ -48,9 +48,16 @@ from caitlab.runs import (
 log = logging.getLogger(__name__)
 
 
-def _skipped(overrides: list[str], summary: dict[str, Any]) -> JobReturn:
+def _skipped(overrides: list[str], summary: dict[str, Any],
+             failed: str | None = None) -> JobReturn:
+    """A job not run here; ``failed``: why it counts as failed (Hydra's sweeper raises it once
+    the batch is done, so that the sweep's exit status says so: caitlab.train.main)."""
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
     ret.return_value = summary.get("test/top1")
+    if failed is not None:
+        from caitlab.train import RunFailed
+
+        ret.status, ret.return_value = JobStatus.FAILED, RunFailed(failed)
     return ret
 
 
@@ -277,9 +284,15 @@ class _SweepAwareMixin:
             run_dir = self.sweep_plan.run_dir(overrides)
             previous = read_summary(run_dir) or {}
             reason = skip_reason(previous, retry)
-            if reason is not None:
+            if reason == "completed":
                 log.info(f"\tskipping {' '.join(overrides)}: {reason} ({run_dir})")
                 skipped.append(_skipped(overrides, previous))
+            elif reason is not None:
+                from caitlab.train import skipped_message
+
+                line = skipped_message(previous, run_dir)
+                log.warning(f"\tskipping {' '.join(overrides)}: {line}")
+                skipped.append(_skipped(overrides, previous, failed=line))
             else:
                 todo.append((idx, overrides, run_dir))
         return todo, skipped
@@ -341,9 +354,10 @@ class _SweepAwareMixin:
             try:
                 returns.append(job.results()[0])
             except Exception as err:  # a job that died hard must not hide the others' results
-                log.error(f"job {job.job_id} ({run_dir}) ended without a result: "
-                          f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
-                returns.append(_skipped(overrides, read_summary(run_dir) or {}))
+                line = (f"job {job.job_id} ({run_dir}) ended without a result: "
+                        f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+                log.error(line)
+                returns.append(_skipped(overrides, read_summary(run_dir) or {}, failed=line))
         return skipped + returns
 
 
