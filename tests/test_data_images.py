@@ -448,3 +448,21 @@ def test_more_workers_than_cpus_is_said_once_in_a_run(tmp_path, forkserver):
     assert len(said) == 1, said
     assert said[0].endswith("data.num_workers=8 but this process has 2 CPUs: using 2 loader "
                             "workers (data.num_workers=auto follows the CPUs)")
+
+
+@pytest.mark.parametrize("kind", ["uint16-png", "int32-tiff", "float-tiff"])
+def test_high_bit_depth_images_keep_their_contrast(tmp_path, kind):
+    from caitlab.data import load_rgb
+
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    arr, name = {"uint16-png": ((ramp * 65535).astype(np.uint16), "a.png"),
+                 "int32-tiff": ((ramp * 4000 - 1000).astype(np.int32), "a.tiff"),
+                 "float-tiff": (ramp.astype(np.float32), "a.tiff")}[kind]
+    path = tmp_path / name
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode in ("I;16", "I", "F")
+    rgb = np.asarray(load_rgb(str(path)))
+    assert rgb.shape == (32, 32, 3)
+    # the ramp stays a ramp from black to white (Pillow's own convert clips it to one colour)
+    assert rgb[0, 0, 0] <= 2 and rgb[-1, -1, 0] >= 253
+    assert abs(rgb.mean() - 127.5) < 3

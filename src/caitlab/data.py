@@ -721,6 +721,28 @@ def find_class_folders(directory: str | Path) -> list[str]:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's loader, but high-bit-depth images keep their contrast: Pillow's
+    ``convert("RGB")`` clips 16-bit and 32-bit values at 255, so a 16-bit scan comes out
+    all white. Such images are rescaled to 8 bits first: 16-bit ranges by 1/257, others
+    (float, 32-bit int) from their own minimum and maximum."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        low, high = float(a.min()), float(a.max())
+        if img.mode.startswith("I;16") or (img.mode == "I" and low >= 0 and high <= 65535
+                                           and high > 255):
+            a = a / 257.0
+        elif img.mode == "F" and low >= 0 and high <= 1:
+            a = a * 255.0
+        elif high > 255 or low < 0:
+            a = (a - low) * (255.0 / (high - low)) if high > low else a * 0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def _reason(err: BaseException) -> str:
     return _one_line(f"{type(err).__name__}: {err}")
 
@@ -742,7 +764,7 @@ def _image_folder_cls() -> type:
         def __init__(self, root: str, transform: Callable | None, on_corrupt: str) -> None:
             self.on_corrupt = on_corrupt
             self.skipped: set[str] = set()
-            super().__init__(root, transform=transform)
+            super().__init__(root, transform=transform, loader=load_rgb)
 
         def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
             classes = find_class_folders(directory)
