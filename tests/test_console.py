@@ -146,3 +146,21 @@ def test_a_submitit_sweep_exits_non_zero_for_a_failed_or_skipped_failed_run(tmp_
     assert "0 to run, 2 already done" in printed
     assert "failed before (embed_dim=30 is not divisible by num_heads=4); not run again " \
         "without retry_failed=true" in printed
+
+
+def test_every_offline_run_of_a_sweep_says_how_to_upload_it(monkeypatch, tmp_path):
+    from caitlab.tracking import build_loggers, wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")  # restored afterwards, as WANDB_MODE is
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no API key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode() == "offline"
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger",
+                                      "project": "p"}})
+    build_loggers(cfg, tmp_path, name="n", group="g", tags=[], config={}, wandb_id="abc")
+    # Lightning's logger sets WANDB_MODE=dryrun for an offline run: the next run of the
+    # same process (a sweep's) is offline too, and says so
+    assert wandb_mode() == "offline"

@@ -82,7 +82,10 @@ def wandb_api_key_configured() -> bool:
 
 def wandb_mode() -> str:
     """``WANDB_MODE`` wins when set; otherwise online with an API key, offline without."""
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
+    mode = os.environ.get("WANDB_MODE")
+    if mode == "dryrun":  # wandb's old name for offline, which Lightning's logger sets
+        return "offline"
+    return mode or ("online" if wandb_api_key_configured() else "offline")
 
 
 def _is_wandb(target: str) -> bool:
