@@ -133,3 +133,88 @@ def test_wandb_summary_run_gets_the_table_and_plots(sweep, monkeypatch, capsys):
     (record,) = list((sweep / "wandb").glob("offline-run-*/run-*.wandb"))
     data = record.read_bytes()
     assert b"comparison" in data and b"table-file" in data and b"image-file" in data
+
+
+# --- axes from the config, whatever the model ------------------------------------------------
+
+VIT_AXES = {"model": "vit_tiny", "img_size": [8, 8], "patch_size": [2, 2], "depth": 4,
+            "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2.0, "talking_heads": False,
+            "in_chans": 1, "num_classes": 10, "class_token": "input", "insert_layer": 0,
+            "ca_depth": 0, "residual": "none", "layerscale_init": None, "attention": "standard",
+            "keep_rate": None, "reorg_layers": None, "drop_path_rate": 0.0}
+
+
+def _summary(sweep: Path, sig: str, axes: dict, target: str, top1: float = 0.9,
+             seed: int = 0) -> None:
+    """A completed run's summary.json as caitlab-train writes it (axes: every scalar of the
+    model's config; model.target: its ``_target_``)."""
+    variant = json.dumps(axes, sort_keys=True)
+    summary = {"status": "completed", "signature": sig, "seed": seed, "variant": variant,
+               "axes": axes, "model": {"name": axes["model"], "target": target,
+                                       "params": 5000, "macs": 80_000},
+               "test/top1": top1, "test/top5": 0.99, "val/top1_best": top1, "epochs": 2}
+    (sweep / sig).mkdir(parents=True)
+    (sweep / sig / "summary.json").write_text(json.dumps(summary))
+
+
+def _own(channels: int, kernel_size: int = 3, **extra) -> dict:
+    return {"model": "MyNet", "in_chans": 1, "num_classes": 10, "img_size": 8,
+            "channels": channels, "kernel_size": kernel_size, **extra}
+
+
+def test_a_projects_own_model_shows_its_arguments_beside_caitlabs(tmp_path, capsys):
+    sweep = tmp_path / "mynet_vs_vit"
+    _summary(sweep, "m0", _own(16), "mynet.MyNet", 0.80, seed=0)
+    _summary(sweep, "m1", _own(16), "mynet.MyNet", 0.84, seed=1)
+    _summary(sweep, "v0", VIT_AXES, "caitlab.models.create_model", 0.70)
+    assert main([str(sweep)]) == 0
+    rows = {r["model"]: r for r in table_rows(group_variants(collect_runs(sweep)))}
+    mynet, vit = rows["MyNet"], rows["vit_tiny"]
+    # its own constructor arguments are columns; the data's input ones and what only tells
+    # caitlab's models apart (talking heads, heads...) are not
+    assert list(mynet)[:9] == ["model", "class token", "CA layers", "residual", "eps", "depth",
+                               "width", "channels", "kernel_size"]
+    assert (mynet["channels"], mynet["kernel_size"], mynet["test top-1"]) == (
+        "16", "3", "82.00 ± 2.83 (n=2)")
+    assert (vit["channels"], vit["class token"], vit["residual"], vit["width"]) == (
+        "", "input", "none", "64")
+    for hidden in ("in_chans", "num_classes", "img_size", "talking_heads", "num_heads",
+                   "patch_size", "mlp_ratio", "drop_path_rate"):
+        assert hidden not in mynet
+    assert mynet["GMACs"] == "8.0e-05"  # not 0.000
+    assert "| MyNet |  |  |  |  |  |  | 16 | 3 |" in capsys.readouterr().out
+
+
+def test_a_sweep_of_only_a_projects_model_drops_caitlabs_columns(tmp_path):
+    sweep = tmp_path / "widths"
+    # its own "width" is not caitlab's width (embed_dim): it keeps its name
+    _summary(sweep, "a", _own(8, width=2), "mynet.MyNet", 0.7)
+    _summary(sweep, "b", _own(32, width=2), "mynet.MyNet", 0.9)
+    rows = table_rows(group_variants(collect_runs(sweep)))
+    assert [list(r)[:4] for r in rows] == [["model", "channels", "kernel_size", "width"]] * 2
+    assert [(r["channels"], r["width"], r["test top-1"]) for r in rows] == [
+        ("8", "2", "70.00"), ("32", "2", "90.00")]
+    # beside caitlab's width column it is named as the config key
+    _summary(sweep, "v", VIT_AXES, "caitlab.models.create_model", 0.6)
+    rows = {r["model"]: r for r in table_rows(group_variants(collect_runs(sweep)))}
+    assert rows["vit_tiny"]["width"] == "64" and rows["vit_tiny"]["model.width"] == ""
+    assert rows["MyNet"]["width"] == "" and rows["MyNet"]["model.width"] == "2"
+
+
+def test_a_caitlab_axis_the_sweep_varies_is_a_column(tmp_path):
+    """vit_tiny and cait_tiny differ in talking heads by design (the model column says so);
+    mlp_ratio=2,4 within one model is what the sweep varied."""
+    sweep = tmp_path / "mlp"
+    cait = {**VIT_AXES, "model": "cait_tiny", "talking_heads": True,
+            "class_token": "class_attention", "ca_depth": 2}
+    for sig, axes in (("v2", VIT_AXES), ("v4", {**VIT_AXES, "mlp_ratio": 4.0}),
+                      ("c2", cait), ("c4", {**cait, "mlp_ratio": 4.0})):
+        _summary(sweep, sig, axes, "caitlab.models.create_model")
+    rows = table_rows(group_variants(collect_runs(sweep)))
+    assert [(r["model"], r["mlp_ratio"]) for r in rows] == [
+        ("cait_tiny", "2"), ("cait_tiny", "4"), ("vit_tiny", "2"), ("vit_tiny", "4")]
+    assert "talking_heads" not in rows[0] and "num_heads" not in rows[0]
+    # and a sweep that varies none keeps caitlab's columns as they were
+    plain = table_rows(group_variants(collect_runs(sweep))[:1])
+    assert list(plain[0])[:8] == ["model", "class token", "CA layers", "residual", "eps",
+                                  "depth", "width", "params (M)"]

@@ -26,10 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-AXES = ("model", "class_token", "ca_depth", "residual", "layerscale_init", "depth", "embed_dim",
-        "attention", "keep_rate")
+# caitlab's own architecture columns and the axes each one shows. A column stays when some
+# run's model has one of its axes; a sweep of a project's own models only drops those it lacks.
+ARCH_COLUMNS = (("model", ("model",)), ("class token", ("class_token", "insert_layer")),
+                ("CA layers", ("ca_depth",)), ("residual", ("residual",)),
+                ("eps", ("layerscale_init",)), ("depth", ("depth",)), ("width", ("embed_dim",)),
+                ("attention", ("attention",)), ("token reorg", ("keep_rate", "reorg_layers")))
+SHOWN_AXES = frozenset(axis for _, axes in ARCH_COLUMNS for axis in axes)
 # Columns shown only when some variant sets them: (column, values that mean "not used").
 OPTIONAL_COLUMNS = (("attention", ("", "standard")), ("token reorg", ("",)))
+# The input's, not the model's choice (caitlab passes the data's): a column only when runs of
+# one model differ in them.
+DATA_AXES = frozenset({"in_chans", "num_classes", "img_size"})
 METRICS = ("val/top1_best", "test/top1", "test/top5")
 # wandb run states for runs whose summary never got a caitlab status
 WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "failed",
@@ -74,8 +82,22 @@ class Variant:
         return [s[metric] for s in self.completed() if s.get(metric) is not None]
 
     @property
+    def model_name(self) -> str:
+        model = self.runs[0].summary.get("model") or {}
+        return str(self.axes.get("model", model.get("name", "")))
+
+    @property
+    def own_model(self) -> bool:
+        """A project's own model (its ``_target_`` outside caitlab), not one of caitlab's."""
+        target = (self.runs[0].summary.get("model") or {}).get("target")
+        return bool(target) and not str(target).startswith("caitlab.")
+
+    @property
     def family(self) -> str:
-        """CaiT-like (class attention) or ViT-like: the two marker families of the plots."""
+        """CaiT-like (class attention), ViT-like, or a project's own model: the marker
+        families of the plots."""
+        if self.own_model:
+            return "own"
         return "CaiT" if self.axes.get("class_token") == "class_attention" else "ViT"
 
 
@@ -152,7 +174,11 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _count(n: float | None, unit: float, digits: int = 2) -> str:
-    return "" if n is None else f"{n / unit:.{digits}f}"
+    if n is None:
+        return ""
+    if 0 < n / unit < 10**-digits:  # a small CNN's 8e-05 GMACs is not 0.000
+        return f"{n / unit:.1e}"
+    return f"{n / unit:.{digits}f}"
 
 
 def _placement(axes: dict[str, Any]) -> str:
@@ -170,23 +196,59 @@ def _token_reorg(axes: dict[str, Any]) -> str:
     return f"{axes['keep_rate']:g} @ {','.join(str(i) for i in layers)}"
 
 
-def variant_row(variant: Variant) -> dict[str, str]:
-    axes = variant.axes
-    first = variant.runs[0].summary
-    model = first.get("model") or {}
-    row: dict[str, str] = {
+def cell(value: Any) -> str:
+    """An axis value as the table shows it (as typed in an override: ``true``, ``1e-05``)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(cell(v) for v in value)
+    return str(value)
+
+
+def extra_axes(variants: list[Variant]) -> list[str]:
+    """The axes beyond caitlab's architecture columns that the table shows, in first-seen
+    order: those in which runs of one model differ (what the sweep varied, e.g.
+    ``model.mlp_ratio=2,4``), and every argument of a project's own model (``channels``,
+    ``kernel_size``...; not the data's ``in_chans``/``num_classes``). What merely tells one of
+    caitlab's models from another (vit_tiny's talking_heads=false) stays in the model name."""
+    keys = list(dict.fromkeys(k for v in variants for k in v.axes
+                              if k not in SHOWN_AXES))
+    shown = []
+    for key in keys:
+        values: dict[str, set[str]] = {}
+        for v in variants:
+            if key in v.axes:
+                values.setdefault(v.model_name, set()).add(
+                    json.dumps(v.axes[key], sort_keys=True, default=str))
+        varied = any(len(vals) > 1 for vals in values.values())
+        own = key not in DATA_AXES and any(v.own_model and key in v.axes for v in variants)
+        if varied or own:
+            shown.append(key)
+    return shown
+
+
+def _arch_cells(axes: dict[str, Any], model: dict[str, Any]) -> dict[str, str]:
+    return {
         "model": str(axes.get("model", model.get("name", ""))),
         "class token": _placement(axes),
         "CA layers": str(axes.get("ca_depth") or ""),
-        "residual": str(axes.get("residual", "")),
+        "residual": cell(axes.get("residual")),
         "eps": "" if axes.get("layerscale_init") is None else f"{axes['layerscale_init']:g}",
-        "depth": str(axes.get("depth", "")),
-        "width": str(axes.get("embed_dim", "")),
+        "depth": cell(axes.get("depth")),
+        "width": cell(axes.get("embed_dim")),
         "attention": str(axes.get("attention") or ""),
         "token reorg": _token_reorg(axes),
-        "params (M)": _count(model.get("params"), 1e6),
-        "GMACs": _count(model.get("macs"), 1e9, 3),
     }
+
+
+def _result_cells(variant: Variant) -> dict[str, str]:
+    model = variant.runs[0].summary.get("model") or {}
+    row = {"params (M)": _count(model.get("params"), 1e6),
+           "GMACs": _count(model.get("macs"), 1e9, 3)}
     ips = [s["images_per_s"] for s in variant.completed() if s.get("images_per_s")]
     row["img/s"] = f"{statistics.mean(ips):.0f}" if ips else ""
     row["val top-1 (best)"] = mean_std(variant.values("val/top1_best"))
@@ -204,19 +266,43 @@ def variant_row(variant: Variant) -> dict[str, str]:
     return row
 
 
-def _sort_key(variant: Variant):
+def _order(value: Any) -> tuple:
+    """Sorts numbers by value and anything else by its text, None first."""
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, cell(value))
+
+
+def _sort_key(variant: Variant, extra: Iterable[str] = ()):
     a = variant.axes
     return (str(a.get("model", "")), str(a.get("class_token", "")), str(a.get("residual", "")),
-            a.get("depth") or 0, a.get("embed_dim") or 0, str(a.get("attention") or ""),
-            -(a.get("keep_rate") or 1.0))
+            _order(a.get("depth")), _order(a.get("embed_dim")), str(a.get("attention") or ""),
+            -(a.get("keep_rate") or 1.0), *(_order(a.get(k)) for k in extra))
 
 
 def table_rows(variants: list[Variant]) -> list[dict[str, str]]:
-    rows = [variant_row(v) for v in sorted(variants, key=_sort_key)]
+    """One row per variant. Columns: caitlab's architecture columns (those some run's model
+    has an axis of; attention and token reorg only when used), every other model-config axis
+    the runs differ in or that a project's own model takes (:func:`extra_axes`), then cost,
+    accuracy and state."""
+    extra = extra_axes(variants)
+    ordered = sorted(variants, key=lambda v: _sort_key(v, extra))
+    arch = [_arch_cells(v.axes, v.runs[0].summary.get("model") or {}) for v in ordered]
+    columns = [c for c, axes in ARCH_COLUMNS
+               if c == "model" or any(k in v.axes for v in ordered for k in axes)]
     for column, unused in OPTIONAL_COLUMNS:  # keep tables of other sweeps as they were
-        if all(row[column] in unused for row in rows):
-            for row in rows:
-                del row[column]
+        if column in columns and all(cells[column] in unused for cells in arch):
+            columns.remove(column)
+    # a project's axis named like one of caitlab's columns (its own "width") keeps its meaning
+    headers = {key: f"model.{key}" if key in columns else key for key in extra}
+    rows = []
+    for variant, cells in zip(ordered, arch, strict=True):
+        row = {c: cells[c] for c in columns}
+        row.update({headers[k]: cell(variant.axes.get(k)) for k in extra})
+        row.update(_result_cells(variant))
+        rows.append(row)
     return rows
 
 
@@ -261,7 +347,8 @@ def plot_top1_vs_depth(variants: list[Variant], path: Path) -> Path | None:
         top1 = [x * 100 for x in v.values("test/top1")]
         if top1 and v.axes.get("depth") is not None:
             std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            points.setdefault(str(v.axes.get("residual")), []).append(
+            # a project's own model (no residual axis) gets a line of its own
+            points.setdefault(str(v.axes.get("residual") or v.model_name), []).append(
                 (v.axes["depth"], _mean(top1), std))
     if not points or len({d for pts in points.values() for d, _, _ in pts}) < 2:
         return None
@@ -282,12 +369,14 @@ def plot_top1_vs_depth(variants: list[Variant], path: Path) -> Path | None:
     return path
 
 
-def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str) -> Path | None:
-    """Top-1 against MACs (``cost='macs'``) or images/s (``'images_per_s'``), ViT vs CaiT."""
+def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str,
+                      extra: Iterable[str] = ()) -> Path | None:
+    """Top-1 against MACs (``cost='macs'``) or images/s (``'images_per_s'``), ViT vs CaiT
+    (vs a project's own models); points labelled by :func:`variant_label` with ``extra``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
-    for family, marker in (("ViT", "o"), ("CaiT", "^")):
+    for family, marker in (("ViT", "o"), ("CaiT", "^"), ("own", "s")):
         xs, ys, labels = [], [], []
         for v in variants:
             top1 = v.values("test/top1")
@@ -302,10 +391,11 @@ def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str) -> Path | 
                 continue
             xs.append(x)
             ys.append(_mean(top1) * 100)
-            labels.append(variant_label(v))
+            labels.append(variant_label(v, extra))
         if xs:
             drawn += len(xs)
-            ax.scatter(xs, ys, marker=marker, s=60, label=family)
+            ax.scatter(xs, ys, marker=marker, s=60,
+                       label="own models" if family == "own" else family)
             for x, y, label in zip(xs, ys, labels, strict=True):
                 ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if not drawn:
@@ -324,7 +414,7 @@ def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str) -> Path | 
     return path
 
 
-def plot_val_curves(runs: list[Run], path: Path) -> Path | None:
+def plot_val_curves(runs: list[Run], path: Path, extra: Iterable[str] = ()) -> Path | None:
     curves = [r for r in runs if r.curve]
     if not curves:
         return None
@@ -332,7 +422,8 @@ def plot_val_curves(runs: list[Run], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in curves:
         ax.plot([e + 1 for e, _ in run.curve], [t * 100 for _, t in run.curve],
-                label=f"{variant_label(Variant('', [run]))} ({run.name[:6]})", linewidth=1.2)
+                label=f"{variant_label(Variant('', [run]), extra)} ({run.name[:6]})",
+                linewidth=1.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("validation curves")
@@ -344,25 +435,29 @@ def plot_val_curves(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
-def variant_label(variant: Variant) -> str:
+def variant_label(variant: Variant, extra: Iterable[str] = ()) -> str:
+    """A short name for plots: the model and its architecture, plus ``key=value`` of each
+    ``extra`` axis (:func:`extra_axes`) the variant has."""
     a = variant.axes
-    parts = [str(a.get("model", "?")), _placement(a), str(a.get("residual", ""))]
+    parts = [str(a.get("model", "?")), _placement(a), cell(a.get("residual"))]
     if a.get("depth") is not None:
         parts.append(f"d{a['depth']}")
     if a.get("attention") not in (None, "standard"):
         parts.append(str(a["attention"]).replace("_", "-"))
     if _token_reorg(a):
         parts.append(f"keep {a['keep_rate']:g}")
+    parts += [f"{k}={cell(a[k])}" for k in extra if k in a]
     return " ".join(p for p in parts if p)
 
 
 def write_plots(runs: list[Run], variants: list[Variant], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    extra = extra_axes(variants)
     made = [
         plot_top1_vs_depth(variants, out_dir / "top1_vs_depth.png"),
-        plot_top1_vs_cost(variants, out_dir / "top1_vs_macs.png", "macs"),
-        plot_top1_vs_cost(variants, out_dir / "top1_vs_throughput.png", "images_per_s"),
-        plot_val_curves(runs, out_dir / "val_curves.png"),
+        plot_top1_vs_cost(variants, out_dir / "top1_vs_macs.png", "macs", extra),
+        plot_top1_vs_cost(variants, out_dir / "top1_vs_throughput.png", "images_per_s", extra),
+        plot_val_curves(runs, out_dir / "val_curves.png", extra),
     ]
     return [p for p in made if p is not None]
 

@@ -52,6 +52,15 @@ warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, pa
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
+def project_on_path() -> None:
+    """Makes a project's own classes (``model._target_=mynet.MyNet``) in the folder a console
+    script runs in importable, as ``python -m`` would; appended, so that a folder there never
+    shadows an installed package."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+
+
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, without a traceback."""
 
@@ -136,16 +145,91 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path(cfg.paths.run_dir)
 
 
-def ablation_axes(model_config: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """The values a comparison is made along, as stored in the summary and the wandb tags."""
-    axes = {k: model_config.get(k) for k in (
-        "class_token", "insert_layer", "ca_depth", "residual", "layerscale_init", "depth",
-        "embed_dim", "num_heads", "talking_heads", "attention", "keep_rate", "reorg_layers")}
-    if axes["residual"] != "layerscale":
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def ablation_axes(model_config: Mapping[str, Any], model_name: str) -> dict[str, Any]:
+    """The values a comparison is made along, as stored in the summary and the wandb tags.
+
+    Every scalar (or list of scalars) of the model's config, whatever the model: caitlab's
+    own or a project's (``model._target_=mypkg.MyNet`` with its own arguments). Nested keys
+    are dotted; Hydra's ``_target_``-style keys and ``name`` (the ``model`` axis) are left
+    out. Which of them tell a sweep's runs apart is for the report to find.
+    """
+    axes: dict[str, Any] = {}
+
+    def add(prefix: str, mapping: Mapping[str, Any]) -> None:
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if str(key).startswith("_") or name == "name":
+                continue
+            if isinstance(value, Mapping):
+                add(f"{name}.", value)
+            elif _is_scalar(value):
+                axes[name] = value
+            elif isinstance(value, (list, tuple)) and all(_is_scalar(v) for v in value):
+                axes[name] = list(value)
+
+    add("", model_config)
+    if "layerscale_init" in axes and axes.get("residual") != "layerscale":
         axes["layerscale_init"] = None  # eps means nothing without LayerScale
-    if not axes["reorg_layers"]:
+    if "reorg_layers" in axes and not axes["reorg_layers"]:
         axes["keep_rate"] = axes["reorg_layers"] = None  # no token reorganisation
     return {"model": model_name, **axes}
+
+
+def constructor_refusal(err: BaseException) -> str | None:
+    """One line for a class that refused the arguments its config gave it (a TypeError or
+    ValueError from its constructor, which Hydra's instantiate wraps, as from a project's own
+    model): the config key, the class, the reason, and for a mistyped argument the closest
+    one it takes. None for any other error."""
+    import difflib
+    import inspect
+    import re
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object
+
+    cause = err.__cause__
+    if not isinstance(err, InstantiationException) or not isinstance(cause,
+                                                                     (TypeError, ValueError)):
+        return None
+    text = str(err)
+    key = (re.search(r"full_key: (\S+)", text) or [None, "model"])[1]
+    target = (re.search(r"target '([^']+)'", text) or [None, "?"])[1]
+    reason = re.sub(r"^[\w.]*__init__\(\) ", "", str(cause).splitlines()[0] if str(cause)
+                    else type(cause).__name__)
+    mistyped = re.search(r"unexpected keyword argument '(\w+)'", reason)
+    if mistyped:
+        try:
+            takes = list(inspect.signature(get_object(target)).parameters)
+        except Exception:  # nothing to suggest from
+            takes = []
+        close = difflib.get_close_matches(mistyped[1], takes, n=1, cutoff=0.5)
+        if close:
+            reason += f" (did you mean {key}.{close[0]}?)"
+    return f"{key}: {target}: {reason}"
+
+
+def _model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> int | None:
+    """MACs per image. A caitlab model knows its input; a project's own model is counted on
+    one image of the data (None when the data does not say its image size)."""
+    from caitlab.config import ConfigError
+    from caitlab.models import count_macs
+
+    if isinstance(getattr(model, "config", None), dict):
+        return count_macs(model)
+    chans = getattr(datamodule, "in_chans", None) or data_cfg.get("in_chans")
+    size = getattr(datamodule, "img_size", None) or data_cfg.get("img_size")
+    if not isinstance(chans, int) or not isinstance(size, int):
+        return None
+    try:
+        return count_macs(model, size, chans)
+    except Exception as err:  # the model cannot take the data's images: say so before training
+        raise ConfigError(f"model: {model_name} cannot take one {chans}x{size}x{size} image of "
+                        f"the data (data.in_chans, data.img_size): {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def _run_name(model_name: str, overrides: list[str]) -> str:
@@ -190,7 +274,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         CheckpointError,
         ModelConfigError,
         UnknownModelError,
-        count_macs,
         count_params,
         load_checkpoint,
     )
@@ -214,6 +297,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
+        # before the run folder exists: a model that cannot take the data's images leaves none
+        macs = _model_macs(model, datamodule, cfg.data,
+                           cfg.model.get("name", type(model).__name__))
         if cfg.get("finetune_from"):
             load_checkpoint(model, cfg.finetune_from)  # all or nothing, names the bad keys
     except Exception as err:
@@ -221,12 +307,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, user_errors):
             cause = cause.__cause__
-        if cause is not None:
+        message = str(cause) if cause is not None else constructor_refusal(err)
+        if message is not None:
             if _is_multirun():  # the sweep's table must show this run, and why it failed
                 Summary(run_dir, {"overrides": redact(_overrides()), "name": cfg.name,
-                                  "signature": signature(cfg)}).update(
-                    status="failed", error=redact(str(cause)))
-            raise UserError(str(cause)) from None
+                                  "signature": run_dir.name}).update(
+                    status="failed", error=redact(message))
+            raise UserError(message) from None
         raise
 
     try:
@@ -253,9 +340,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
     model_name = cfg.model.get("name", type(model).__name__)
-    axes = ablation_axes(getattr(model, "config", {}), model_name)
+    own_config = getattr(model, "config", None)  # a caitlab model's: "auto" values resolved
+    axes = ablation_axes({**(resolved.get("model") or {}),
+                          **(own_config if isinstance(own_config, dict) else {})}, model_name)
     params = count_params(model)
-    macs = count_macs(model)
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     try:
         resume_from = resume_checkpoint(run_dir / "checkpoints")
@@ -267,8 +355,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "name": cfg.name,
         "overrides": overrides,
         "axes": axes,
-        "model": {"name": model_name, "params": params, "macs": macs,
-                  "config": getattr(model, "config", None)},
+        "model": {"name": model_name, "target": cfg.model.get("_target_"), "params": params,
+                  "macs": macs, "config": getattr(model, "config", None)},
         "seed": cfg.seed,
     })
     attempt_t0 = time.time()
@@ -600,6 +688,7 @@ def main() -> None:
     full = debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
     sys.argv[1:] = hide_in_argv(sys.argv[1:])  # before Hydra saves the overrides as typed
+    project_on_path()
     try:
         _hydra_main()
     except RunFailed as err:  # Hydra's sweeper re-raises a failed job's, once all have run

@@ -12,20 +12,30 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    cfg = model.config
+    """(channels, height, width) of one input image, from a caitlab model's ``config``."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, dict) or "in_chans" not in cfg or "img_size" not in cfg:
+        raise ValueError(f"{type(model).__name__} has no config with in_chans and img_size: "
+                         "give the input's in_chans and img_size")
     return (cfg["in_chans"], *cfg["img_size"])
 
 
-def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
+def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None,
+               in_chans: int | None = None) -> int:
     """Multiply-accumulates of one forward pass for one image, counted by torch's
     ``FlopCounterMode`` (which counts 2 FLOPs per MAC for matmuls, convolutions and SDPA).
 
     Runs on the model's own device; a model built on ``meta`` costs nothing to count.
     ``img_size`` defaults to the model's; another size needs a matching position embedding.
+    A model without caitlab's ``config`` (a project's own) needs both ``img_size`` and
+    ``in_chans``: the data's images.
     Runs with autograd on: FlopCounterMode's module tracker fails under ``no_grad`` when a
     parameter view (the expanded class token) is a block input.
     """
-    chans, h, w = input_shape(model)
+    if img_size is None or in_chans is None:
+        chans, h, w = input_shape(model)
+    if in_chans is not None:
+        chans = in_chans
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     param = next(model.parameters())
