@@ -221,3 +221,94 @@ def test_compare_bad_requests_are_one_line_errors(capsys, argv, message):
     assert main([*argv, "--no-throughput"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("caitlab-bench: error:") and message in err and "\n" not in err
+
+
+# --- a project's own model: by its dotted path, or a run folder of it -------------------------
+
+
+@pytest.fixture
+def own_project(tmp_path, monkeypatch):
+    """caitlab-bench run in a copy of examples/own_project: its ``mynet`` package importable
+    as a researcher's would be, and forgotten afterwards."""
+    import shutil
+    from pathlib import Path
+
+    project = tmp_path / "own_project"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "own_project", project)
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    yield project
+    for name in [m for m in sys.modules if m == "mynet" or m.startswith("mynet.")]:
+        del sys.modules[name]
+
+
+def _mynet(**kwargs):
+    from mynet import MyNet
+
+    return MyNet(**kwargs)
+
+
+def test_a_projects_own_class_by_its_dotted_path(own_project, capsys):
+    r = run_json(capsys, "mynet.MyNet", "--set", "channels=32", "--batch", "4", "--warmup",
+                 "0", "--repeats", "1", "--iters", "1", "--device", "cpu", "--threads", "1",
+                 "--matmul-size", "64")
+    net = _mynet(channels=32)
+    # its input from the constructor's defaults (in_chans=1, img_size=8)
+    assert (r["built"], r["in_chans"], r["img_size"]) == ("mynet.MyNet", 1, [8, 8])
+    assert r["params"] == count_params(net) and r["macs"] == count_macs(net, 8, 1) > 0
+    assert r["training"]["images_per_s"] > 0 and r["inference"]["images_per_s"] > 0
+    r = run_json(capsys, "mynet.MyNet", "--set", "in_chans=3", "--img-size", "16",
+                 "--no-throughput")
+    assert (r["in_chans"], r["img_size"]) == (3, [16, 16])
+    assert r["macs"] == count_macs(_mynet(in_chans=3, img_size=16), 16, 3)
+    assert main(["mynet.MyNet", "--compare", "channels=8,16", "--no-throughput"]) == 0
+    assert "mynet.MyNet: channels compared" in capsys.readouterr().out
+
+
+def test_a_run_folder_benches_the_model_it_trained(own_project, capsys):
+    """The model section of the run's config.yaml (resolved, as caitlab-train writes it)."""
+    run = own_project / "outputs" / "mynet_vs_vit" / "0123456789"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "model:\n  _target_: mynet.MyNet\n  in_chans: 1\n  num_classes: 10\n  img_size: 8\n"
+        "  channels: 12\n  kernel_size: 5\ndata:\n  _target_: caitlab.data.DigitsDataModule\n"
+        "  in_chans: 1\n  img_size: 8\n")
+    r = run_json(capsys, str(run.relative_to(own_project)), "--no-throughput")
+    net = _mynet(channels=12, kernel_size=5)
+    assert r["built"] == "mynet.MyNet" and r["params"] == count_params(net)
+    assert r["macs"] == count_macs(net, 8, 1)
+    assert main([str(run), "--no-throughput"]) == 0
+    assert capsys.readouterr().out.startswith(f"{run} (mynet.MyNet)  img 8x8")
+    # a run of one of caitlab's models: its registered name, and its arguments as trained
+    caitlab_run = own_project / "outputs" / "x" / "vit"
+    caitlab_run.mkdir(parents=True)
+    (caitlab_run / "config.yaml").write_text(
+        "model:\n  _target_: caitlab.models.create_model\n  name: vit_tiny\n  depth: 2\n"
+        "  embed_dim: 32\n  in_chans: 1\n  num_classes: 10\n")
+    r = run_json(capsys, str(caitlab_run), "--no-throughput")
+    expected = create_model("vit_tiny", depth=2, embed_dim=32)
+    assert r["built"] == "vit_tiny" and r["params"] == count_params(expected)
+    assert r["macs"] == count_macs(expected)
+    # the project's model config: ${data...} values left to the constructor's defaults
+    r = run_json(capsys, "conf/model/mynet.yaml", "--set", "channels=4", "--no-throughput")
+    assert r["built"] == "mynet.MyNet" and r["params"] == count_params(_mynet(channels=4))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["mynet.MyNett"], "cannot import mynet.MyNett: mynet has no 'MyNett' "
+                       "(did you mean mynet.MyNet?)"),
+    (["mynett.MyNet"], "cannot import mynett.MyNet: No module named 'mynett'"),
+    (["mynet.MyNet", "--set", "kernel_size=4"], "kernel_size=4 must be odd"),
+    (["mynet.MyNet", "--set", "kernal=5"], "unexpected keyword argument 'kernal'"),
+    (["mynet.MyNet", "--set", "in_chans=2", "--set", "img_size=0"], "img_size=0 must be >= 2"),
+    (["outputs/nope"], "outputs/nope: no such run folder or file"),
+    (["conf"], "conf: no config.yaml there (a caitlab-train run folder holds one)"),
+    (["conf/data/digits_small.yaml"], "no model._target_ (neither a caitlab-train run's "
+                                      "config.yaml nor a model config)"),
+    (["vit_tinyy"], "unknown model name 'vit_tinyy' (did you mean vit_tiny"),
+])
+def test_a_projects_model_mistakes_are_one_line(own_project, capsys, argv, message):
+    assert main([*argv, "--no-throughput"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "\n" not in captured.err.strip()
+    assert captured.err.startswith("caitlab-bench: error: ") and message in captured.err

@@ -4,6 +4,8 @@
     caitlab-bench cait_tiny --set depth=2 --set talking_heads=false --json
     caitlab-bench cait_m48_448 --no-throughput        # params/MACs on the meta device
     caitlab-bench --compare-paper --no-throughput      # every CaiT/DeiT variant vs the papers
+    caitlab-bench outputs/mynet_vs_vit/3f2a9c01d4     # the model a run trained, as configured
+    caitlab-bench mynet.MyNet --set channels=32        # a project's own class (in this folder)
 
 MFU (model FLOP utilisation) is the achieved FLOP/s divided by the FLOP/s of one large
 square matmul timed in the same run, on the same device and precision. Forward FLOPs are
@@ -13,13 +15,17 @@ square matmul timed in the same run, on the same device and precision. Forward F
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PROG = "caitlab-bench"
@@ -85,27 +91,159 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+@dataclass
+class ModelSource:
+    """Where a MODEL argument's model comes from: caitlab's registry, a run folder's
+    ``config.yaml`` (its ``model`` section), or a class/factory of a project's own."""
+
+    label: str  # what the table shows beside MODEL: the registered name or the dotted path
+    build: Callable[..., Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)  # its arguments before --set
+    data: dict[str, Any] = field(default_factory=dict)  # a run's data: its in_chans/img_size
+
+
+def _import_object(path: str) -> Any:
+    """``pkg.module.Name`` -> the object, importing ``pkg.module`` (a project's own package in
+    the folder caitlab-bench runs in included)."""
+    import importlib
+
+    from caitlab.train import project_on_path
+
+    project_on_path()
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise BenchError(f"cannot import {path}: {e} (run caitlab-bench in the folder that "
+                         "holds it, or install it)") from None
+    if not hasattr(module, attr):
+        close = difflib.get_close_matches(attr, [n for n in dir(module)
+                                                 if not n.startswith("_")], n=3)
+        hint = f" (did you mean {', '.join(f'{module_name}.{c}' for c in close)}?)" if close else ""
+        raise BenchError(f"cannot import {path}: {module_name} has no {attr!r}{hint}")
+    return getattr(module, attr)
+
+
+def _from_run(path: Path) -> ModelSource:
+    import yaml
+
+    config = path / "config.yaml" if path.is_dir() else path
+    if not config.is_file():
+        raise BenchError(f"{path}: no config.yaml there (a caitlab-train run folder holds one)")
+    try:
+        cfg = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BenchError(f"{config}: cannot read it ({e.__class__.__name__})") from None
+    if isinstance(cfg, dict) and cfg.get("_target_"):  # a model config (conf/model/x.yaml)
+        model, cfg = cfg, {}
+    else:
+        model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or not model.get("_target_"):
+        raise BenchError(f"{config}: no model._target_ (neither a caitlab-train run's "
+                         "config.yaml nor a model config)")
+    target = str(model["_target_"])
+    # values taken from elsewhere in a model config (${data.in_chans}) are left to the
+    # constructor's defaults or --set; a run's config.yaml has them resolved
+    kwargs = {k: v for k, v in model.items() if not str(k).startswith("_")
+              and not (isinstance(v, str) and "${" in v)}
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    label = str(kwargs["name"]) if target == "caitlab.models.create_model" else target
+    return ModelSource(label, _import_object(target), kwargs, data)
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """MODEL: a registered variant (``cait_tiny``), a run folder or its ``config.yaml``
+    (``outputs/demo/8aac04fac3``: the model it trained, as configured), a model config
+    (``conf/model/mynet.yaml``), or the dotted path of a model class or factory of a
+    project's own (``mynet.MyNet``, arguments by --set)."""
+    from caitlab.models import create_model, list_models
+
+    if spec in list_models():
+        return ModelSource(spec, lambda **kw: create_model(spec, **kw))
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith((".yaml", ".yml")):
+        if not path.exists():
+            raise BenchError(f"{spec}: no such run folder or file")
+        return _from_run(path)
+    if "." in spec and all(part.isidentifier() for part in spec.split(".")):
+        return ModelSource(spec, _import_object(spec))
+    close = difflib.get_close_matches(spec, list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise BenchError(f"unknown model name {spec!r}{hint}; give a registered variant "
+                     f"({', '.join(list_models())}), a run folder, or module.Class of your own")
+
+
+def _construct(source: ModelSource, kwargs: dict[str, Any], device: Any):
+    import torch
+
+    from caitlab.models import ModelConfigError, UnknownModelError
+
+    try:
+        try:
+            with torch.device(device):
+                return source.build(**kwargs)
+        except (NotImplementedError, RuntimeError):
+            if str(device) != "meta":
+                raise
+            # a project's model that does real work on its tensors at construction: it is
+            # only counted, so the CPU does as well as meta (for a small model)
+            return source.build(**kwargs)
+    except (UnknownModelError, ModelConfigError) as e:
+        raise BenchError(str(e)) from None
+    except (TypeError, ValueError) as e:  # an unknown keyword, or a value it refuses
+        msg = re.sub(r"^[\w.]*__init__\(\) ", "", str(e))
+        raise BenchError(f"bad model arguments {kwargs}: {msg}") from None
+
+
+def _input_shape(model, source: ModelSource, kwargs: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of one input: a caitlab model's ``config``, else the
+    ``in_chans``/``img_size`` it was built with (--set, the run's config, the run's data, the
+    constructor's defaults)."""
+    import inspect
+
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict) and "in_chans" in cfg and "img_size" in cfg:
+        return (int(cfg["in_chans"]), *(int(x) for x in cfg["img_size"]))
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(source.build).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):
+        defaults = {}
+
+    def pick(key: str) -> Any:
+        for where in (kwargs, source.data, defaults):
+            if where.get(key) is not None:
+                return where[key]
+        return None
+
+    chans, size = pick("in_chans"), pick("img_size")
+    if chans is None or size is None:
+        raise BenchError(f"{source.label}: cannot tell the size of its input images: give "
+                         "--set in_chans=C --set img_size=N, or bench a run folder of it")
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(chans), int(h), int(w)
+
+
+def build(name: str, overrides: dict[str, Any] | None = None, img_size: int | None = None,
+          device: Any = "meta") -> tuple[Any, ModelSource, tuple[int, int, int]]:
+    """(model, where it came from, its input's (C, H, W)) for MODEL ``name``: see
+    :func:`resolve_model` and :func:`build_model`."""
+    source = resolve_model(name)
+    kwargs = {**source.kwargs, **(overrides or {})}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = _construct(source, kwargs, device)
+    return model, source, _input_shape(model, source, kwargs)
+
+
 def build_model(name: str, overrides: dict[str, Any] | None = None,
                 img_size: int | None = None, device: Any = "meta"):
-    """Builds ``name`` with ``overrides`` (``img_size`` wins over an override) on ``device``.
+    """Builds MODEL ``name`` (:func:`resolve_model`) with ``overrides`` (``img_size`` wins over
+    an override) on ``device``.
 
     Raises :class:`BenchError` for an unknown name or an impossible combination of arguments.
     """
-    import torch
-
-    from caitlab.models import ModelConfigError, UnknownModelError, create_model
-
-    kwargs = dict(overrides or {})
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        with torch.device(device):
-            return create_model(name, **kwargs)
-    except (UnknownModelError, ModelConfigError) as e:
-        raise BenchError(str(e)) from None
-    except TypeError as e:  # an unknown keyword, or a value of the wrong type
-        msg = re.sub(r"^[\w.]*__init__\(\) ", "", str(e))
-        raise BenchError(f"bad model arguments {kwargs}: {msg}") from None
+    return build(name, overrides, img_size, device)[0]
 
 
 def paper_variants() -> list[str]:
@@ -350,20 +488,30 @@ def _phase_result(times: list[float], batch: int, iters: int, macs: int, peak: f
 
 def measure_throughput(model, *, batch: int, device, precision: str, macs: int, peak: float,
                        warmup: int = 3, repeats: int = 5, iters: int = 5,
-                       compile: bool = False) -> dict[str, dict[str, Any]]:
+                       compile: bool = False,
+                       input_shape: tuple[int, int, int] | None = None
+                       ) -> dict[str, dict[str, Any]]:
     """Inference (eval, ``inference_mode``) and training (forward + cross-entropy + backward
     + AdamW step) throughput on random data: ``{"inference": {...}, "training": {...}}``.
 
-    ``model`` must already be on ``device``. Each figure is the median over ``repeats``
-    timed runs of ``iters`` batches, after ``warmup`` untimed batches.
+    ``model`` must already be on ``device``; ``input_shape`` (C, H, W) defaults to a caitlab
+    model's own. Each figure is the median over ``repeats`` timed runs of ``iters`` batches,
+    after ``warmup`` untimed batches.
     """
     import torch
     import torch.nn.functional as F
 
-    cfg = model.config
+    from caitlab.models.cost import input_shape as model_input
+
+    chans, h, w = input_shape or model_input(model)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, cfg["in_chans"], *cfg["img_size"], device=device, generator=gen)
-    classes = model.num_classes
+    x = torch.randn(batch, chans, h, w, device=device, generator=gen)
+    classes = getattr(model, "num_classes", None)
+    if not isinstance(classes, int):  # a project's own model: as many classes as it outputs
+        model.eval()
+        with torch.no_grad():
+            out = model(x[:1])
+        classes = out.shape[-1] if out.dim() == 2 else 0
     y = torch.randint(0, max(classes, 1), (batch,), device=device, generator=gen)
     forward = torch.compile(model) if compile else model
     if compile:
@@ -442,11 +590,17 @@ def bench(name: str, overrides: dict[str, Any] | None = None, *, img_size: int |
         raise BenchError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if compile:
         warmup = max(warmup, 1)  # the first call compiles; never time it
-    meta = build_model(name, overrides, img_size)  # costs nothing, whatever the size
-    params, macs = count_params(meta), count_macs(meta)
+    meta, source, shape = build(name, overrides, img_size)  # costs nothing, whatever the size
+    try:
+        params, macs = count_params(meta), count_macs(meta, shape[1:], shape[0])
+    except Exception as e:  # a project's model that cannot take the input it was given
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BenchError(f"{source.label} cannot take one {'x'.join(map(str, shape))} input "
+                         f"(in_chans x img_size): {type(e).__name__}: {first}") from None
     result: dict[str, Any] = dict(
-        model=name, overrides=dict(overrides or {}), img_size=meta.config["img_size"],
-        params=params, macs=macs, device=None, device_name=None, precision=precision,
+        model=name, built=source.label, overrides=dict(overrides or {}),
+        in_chans=shape[0], img_size=list(shape[1:]), params=params, macs=macs, device=None,
+        device_name=None, precision=precision,
         batch=batch, compile=compile, timing=dict(warmup=warmup, repeats=repeats, iters=iters),
         inference=None, training=None, matmul_peak_flops=None, matmul_size=None,
         threads=None, warnings=[],
@@ -473,10 +627,10 @@ def bench(name: str, overrides: dict[str, Any] | None = None, *, img_size: int |
         n = matmul_size or default_matmul_size(dev)
         peak = matmul_peak_flops(dev, _dtype(precision), n, repeats=max(repeats, 3))
         result.update(matmul_peak_flops=peak, matmul_size=n)
-        model = build_model(name, overrides, img_size, device=dev)
+        model = build(name, overrides, img_size, device=dev)[0]
         result.update(measure_throughput(
             model, batch=batch, device=dev, precision=precision, macs=macs, peak=peak,
-            warmup=warmup, repeats=repeats, iters=iters, compile=compile))
+            warmup=warmup, repeats=repeats, iters=iters, compile=compile, input_shape=shape))
         result["threads"] = torch.get_num_threads()
         result["warnings"] = _warnings(result, dev)
     except torch.OutOfMemoryError:
@@ -509,7 +663,8 @@ def format_table(r: dict[str, Any]) -> str:
     """The human-readable report of :func:`bench`'s result."""
     h, w = r["img_size"]
     sets = " ".join(f"{k}={v}" for k, v in r["overrides"].items())
-    lines = [f"{r['model']}{'  [' + sets + ']' if sets else ''}  img {h}x{w}"]
+    built = f" ({r['built']})" if r.get("built", r["model"]) != r["model"] else ""
+    lines = [f"{r['model']}{built}{'  [' + sets + ']' if sets else ''}  img {h}x{w}"]
     if r["inference"] is not None:
         prec = "bf16 autocast" if r["precision"] == "bf16" else "fp32"
         lines.append(f"device {r['device']} ({r['device_name']})  precision {prec}  "
@@ -615,7 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="a registered variant: cait_s24_224, deit_small_patch16_224, cait_tiny...")
+                   help="a registered variant (cait_s24_224, deit_small_patch16_224, "
+                        "cait_tiny...), a caitlab-train run folder (the model it trained, "
+                        "yours included), a model config (conf/model/mynet.yaml), or "
+                        "module.Class / module.factory of your own "
+                        "(mynet.MyNet; its input from --set in_chans=/img_size= or its "
+                        "defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor override, the value parsed as a YAML scalar "
                         "(depth=12, residual=layerscale, talking_heads=false); repeatable")
