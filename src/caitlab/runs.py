@@ -1,16 +1,14 @@
 """Run folders: the experiment signature, the files a run leaves, and its summary.
 
-A run's folder is ``<outputs>/<experiment name>/<signature>``, where the signature is a short
-hash of the resolved config minus the keys that cannot change the result (loggers, launcher,
-paths, progress display...). Launching the same config again lands in the same folder, so a
-sweep resumes or skips instead of duplicating (Dora's idea).
+A run's folder is ``<outputs>/<experiment name>/<signature>``, the signature being a short
+hash of what makes the run differ from the defaults (``caitlab.identity``). Launching the same
+config again lands in the same folder, so a sweep resumes or skips instead of duplicating.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import tempfile
@@ -20,15 +18,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
-
-# Top-level keys that never change what is trained. Everything else is part of the signature.
-NON_RESULT_KEYS = ("hydra", "logger", "paths", "callbacks", "name", "cluster", "tags",
-                   "retry_failed")
-# Trainer keys that change how a run is displayed or executed, not its result.
-NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps",
-                           "default_root_dir", "num_sanity_val_steps")
-
-SIGNATURE_LENGTH = 10
 
 STATES = ("pending", "running", "completed", "failed", "diverged", "interrupted")
 # States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
@@ -46,46 +35,29 @@ def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | Non
     return None
 
 
-def signature_config(cfg: DictConfig | dict) -> dict[str, Any]:
-    """The part of the config that decides the result, resolved, as plain data."""
-    if isinstance(cfg, DictConfig):
-        # Each node resolved where it is: its interpolations may point outside the kept keys
-        # (data.root -> paths.data_dir).
-        data = {k: _plain(cfg, k) for k in cfg if k not in NON_RESULT_KEYS}
-    else:
-        data = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
-    trainer = data.get("trainer")
-    if isinstance(trainer, dict):
-        data["trainer"] = {k: v for k, v in trainer.items() if k not in NON_RESULT_TRAINER_KEYS}
-    return data
+def signature(cfg: DictConfig) -> str:
+    """The signature of a config composed by the running Hydra app (``caitlab.identity``);
+    of one composed by hand, the previous rule's."""
+    from caitlab import identity
+
+    delta = identity.run_delta(cfg)
+    return identity.legacy(cfg) if delta is None else identity.signature_of(delta)
 
 
-def _plain(cfg: DictConfig, key: str) -> Any:
-    node = cfg._get_node(key)
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return cfg[key]
-
-
-def signature(cfg: DictConfig | dict) -> str:
-    blob = json.dumps(signature_config(cfg), sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:SIGNATURE_LENGTH]
-
-
-def variant_signature(cfg: DictConfig | dict) -> str:
+def variant_signature(cfg: DictConfig) -> str:
     """The signature without the seed: runs that differ only by seed are one variant."""
-    data = signature_config(cfg)
-    data.pop("seed", None)
-    for key in ("data", "model"):
-        if isinstance(data.get(key), dict):
-            data[key] = {k: v for k, v in data[key].items() if k != "seed"}
-    blob = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:SIGNATURE_LENGTH]
+    from caitlab import identity
+
+    delta = identity.run_delta(cfg)
+    return identity.legacy_variant(cfg) if delta is None else identity.variant_of(delta)
 
 
-def _signature_resolver(*, _root_: DictConfig) -> str:
-    # Hydra resolves hydra.run.dir / hydra.sweep.subdir with the job's whole config as root.
-    return signature(_root_)
+def _signature_resolver(parent: str | None = None, *, _root_: DictConfig) -> str:
+    # Hydra resolves hydra.run.dir / hydra.sweep.subdir with the job's whole config as root;
+    # ``parent`` (the folder the run lands in) finds a folder named by the previous rule.
+    from caitlab import identity
+
+    return identity.folder(parent, signature(_root_), _root_)
 
 
 def _gpus_if_gpu(accelerator: str, devices: Any) -> Any:

@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab.console import one_handler_per_line, say
+from caitlab.identity import run_delta, variant_of
 from caitlab.runs import (
     DISK_FULL_ERRNOS,
     ResumeError,
@@ -349,9 +350,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         resume_from = resume_checkpoint(run_dir / "checkpoints")
     except ResumeError as err:
         raise UserError(str(err)) from None
+    delta = run_delta(cfg)
     summary = Summary(run_dir, writable=rank_zero, initial={
-        "signature": signature(cfg),
-        "variant": variant_signature(cfg),
+        # the folder's name: the signature, or the previous rule's for a folder written by it
+        "signature": run_dir.name if delta is not None else signature(cfg),
+        "variant": variant_of(delta) if delta is not None else variant_signature(cfg),
+        "delta": redact(delta),  # what makes the run differ from the defaults
         "name": cfg.name,
         "overrides": overrides,
         "axes": axes,

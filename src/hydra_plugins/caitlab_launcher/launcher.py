@@ -35,13 +35,12 @@ from hydra_plugins.hydra_submitit_launcher import config as hsl_config
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hsl
 from omegaconf import DictConfig, OmegaConf
 
+from caitlab import identity
 from caitlab.config import ConfigError
 from caitlab.runs import (
-    NON_RESULT_KEYS,
     RETRY_ONLY,
     Summary,
     read_summary,
-    signature,
     skip_reason,
 )
 
@@ -68,8 +67,6 @@ class _Base:
         self.pristine = config
         self.work: DictConfig | None = None  # ``pristine`` + the last job's value overrides
         self.applied: list[Any] | None = None  # the last job's value overrides
-        self.checked = False  # the fast signature was compared with runs.signature's
-        self.exact = False  # ... and disagreed: use runs.signature for this composition
 
 
 class SweepPlan:
@@ -103,6 +100,8 @@ class SweepPlan:
         self._bases: dict[tuple[str, ...], _Base] = {}
         self._parsed: dict[str, tuple[Any, bool]] = {}
         self._run_dirs: dict[tuple[str, ...], Path] = {}
+        self._identity: identity.Identity | None = None
+        self._listed: dict[Path, bool] = {}  # sweep folder: holds anything yet
         raw_dir = OmegaConf.to_container(master.hydra.sweep, resolve=False).get("dir")
         self._full = self._repo is None or "hydra" in str(raw_dir)
 
@@ -111,13 +110,7 @@ class SweepPlan:
         overrides in every job, so each distinct one is parsed and classified once."""
         if line not in self._parsed:
             (o,) = self._parser.parse_overrides([line])
-            # Hydra's rule: a value override is one whose key is not a config group, or whose
-            # value is a dict. hydra.* and `key@package=` overrides stay with the composition,
-            # so that Hydra itself checks them.
-            is_group = self._repo.group_exists(o.key_or_group)
-            self._parsed[line] = (o, (is_group and not isinstance(o.value(), dict))
-                                  or o.is_hydra_override() or o.package is not None
-                                  or o.is_sweep_override())
+            self._parsed[line] = (o, identity.composes(o, self._repo.group_exists))
         return self._parsed[line]
 
     def _split(self, overrides: list[str]) -> tuple[tuple[str, ...], list[Any]]:
@@ -137,10 +130,7 @@ class SweepPlan:
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
         group, values = self._split(overrides)
-        base = self._bases.get(group)
-        if base is None:
-            base = self._bases[group] = _Base(
-                self._loader.load_sweep_config(self._master, list(group)))
+        base = self._base(group)
         changed = _changes(base.applied, values)
         if changed is None:
             work, changed = copy.deepcopy(base.pristine), values
@@ -151,28 +141,31 @@ class SweepPlan:
         base.work, base.applied = work, values
         return work, base
 
+    def _base(self, group: tuple[str, ...]) -> _Base:
+        if group not in self._bases:
+            self._bases[group] = _Base(self._loader.load_sweep_config(self._master, list(group)))
+        return self._bases[group]
+
     def config(self, overrides: list[str]) -> DictConfig:
         """The job's config (its non-``hydra`` part exactly Hydra's); raises what Hydra raises.
         It is the plan's working copy: read it before asking for the next job's."""
         return self._job(overrides)[0]
 
     def run_dir(self, overrides: list[str]) -> Path:
-        """``<hydra.sweep.dir>/<signature>``: where the job will run (``runs.signature``)."""
+        """``<hydra.sweep.dir>/<signature>``: where the job will run (``caitlab.identity``),
+        the signature computed from the plan's compositions of the same group overrides."""
         key = tuple(overrides)
         if key not in self._run_dirs:
-            cfg, base = self._job(list(overrides))
-            if base is None or base.exact:
-                sig = signature(cfg)
-            else:
-                sig = signature(_resolved_result_keys(cfg))
-                if not base.checked:  # once per composition, against what the job will use
-                    base.checked = True
-                    exact = signature(cfg)
-                    if exact != sig:
-                        log.warning(f"fast signature {sig} != {exact} for "
-                                    f"{' '.join(overrides)}: using caitlab.runs.signature")
-                        base.exact, sig = True, exact
-            self._run_dirs[key] = Path(str(cfg.hydra.sweep.dir)) / sig
+            if self._identity is None:
+                self._identity = identity.Identity(
+                    lambda group: self._base(group).pristine, self._repo.group_exists)
+            cfg, _ = self._job(list(overrides))
+            sig = identity.signature_of(self._identity.delta(cfg, overrides))
+            parent = Path(str(cfg.hydra.sweep.dir))
+            if parent not in self._listed:
+                self._listed[parent] = parent.is_dir() and any(parent.iterdir())
+            name = identity.folder(parent, sig, cfg) if self._listed[parent] else sig
+            self._run_dirs[key] = parent / name
         return self._run_dirs[key]
 
 
@@ -200,25 +193,6 @@ def _changes(previous: list[Any] | None, values: list[Any]) -> list[Any] | None:
             return None
         changed.append(new)
     return changed
-
-
-def _resolved_result_keys(cfg: DictConfig) -> dict[str, Any]:
-    """The config's keys that enter the signature, resolved in place, as plain data.
-
-    ``runs.signature`` given the DictConfig copies these keys into a new config before
-    resolving them (20 ms); resolving them where they are gives the same values (1-2 ms),
-    and ``runs.signature`` of the plain dict hashes them the same way."""
-    out: dict[str, Any] = {}
-    for key in cfg:
-        if key in NON_RESULT_KEYS:
-            continue
-        if OmegaConf.is_missing(cfg, key):
-            out[key] = "???"  # as OmegaConf.to_container leaves a missing value
-        else:
-            value = cfg[key]
-            out[key] = OmegaConf.to_container(value, resolve=True) \
-                if OmegaConf.is_config(value) else value
-    return out
 
 
 def slurm_partitions() -> tuple[list[str], str | None] | None:
@@ -325,9 +299,12 @@ class _SweepAwareMixin:
         sweep_dir.mkdir(parents=True, exist_ok=True)
 
         job_params = []
-        for idx, overrides, _ in todo:
+        for idx, overrides, run_dir in todo:
             log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
-            job_params.append((overrides, "hydra.sweep.dir", initial_job_idx + idx,
+            # the folder decided here: a job that starts later, or is requeued, does not
+            # decide again with whatever code and run folders it then finds
+            job_params.append(([*overrides, f"hydra.sweep.subdir={run_dir.name}"],
+                               "hydra.sweep.dir", initial_job_idx + idx,
                                f"job_id_for_{initial_job_idx + idx}"))
         # submitit pickles the callable and its arguments once per task: this launcher and
         # Hydra's state are 60 kB and tens of ms each, the same for every task. They are

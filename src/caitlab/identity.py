@@ -1,0 +1,277 @@
+"""Run identity: the signature that names a run's folder, from what was asked.
+
+Dora's rule (``dora/xp.py``, ``dora/hydra.py``): a run is identified by what makes it differ
+from the defaults, not by everything its config happens to hold. The signature hashes
+
+- the config-group choices that differ from those of the default composition
+  (``model=vit_tiny``, and the nested choices it brings: ``model/residual=none``...), and
+- the values that differ from the composition of those same choices (``seed=3``,
+  ``model.depth=8``, and whatever they change through interpolation: ``data.seed``),
+
+minus the keys ``signature_exclude`` (train.yaml) declares, as glob patterns over dotted keys
+(loggers, paths, display...). So a key added with its default value, to caitlab's config or
+to a user's, never changes a signature; neither does editing the contents of an option file
+(a run's provenance says which code and config produced it).
+
+Folders named by the previous rule (a hash of the whole resolved config: :func:`legacy`)
+are still found: where a run's folder does not exist and the old rule's does, it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SIGNATURE_LENGTH = 10
+DELETED = "<deleted>"  # a value the run removed (``~ema``)
+# For configs composed without train.yaml's list (a user's own primary config)
+DEFAULT_EXCLUDE = ("hydra.*", "logger.*", "paths.*", "callbacks.*", "cluster.*", "local.*",
+                   "name", "tags", "retry_failed", "signature_exclude")
+
+
+def exclusions(cfg: DictConfig | dict) -> tuple[str, ...]:
+    patterns = cfg.get("signature_exclude") if hasattr(cfg, "get") else None
+    return tuple(patterns) if patterns else DEFAULT_EXCLUDE
+
+
+def excluded(key: str, patterns: Iterable[str]) -> bool:
+    """``key`` (dotted) matches a pattern, or lies under one (``logger`` under ``logger.*``)."""
+    return any(fnmatchcase(key, p) or fnmatchcase(f"{key}.", p) for p in patterns)
+
+
+def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
+    """Every leaf the signature may see: dotted key -> resolved value (lists whole)."""
+    patterns = tuple(patterns)
+    out: dict[str, Any] = {}
+    for key in cfg:
+        key = str(key)
+        if excluded(key, patterns):
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            out[key] = "???"
+            continue
+        node = cfg._get_node(key)
+        # each node resolved where it is: it may interpolate excluded keys (paths.data_dir)
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) \
+            else cfg[key]
+        _flatten(value, key, out, patterns)
+    return out
+
+
+def _flatten(value: Any, key: str, out: dict[str, Any], patterns: tuple[str, ...]) -> None:
+    if excluded(key, patterns):
+        return
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(v, f"{key}.{k}", out, patterns)
+    else:
+        out[key] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+    # json, not ==: True == 1 in Python, but not as a config value
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
+                                                                    default=str)
+
+
+def value_delta(run: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    delta = {k: v for k, v in run.items() if k not in base or not _same(base[k], v)}
+    delta.update({k: DELETED for k in base if k not in run})
+    return dict(sorted(delta.items()))
+
+
+def choice_delta(run: dict[str, Any], default: dict[str, Any],
+                 patterns: Iterable[str]) -> dict[str, Any]:
+    """Choices that differ from the default ones; a group a run lacks counts as unchosen
+    (None), so a group a later version adds with a null default changes nothing."""
+    patterns = tuple(patterns)
+    return {g: c for g, c in sorted(run.items())
+            if not excluded(g.replace("/", "."), patterns) and default.get(g) != c}
+
+
+def _hash(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:SIGNATURE_LENGTH]
+
+
+def signature_of(delta: dict[str, Any]) -> str:
+    """``delta``: ``{"choices": ..., "values": ...}`` as :meth:`Identity.delta` gives it."""
+    return _hash(delta)
+
+
+def variant_of(delta: dict[str, Any]) -> str:
+    """The signature without the seed: runs that differ only by seed are one variant."""
+    kept = {k: v for k, v in delta["values"].items() if k != "seed" and not k.endswith(".seed")}
+    return _hash({"choices": delta["choices"], "values": kept})
+
+
+def describe(delta: dict[str, Any]) -> str:
+    """One line: what makes a run differ from the defaults."""
+    parts = [f"{g}={c}" for g, c in delta.get("choices", {}).items()]
+    parts += [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+              for k, v in delta.get("values", {}).items()]
+    return " ".join(parts) or "(the defaults)"
+
+
+def composes(override: Any, group_exists: Callable[[str], bool]) -> bool:
+    """Hydra's own rule for what composition interprets: a config-group override whose value
+    is not a dict; hydra.*, ``key@package=`` and sweep overrides stay with it too. The other,
+    value overrides are applied to the composed config afterwards."""
+    return ((group_exists(override.key_or_group) and not isinstance(override.value(), dict))
+            or override.is_hydra_override() or override.package is not None
+            or override.is_sweep_override())
+
+
+class Identity:
+    """Signatures of the configs one Hydra config loader composes.
+
+    ``compose(group_overrides)`` gives the composition of a set of group overrides; each is
+    composed (and resolved) once. ``split(overrides)`` sorts a job's overrides into the ones
+    composition interprets and the others.
+    """
+
+    def __init__(self, compose: Callable[[tuple[str, ...]], DictConfig],
+                 group_exists: Callable[[str], bool]) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self._compose = compose
+        self._group_exists = group_exists
+        self._parser = OverridesParser.create()
+        self._parsed: dict[str, bool] = {}
+        self._bases: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+
+    @classmethod
+    def for_loader(cls, loader: Any, config_name: str, run_mode: Any) -> Identity:
+        return cls(lambda groups: loader.load_configuration(config_name, list(groups),
+                                                            run_mode=run_mode),
+                   loader.repository.group_exists)
+
+    def composing(self, line: str) -> bool:
+        if line not in self._parsed:
+            (o,) = self._parser.parse_overrides([line])
+            self._parsed[line] = composes(o, self._group_exists)
+        return self._parsed[line]
+
+    def split(self, overrides: Iterable[str]) -> tuple[str, ...]:
+        return tuple(o for o in overrides if self.composing(o))
+
+    def _base(self, groups: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(resolved values, choices) of the composition of ``groups``."""
+        if groups not in self._bases:
+            cfg = self._compose(groups)
+            self._bases[groups] = (values(cfg, exclusions(cfg)),
+                                   dict(OmegaConf.to_container(cfg.hydra.runtime.choices)))
+        return self._bases[groups]
+
+    def delta(self, cfg: DictConfig, overrides: Iterable[str],
+              choices: Any = None) -> dict[str, Any]:
+        """What makes ``cfg`` (composed from ``overrides``, with ``choices``: by default its
+        ``hydra.runtime.choices``) differ from the defaults."""
+        groups = self.split(overrides)
+        patterns = exclusions(cfg)
+        base_values, _ = self._base(groups)
+        # the defaults are those of the same hydra.* overrides (a searchpath finds options)
+        _, default_choices = self._base(tuple(g for g in groups if g.startswith("hydra")))
+        if choices is None:
+            choices = cfg.hydra.runtime.choices
+        choices = OmegaConf.to_container(choices) if OmegaConf.is_config(choices) \
+            else dict(choices)
+        return {"choices": choice_delta(choices, default_choices, patterns),
+                "values": value_delta(values(cfg, patterns), base_values)}
+
+
+_identities: dict[int, Identity] = {}
+
+
+def current(cfg: DictConfig) -> Identity | None:
+    """The identity of the running Hydra app's config loader (None outside a Hydra app)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    if not GlobalHydra.instance().is_initialized():
+        return None
+    loader = GlobalHydra.instance().config_loader()
+    if id(loader) not in _identities:
+        hydra = hydra_node(cfg)
+        name = (hydra.job.config_name if hydra is not None else None) or "train"
+        _identities[id(loader)] = Identity.for_loader(loader, name, RunMode.RUN)
+    return _identities[id(loader)]
+
+
+def hydra_node(cfg: DictConfig) -> DictConfig | None:
+    """The job's ``hydra`` node: in its config while Hydra resolves the run folder, only in
+    ``HydraConfig`` once the task runs (Hydra hands the task its config without it)."""
+    if "hydra" in cfg:
+        return cfg.hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def run_delta(cfg: DictConfig) -> dict[str, Any] | None:
+    """What makes the config of the running Hydra job differ from the defaults; None for a
+    config composed by hand, outside an app."""
+    hydra = hydra_node(cfg)
+    ident = current(cfg) if hydra is not None else None
+    if ident is None:
+        return None
+    overrides = [*(hydra.overrides.hydra or []), *(hydra.overrides.task or [])]
+    return ident.delta(cfg, overrides, hydra.runtime.choices)
+
+
+def folder(parent: str | Path | None, sig: str, cfg: DictConfig | dict) -> str:
+    """``sig``, or the name the previous rule gave this run where only that folder exists."""
+    if parent is None or (Path(parent) / sig).exists():
+        return sig
+    old = legacy(cfg)
+    return old if (Path(parent) / old / "summary.json").exists() else sig
+
+
+# The previous rule (caitlab <= d3b9350): a hash of the resolved config minus these keys.
+LEGACY_NON_RESULT_KEYS = ("hydra", "logger", "paths", "callbacks", "name", "cluster", "tags",
+                          "retry_failed")
+LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
+                                  "log_every_n_steps", "default_root_dir",
+                                  "num_sanity_val_steps")
+# keys the config gained since, each with the value every earlier config had implicitly
+LEGACY_ADDED = ("signature_exclude",)
+
+
+def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
+    skip = (*LEGACY_NON_RESULT_KEYS, *LEGACY_ADDED)
+    if isinstance(cfg, DictConfig):
+        data = {}
+        for k in cfg:
+            if k in skip:
+                continue
+            node = cfg._get_node(k)
+            data[k] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) \
+                else cfg[k]
+    else:
+        data = {k: v for k, v in cfg.items() if k not in skip}
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict):
+        data["trainer"] = {k: v for k, v in trainer.items()
+                           if k not in LEGACY_NON_RESULT_TRAINER_KEYS}
+    return data
+
+
+def legacy(cfg: DictConfig | dict) -> str:
+    """The signature the previous rule gave ``cfg``: how folders written before were named."""
+    return _hash(legacy_config(cfg))
+
+
+def legacy_variant(cfg: DictConfig | dict) -> str:
+    """The previous rule's seed-less signature."""
+    data = legacy_config(cfg)
+    data.pop("seed", None)
+    for key in ("data", "model"):
+        if isinstance(data.get(key), dict):
+            data[key] = {k: v for k, v in data[key].items() if k != "seed"}
+    return _hash(data)
