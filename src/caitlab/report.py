@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caitlab.provenance import commit_of
+
 # caitlab's own architecture columns and the axes each one shows. A column stays when some
 # run's model has one of its axes; a sweep of a project's own models only drops those it lacks.
 ARCH_COLUMNS = (("model", ("model",)), ("class token", ("class_token", "insert_layer")),
@@ -152,12 +154,34 @@ def runs_from_wandb(api: Any, path: str, group: str | None = None,
     return runs
 
 
-def group_variants(runs: list[Run]) -> list[Variant]:
+def group_variants(runs: list[Run], by_commit: bool = False) -> list[Variant]:
+    """Runs that differ only by seed are one variant; ``by_commit``: and by the same code."""
     variants: dict[str, Variant] = {}
     for run in runs:
         key = run.summary.get("variant") or run.summary.get("signature") or run.name
+        if by_commit:
+            key = f"{key}@{commit_of(run.summary)}"
         variants.setdefault(key, Variant(key)).runs.append(run)
     return list(variants.values())
+
+
+def commits(runs: Iterable[Run]) -> list[str]:
+    """The code the runs come from (``provenance.commit_of``), most runs first; a run that
+    does not say counts as ``unknown``."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        c = commit_of(run.summary) or "unknown"
+        counts[c] = counts.get(c, 0) + 1
+    return sorted(counts, key=lambda c: (-counts[c], c))
+
+
+def mixed_code_warning(runs: list[Run]) -> str | None:
+    found = commits(runs)
+    if len(found) < 2:
+        return None
+    return (f"warning: these runs come from {len(found)} versions of the code "
+            f"({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): a difference may "
+            "be the code's; --by-commit gives each its own rows")
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -263,6 +287,7 @@ def _result_cells(variant: Variant) -> dict[str, str]:
         states[r.state] = states.get(r.state, 0) + 1
     row["state"] = ", ".join(s if n == 1 else f"{n} {s}" for s, n in sorted(states.items()))
     row["runs"] = str(len(variant.runs))
+    row["code"] = ", ".join(commits(variant.runs))
     return row
 
 
@@ -488,11 +513,15 @@ def log_to_wandb(rows: list[dict[str, str]], plots: list[Path], *, project: str,
 # --- command line ------------------------------------------------------------------------------
 
 
-def build_report(runs: list[Run], out_dir: Path) -> tuple[list[dict[str, str]], list[Path]]:
+def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False
+                 ) -> tuple[list[dict[str, str]], list[Path]]:
     from caitlab.runs import write_text_atomic
 
-    variants = group_variants(runs)
+    variants = group_variants(runs, by_commit)
     rows = table_rows(variants)
+    if len(commits(runs)) < 2 and not by_commit:  # one version of the code: said once, below
+        for row in rows:
+            row.pop("code")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.md", to_markdown(rows) + "\n")
     write_text_atomic(out_dir / "report.csv", to_csv(rows))
@@ -509,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", help="with --wandb-project: the sweep's wandb group")
     parser.add_argument("--tag", action="append", default=[], help="with --wandb-project")
     parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder)")
+    parser.add_argument("--by-commit", action="store_true",
+                        help="one row per variant and version of the code (git commit)")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the table and plots to a wandb summary run")
     args = parser.parse_args(argv)
@@ -534,10 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         return fail(f"no runs in {source}")
 
-    rows, plots = build_report(runs, out_dir)
+    rows, plots = build_report(runs, out_dir, args.by_commit)
     print(to_markdown(rows))
-    print(f"\n{len(runs)} runs, {len(rows)} variants; written: {out_dir / 'report.md'}, "
-          f"{out_dir / 'report.csv'}" + "".join(f", {p}" for p in plots))
+    code = commits(runs)
+    print(f"\n{len(runs)} runs, {len(rows)} variants, code {', '.join(code[:4])}; written: "
+          f"{out_dir / 'report.md'}, {out_dir / 'report.csv'}" + "".join(f", {p}" for p in plots))
+    warning = mixed_code_warning(runs)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.wandb:
         group = args.group or (runs[0].summary.get("name") or out_dir.name)
         project = (args.wandb_project or "caitlab").split("/")[-1]

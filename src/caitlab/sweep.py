@@ -220,6 +220,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = collect_runs(sweep_dir)
     if not runs:
         return _error(f"no runs (summary.json) under {sweep_dir}")
+    from caitlab.snapshot import clean
+
+    clean(sweep_dir)  # code snapshots of submissions whose runs have all finished
     note = None
     try:
         squeue = query_squeue(args.squeue_timeout)
@@ -238,6 +241,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_line(run_dir: Path, summary: dict[str, Any]) -> str:
+    """What makes a run differ from the defaults, its state and the code that produced it."""
+    from caitlab.identity import describe
+    from caitlab.provenance import commit_of
+
+    delta = summary.get("delta")
+    what = describe(delta) if delta is not None else (
+        " ".join(summary.get("overrides") or []) or "(the defaults)") + \
+        "  (overrides: a run of caitlab before signatures from the delta)"
+    facts = [str(summary.get("status", "?"))]
+    if summary.get("test/top1") is not None:
+        facts.append(f"test/top1 {100 * summary['test/top1']:.1f}")
+    commit = commit_of(summary)
+    if commit:
+        facts.append(f"code {commit}")
+    return f"{run_dir.name}: {what}  [{', '.join(facts)}]"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    code = 0
+    for run_dir in args.run_dirs:
+        path = run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            code = _error(f"{path}: not a run folder's summary ({err.__class__.__name__})")
+            continue
+        print(show_line(run_dir, summary))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caitlab-sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="S", help=f"seconds to wait for squeue (default "
                         f"{SQUEUE_TIMEOUT_S:g})")
     status.set_defaults(func=cmd_status)
+    show = sub.add_parser("show", help="what makes a run folder differ from the defaults")
+    show.add_argument("run_dirs", type=Path, nargs="+", metavar="run_dir",
+                      help="a run folder (outputs/<name>/<signature>)")
+    show.set_defaults(func=cmd_show)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caitlab.console import one_handler_per_line, say
 from caitlab.identity import run_delta, variant_of
+from caitlab.provenance import commit_of, provenance
 from caitlab.runs import (
     DISK_FULL_ERRNOS,
     ResumeError,
@@ -365,9 +366,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     })
     attempt_t0 = time.time()
     wall_before = summary.get("wall_s", 0.0) or 0.0
+    code, diff = provenance()
+    before = commit_of(summary.data)
+    if resume_from and before and before != commit_of({"provenance": code}):
+        say(log, f"resuming {shown_path(run_dir)}, started by code {before}, with code "
+                 f"{commit_of({'provenance': code})}: its weights may not match an "
+                 "uninterrupted run's")
+    if rank_zero and diff:  # the uncommitted changes the run's numbers depend on
+        write_text_atomic(run_dir / "code.diff", redact(diff))
     summary.update(status="running", attempts=summary["attempts"] + 1,
                    resumed_from=str(resume_from) if resume_from else None,
-                   slurm_job_id=slurm_job_id())
+                   slurm_job_id=slurm_job_id(), provenance=code)
     if resume_from:  # Lightning's own line about it is in train.log only (caitlab.console)
         say(log, f"resuming {shown_path(run_dir)} from {resume_from.name} "
                  f"(attempt {summary['attempts']})")
@@ -383,7 +392,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary.update(wandb_run_id=wandb_id)
         loggers = build_loggers(cfg.get("logger"), run_dir,
                                 name=_run_name(model_name, overrides), group=cfg.name,
-                                tags=_tags(axes), config=resolved, wandb_id=wandb_id)
+                                tags=_tags(axes), config={**resolved, "provenance": code},
+                                wandb_id=wandb_id)
 
         module = ClassificationModule(model, num_classes=cfg.data.num_classes, cfg=tcfg,
                                       batch_size=cfg.data.batch_size)

@@ -234,9 +234,10 @@ def check_partition(params: dict[str, Any]) -> None:
 class _SweepAwareMixin:
     """Launch only what a sweep still needs (see the module doc)."""
 
-    def __init__(self, wait: bool = True, **params: Any) -> None:
+    def __init__(self, wait: bool = True, snapshot: bool = True, **params: Any) -> None:
         super().__init__(**params)
         self.wait = wait
+        self.snapshot = snapshot
         self._sweep_plan: SweepPlan | None = None
 
     @property
@@ -278,6 +279,9 @@ class _SweepAwareMixin:
         from hydra.core.utils import filter_overrides
         from submitit.core.utils import JobPaths
 
+        from caitlab import snapshot
+
+        snapshot.clean(Path(str(self.config.hydra.sweep.dir)))  # those of finished sweeps
         todo, skipped = self._plan(job_overrides)
         log.info(f"caitlab sweep: {len(todo)} to run, {len(skipped)} already done "
                  f"({self.config.hydra.sweep.dir})")
@@ -314,7 +318,18 @@ class _SweepAwareMixin:
         shared.parent.mkdir(parents=True, exist_ok=True)
         with open(shared, "wb") as f:
             cloudpickle.dump((self, Singleton.get_state()), f)
-        jobs = executor.map_array(ArrayTask(str(shared)), *zip(*job_params, strict=True))
+        # the code the jobs import, whenever they start: see caitlab.snapshot
+        code = snapshot.take(sweep_dir / ".submitit", [d for *_, d in todo]) \
+            if self.snapshot else None
+        if code is not None:
+            log.info(f"jobs run the code as submitted, copied to {code}")
+        try:
+            with snapshot.on_path(code):
+                jobs = executor.map_array(ArrayTask(str(shared)), *zip(*job_params,
+                                                                       strict=True))
+        except BaseException:
+            snapshot.remove(code)
+            raise
 
         for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
             summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
@@ -335,6 +350,7 @@ class _SweepAwareMixin:
                         f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
                 log.error(line)
                 returns.append(_skipped(overrides, read_summary(run_dir) or {}, failed=line))
+        snapshot.remove(code)  # every job has ended: no requeue can need it
         return skipped + returns
 
 
@@ -394,6 +410,7 @@ class SweeperConf(basic_sweeper.BasicSweeperConf):
 class SlurmConf(hsl_config.SlurmQueueConf):
     _target_: str = "hydra_plugins.caitlab_launcher.launcher.SlurmLauncher"
     wait: bool = True
+    snapshot: bool = True
     # untyped so they can interpolate `cluster.*` (a typed List/Dict field cannot)
     setup: Any = None
     additional_parameters: Any = None
@@ -403,6 +420,7 @@ class SlurmConf(hsl_config.SlurmQueueConf):
 class LocalConf(hsl_config.LocalQueueConf):
     _target_: str = "hydra_plugins.caitlab_launcher.launcher.LocalLauncher"
     wait: bool = True
+    snapshot: bool = True
 
 
 def register_configs() -> None:

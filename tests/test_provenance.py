@@ -1,0 +1,190 @@
+"""Which code produced a run: provenance in summary.json, wandb and the report, code
+snapshots that queued jobs run from, and the one-line answer to "what is this folder?"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caitlab import provenance, snapshot
+from caitlab.report import Run, build_report, mixed_code_warning
+from caitlab.sweep import main as sweep_main
+from conftest import ROOT, caitlab_train, clean_env, slurm_up
+
+TINY = ("logger=csv", "trainer=debug", "model.embed_dim=16", "model.depth=1")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _checkout(tmp_path: Path) -> Path:
+    """A git checkout of caitlab as this working tree has it, committed."""
+    repo = tmp_path / "caitlab"
+    files = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for name in filter(None, files.split("\0")):
+        src = ROOT / name
+        if src.is_file() and "fixtures" not in name:
+            dest = repo / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(src.read_bytes())
+    _git(repo.parent, "init", "-q", str(repo))
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    return repo
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _env(repo: Path, **extra: str) -> dict[str, str]:
+    return clean_env(PYTHONPATH=f"{repo / 'src'}:{ROOT / 'tests'}", **extra)
+
+
+def test_git_state_of_a_checkout_says_commit_dirty_and_diff(tmp_path):
+    repo = _checkout(tmp_path)
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    clean = provenance.git_state(repo)
+    assert clean["commit"] == head and not clean["dirty"] and clean["diff"] == ""
+    _append(repo / "src" / "caitlab" / "models" / "__init__.py", "# edited\n")
+    (repo / "mine.py").write_text("x = 1\n")
+    dirty = provenance.git_state(repo)
+    assert dirty["commit"] == head and dirty["dirty"]
+    assert "+# edited" in dirty["diff"] and "# untracked: mine.py" in dirty["diff"]
+    assert provenance.git_state(tmp_path / "nowhere") is None
+
+
+@pytest.mark.slow
+def test_a_run_records_the_code_that_produced_it(tmp_path):
+    repo = _checkout(tmp_path)
+    _append(repo / "src" / "caitlab" / "callbacks.py", "# an uncommitted change\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    caitlab_train(out, *TINY, env=_env(repo))
+    (run,) = [p.parent for p in (out / "default").glob("*/summary.json")]
+    prov = json.loads((run / "summary.json").read_text())["provenance"]
+    assert prov["git"]["commit"] == _git(repo, "rev-parse", "HEAD").strip()
+    assert prov["git"]["dirty"] is True and prov["git"]["root"] == str(repo)
+    assert "+# an uncommitted change" in (run / "code.diff").read_text()
+    import lightning
+    import timm
+    import torch
+
+    assert prov["libraries"]["torch"] == torch.__version__.split("+")[0]
+    assert prov["libraries"]["lightning"] == lightning.__version__
+    assert prov["libraries"]["timm"] == timm.__version__
+    assert prov["caitlab"] and prov["device"]["type"] == "cpu" and prov["device"]["count"] >= 1
+    line = subprocess.run([sys.executable, "-m", "caitlab.sweep", "show", str(run)],
+                          capture_output=True, text=True, env=_env(repo), check=True).stdout
+    assert line.startswith(f"{run.name}: trainer=debug ")
+    assert "model.depth=1 model.embed_dim=16" in line
+    assert f"code {prov['git']['commit'][:10]}+dirty" in line
+
+
+def _run(name: str, commit: str | None, variant: str = "v1", top1: float = 0.9) -> Run:
+    prov = {"git": {"commit": commit, "dirty": False}} if commit else {}
+    summary = {"status": "completed", "signature": name, "variant": variant, "seed": 0,
+               "test/top1": top1, "axes": {"model": "vit_tiny", "depth": 4},
+               "model": {"name": "vit_tiny"}, "provenance": prov}
+    return Run(name, summary, [])
+
+
+def test_report_warns_about_mixed_code_and_splits_by_commit(tmp_path):
+    same = [_run("a", "1" * 40), _run("b", "1" * 40)]
+    assert mixed_code_warning(same) is None
+    rows, _ = build_report(same, tmp_path / "one")
+    assert len(rows) == 1 and "code" not in rows[0]
+    mixed = [_run("a", "1" * 40), _run("b", "2" * 40, top1=0.5), _run("c", None)]
+    warning = mixed_code_warning(mixed)
+    assert "3 versions of the code" in warning and "1111111111" in warning \
+        and "unknown" in warning
+    rows, _ = build_report(mixed, tmp_path / "mixed")
+    assert len(rows) == 1 and rows[0]["code"].count(",") == 2
+    rows, _ = build_report(mixed, tmp_path / "split", by_commit=True)
+    assert sorted(r["code"] for r in rows) == ["1111111111", "2222222222", "unknown"]
+    assert sorted(r["test top-1"] for r in rows) == ["50.00", "90.00", "90.00"]
+
+
+def test_sweep_show_refuses_what_is_not_a_run(tmp_path, capsys):
+    assert sweep_main(["show", str(tmp_path)]) == 2
+    assert "not a run folder's summary" in capsys.readouterr().err
+
+
+def test_snapshot_copies_the_working_tree_and_goes_when_its_runs_are_done(tmp_path,
+                                                                        monkeypatch):
+    repo = _checkout(tmp_path)
+    _append(repo / "src" / "caitlab" / "callbacks.py", "# uncommitted\n")
+    (repo / "src" / "caitlab" / "extra.py").write_text("X = 1\n")  # untracked, not ignored
+    (repo / "outputs").mkdir(exist_ok=True)
+    (repo / "outputs" / "big.bin").write_bytes(b"0" * 1000)  # git-ignored: left out
+    monkeypatch.setattr(snapshot, "source_root", lambda: repo)
+    sweep = tmp_path / "sweep"
+    run = sweep / "abc"
+    code = snapshot.take(sweep / ".submitit", [run])
+    assert (code / "src" / "caitlab" / "callbacks.py").read_text().endswith("# uncommitted\n")
+    assert (code / "src" / "caitlab" / "extra.py").exists()
+    assert not (code / "outputs" / "big.bin").exists()
+    record = json.loads((code / provenance.SNAPSHOT_FILE).read_text())
+    assert record["commit"] == _git(repo, "rev-parse", "HEAD").strip() and record["dirty"]
+    with snapshot.on_path(code):
+        assert str(code / "src") in __import__("os").environ["PYTHONPATH"]
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert snapshot.clean(sweep) == [] and code.exists()  # a requeue may still need it
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert len(snapshot.clean(sweep)) == 1 and not code.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_queued_slurm_job_runs_the_code_it_was_submitted_with(tmp_path):
+    if not slurm_up():
+        pytest.skip("the local SLURM cluster is not running: scripts/slurm/start.sh")
+    repo = _checkout(tmp_path)
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    slurm = ("-m", "hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10",
+             "hydra.launcher.wait=false", "+cluster.additional_parameters.hold=true", *TINY)
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = {}
+    for name, snap in (("snap", "true"), ("nosnap", "false")):
+        caitlab_train(out, *slurm, f"name={name}", f"cluster.snapshot_code={snap}",
+                      env=_env(repo))
+        (summary,) = [json.loads(p.read_text()) for p in (out / name).glob("*/summary.json")]
+        assert summary["status"] == "pending"
+        jobs[name] = summary["slurm_job_id"]
+    # the jobs wait in the queue; meanwhile the source changes so that any run importing it
+    # fails
+    callbacks = repo / "src" / "caitlab" / "callbacks.py"
+    callbacks.write_text('raise RuntimeError("code edited after submission")\n'
+                         + callbacks.read_text())
+    subprocess.run(["scontrol", "release", *jobs.values()], check=True)
+    deadline = time.time() + 600
+    states = {}
+    while time.time() < deadline:
+        states = {n: json.loads(next((out / n).glob("*/summary.json")).read_text())
+                  for n in jobs}
+        if all(s["status"] not in ("pending", "running") for s in states.values()):
+            break
+        time.sleep(2)
+    snap, nosnap = states["snap"], states["nosnap"]
+    assert snap["status"] == "completed", snap.get("error")
+    assert snap["provenance"]["git"]["commit"] == head
+    assert snap["provenance"]["git"]["dirty"] is False  # the tree as it was at submission
+    assert "snapshot" in snap["provenance"]["git"]
+    # without the snapshot the job imported the edited code (the test can fail)
+    assert nosnap["status"] == "failed" or "code edited after submission" in \
+        " ".join(p.read_text() for p in (out / "nosnap" / ".submitit").rglob("*.err"))
+    # once the sweep's runs are done its snapshot goes
+    status = subprocess.run([sys.executable, "-m", "caitlab.sweep", "status", str(out / "snap")],
+                            capture_output=True, text=True, env=_env(repo))
+    assert status.returncode == 0, status.stderr
+    assert not list((out / "snap" / ".submitit").glob("code-*"))
