@@ -113,7 +113,9 @@ def run_reference(cfg) -> tuple[list[float], dict]:
     epochs = cfg.trainer.max_epochs
     steps_per_epoch = -(-len(train_x) // bs)
     total = steps_per_epoch * epochs
-    warmup = min(int(round(sched_cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    # caitlab caps a warm-up at half the run (README, "Recipes")
+    warmup_epochs = min(sched_cfg.warmup_epochs, epochs / 2)
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
     sched = CosineLRScheduler(opt, t_initial=total - warmup, lr_min=sched_cfg.min_lr * lr /
                               opt_cfg.lr, warmup_t=warmup, warmup_lr_init=sched_cfg.warmup_lr,
                               warmup_prefix=True, t_in_epochs=False)

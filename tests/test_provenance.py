@@ -163,18 +163,15 @@ def test_a_queued_slurm_job_runs_the_code_it_was_submitted_with(tmp_path):
         jobs[name] = summary["slurm_job_id"]
     # the jobs wait in the queue; meanwhile the source changes so that any run importing it
     # fails
-    callbacks = repo / "src" / "caitlab" / "callbacks.py"
-    callbacks.write_text('raise RuntimeError("code edited after submission")\n'
-                         + callbacks.read_text())
+    _append(repo / "src" / "caitlab" / "callbacks.py",
+            '\nraise RuntimeError("code edited after submission")\n')
     subprocess.run(["scontrol", "release", *jobs.values()], check=True)
-    deadline = time.time() + 600
-    states = {}
-    while time.time() < deadline:
-        states = {n: json.loads(next((out / n).glob("*/summary.json")).read_text())
-                  for n in jobs}
-        if all(s["status"] not in ("pending", "running") for s in states.values()):
-            break
-        time.sleep(2)
+    deadline = time.time() + 300
+    while time.time() < deadline and subprocess.run(
+            ["squeue", "--noheader", "--jobs", ",".join(jobs.values())],
+            capture_output=True, text=True).stdout.strip():
+        time.sleep(1)
+    states = {n: json.loads(next((out / n).glob("*/summary.json")).read_text()) for n in jobs}
     snap, nosnap = states["snap"], states["nosnap"]
     assert snap["status"] == "completed", snap.get("error")
     assert snap["provenance"]["git"]["commit"] == head

@@ -25,6 +25,17 @@ STATES = ("pending", "running", "completed", "failed", "diverged", "interrupted"
 RETRY_ONLY = ("failed", "diverged")
 
 
+class RunFailed(Exception):
+    """A run that failed, or was skipped because it had failed before; its line is printed.
+
+    In a sweep each job raises it (after its line) instead of returning: Hydra's launchers
+    go on with the other jobs, and its sweeper re-raises the first once they have all run,
+    so that the sweep's exit status is non-zero (``caitlab.train.main``). It lives here, not
+    in ``caitlab.train``: run as ``python -m caitlab.train`` that module is ``__main__``,
+    and the launcher's import of it would make a second, different class.
+    """
+
+
 def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | None:
     """Why a (re-)launch must not train this run again, or None when it should run."""
     status = (summary or {}).get("status")

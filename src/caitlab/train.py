@@ -31,6 +31,7 @@ from caitlab.provenance import commit_of, provenance
 from caitlab.runs import (
     DISK_FULL_ERRNOS,
     ResumeError,
+    RunFailed,
     RunLock,
     Summary,
     read_summary,
@@ -65,15 +66,6 @@ def project_on_path() -> None:
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, without a traceback."""
-
-
-class RunFailed(Exception):
-    """A run that failed, or was skipped because it had failed before; its line is printed.
-
-    In a sweep each job raises it (after its line) instead of returning: Hydra's launchers
-    go on with the other jobs, and its sweeper re-raises the first once they have all run,
-    so that the sweep's exit status is non-zero (``main``).
-    """
 
 
 log = logging.getLogger("caitlab")
@@ -354,7 +346,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     delta = run_delta(cfg)
     summary = Summary(run_dir, writable=rank_zero, initial={
         # the folder's name: the signature, or the previous rule's for a folder written by it
-        "signature": run_dir.name if delta is not None else signature(cfg),
+        "signature": run_dir.name if HydraConfig.initialized() else signature(cfg),
         "variant": variant_of(delta) if delta is not None else variant_signature(cfg),
         "delta": redact(delta),  # what makes the run differ from the defaults
         "name": cfg.name,

@@ -39,6 +39,7 @@ from caitlab import identity
 from caitlab.config import ConfigError
 from caitlab.runs import (
     RETRY_ONLY,
+    RunFailed,
     Summary,
     read_summary,
     skip_reason,
@@ -54,8 +55,6 @@ def _skipped(overrides: list[str], summary: dict[str, Any],
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
     ret.return_value = summary.get("test/top1")
     if failed is not None:
-        from caitlab.train import RunFailed
-
         ret.status, ret.return_value = JobStatus.FAILED, RunFailed(failed)
     return ret
 
