@@ -33,7 +33,7 @@ def test_run_shorter_than_its_warmup_says_so_and_reaches_its_lr(tmp_path):
                          "trainer.log_every_n_steps=1")
     line = ("sched.warmup_epochs=3 is more than half of trainer.max_epochs=2: "
             "warming up for 1 epochs instead")
-    assert proc.stderr.count(line) == 1, proc.stderr
+    assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout + proc.stderr
     run, summary = _run(tmp_path)
     assert summary["status"] == "completed"
     with open(run / "metrics.csv", newline="") as f:

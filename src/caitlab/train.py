@@ -178,9 +178,7 @@ def constructor_refusal(err: BaseException) -> str | None:
     ValueError from its constructor, which Hydra's instantiate wraps, as from a project's own
     model): the config key, the class, the reason, and for a mistyped argument the closest
     one it takes. None for any other error."""
-    import difflib
     import inspect
-    import re
 
     from hydra.errors import InstantiationException
     from hydra.utils import get_object
@@ -287,7 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                       gpus_visible=torch.cuda.device_count(), cpus=os.cpu_count() or 1)
         warmup_note = fit_warmup(tcfg.sched, cfg.trainer.max_epochs)
         if warmup_note:
-            print(f"[caitlab] {warmup_note}", file=sys.stderr)
+            say(log, warmup_note)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
