@@ -16,7 +16,7 @@ from caitlab.report import Run, build_report, mixed_code_warning
 from caitlab.sweep import main as sweep_main
 from conftest import ROOT, caitlab_train, clean_env, slurm_up
 
-TINY = ("logger=csv", "trainer=debug", "model.embed_dim=16", "model.depth=1")
+TINY = ("trainer=debug", "model.embed_dim=16", "model.depth=1")
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -68,10 +68,13 @@ def test_a_run_records_the_code_that_produced_it(tmp_path):
     _append(repo / "src" / "caitlab" / "callbacks.py", "# an uncommitted change\n")
     out = tmp_path / "out"
     out.mkdir()
-    caitlab_train(out, *TINY, env=_env(repo))
+    caitlab_train(out, *TINY, "logger=wandb", env=_env(repo, WANDB_MODE="offline"))
     (run,) = [p.parent for p in (out / "default").glob("*/summary.json")]
     prov = json.loads((run / "summary.json").read_text())["provenance"]
     assert prov["git"]["commit"] == _git(repo, "rev-parse", "HEAD").strip()
+    # the wandb config carries it too (offline: in the run's uncompressed record file)
+    record = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"provenance" in record and prov["git"]["commit"].encode() in record
     assert prov["git"]["dirty"] is True and prov["git"]["root"] == str(repo)
     assert "+# an uncommitted change" in (run / "code.diff").read_text()
     import lightning
@@ -151,7 +154,8 @@ def test_a_queued_slurm_job_runs_the_code_it_was_submitted_with(tmp_path):
     repo = _checkout(tmp_path)
     head = _git(repo, "rev-parse", "HEAD").strip()
     slurm = ("-m", "hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10",
-             "hydra.launcher.wait=false", "+cluster.additional_parameters.hold=true", *TINY)
+             "hydra.launcher.wait=false", "+cluster.additional_parameters.hold=true", "logger=csv",
+             *TINY)
     out = tmp_path / "out"
     out.mkdir()
     jobs = {}
