@@ -409,7 +409,7 @@ def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str,
                 continue
             if cost == "macs":
                 x = (v.runs[0].summary.get("model") or {}).get("macs")
-                x = None if x is None else x / 1e9
+                x = None if x is None else x / 1e6  # in G or M below, whichever reads
             else:
                 x = _mean([s["images_per_s"] for s in v.completed() if s.get("images_per_s")])
             if x is None or math.isnan(x):
@@ -426,9 +426,27 @@ def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str,
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("GMACs per image" if cost == "macs" else "training images/s")
+    ax.set_xlabel("training images/s")
     if cost == "macs":
-        ax.set_xscale("log")
+        xs = [x for c in ax.collections for x in c.get_offsets()[:, 0]]
+        giga = max(xs) >= 1000
+        if giga:  # the points were drawn in MMACs
+            for c in ax.collections:
+                c.set_offsets(c.get_offsets() / [1000, 1])
+            for t in ax.texts:
+                t.xy = (t.xy[0] / 1000, t.xy[1])
+            xs = [x / 1000 for x in xs]
+        ax.set_xlabel(f"{'G' if giga else 'M'}MACs per image")
+        if max(xs) > 4 * min(xs):  # a log axis only where the costs span a range
+            ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.1)
+    lo, hi = ax.get_xlim()
+    log = ax.get_xscale() == "log"
+    mid = math.sqrt(lo * hi) if log else (lo + hi) / 2
+    for t in ax.texts:  # labels of points on the right run leftwards, inside the axes
+        if t.xy[0] > mid:
+            t.set_horizontalalignment("right")
+            t.xyann = (-3, 3)
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"top-1 vs {'MACs' if cost == 'macs' else 'throughput'}")
     ax.grid(alpha=0.3)
