@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 
 from caitlab import augment
 from caitlab.augment import augment_ops, guard_augment_ops, posterize
+from caitlab.cpus import available_cpus
 from caitlab.data import (
     DataConfigError,
     DigitsDataModule,
     ImageFolderDataModule,
     ImageReadError,
     SyntheticDataModule,
-    available_cpus,
     data_error_message,
     loader_workers,
 )

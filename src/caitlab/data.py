@@ -20,8 +20,8 @@ Two kinds of loaders:
 * Files (:class:`Cifar10DataModule`, :class:`Cifar100DataModule`,
   :class:`ImageFolderDataModule`): ordinary ``DataLoader``\\ s with workers; Lightning injects
   the ``DistributedSampler`` under DDP. ``num_workers: auto`` is one fewer than the CPUs of the
-  rank (:func:`available_cpus`: affinity mask, ``SLURM_CPUS_PER_TASK``), and a count above them
-  is capped, said once.
+  rank (:func:`caitlab.cpus.available_cpus`: affinity mask, ``SLURM_CPUS_PER_TASK``), and a
+  count above them is capped, said once.
 
 Every module refuses in ``setup('fit')`` a training split that makes no batch under
 ``drop_last`` (per rank under DDP), instead of an epoch that trains nothing.
@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from caitlab.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +120,6 @@ def _workers(value: Any) -> int | str:
 
 # --------------------------------------------------------------------------------------------
 # loader workers
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (taskset, a container's cpuset, SLURM's
-    task binding), and at most ``SLURM_CPUS_PER_TASK`` under SLURM, which need not bind."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks (macOS)
-        cpus = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if slurm.isdigit() and int(slurm) > 0:
-        cpus = min(cpus, int(slurm))
-    return max(1, cpus)
 
 
 def loader_workers(requested: int | str, cpus: int) -> tuple[int, str | None]:

@@ -240,7 +240,7 @@ LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
                                   "log_every_n_steps", "default_root_dir",
                                   "num_sanity_val_steps")
 # keys the config gained since, each with the value every earlier config had implicitly
-LEGACY_ADDED = ("signature_exclude",)
+LEGACY_ADDED = ("signature_exclude", "threads")
 
 
 def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:

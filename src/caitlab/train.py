@@ -132,6 +132,21 @@ def _check_recipe_choice() -> None:
     check_choice("recipe", choice, options, given)
 
 
+def _set_threads(cfg: DictConfig) -> int:
+    """torch's intra-op threads from the CPUs this run was given (``caitlab.cpus``), shared
+    by the DDP ranks of one machine outside SLURM; returns the count."""
+    import torch
+
+    from caitlab.cpus import available_cpus, torch_threads
+
+    devices = cfg.trainer.get("devices", 1)
+    local_ranks = devices if (isinstance(devices, int) and cfg.trainer.get("accelerator")
+                              == "cpu" and not os.environ.get("SLURM_CPUS_PER_TASK")) else 1
+    threads = torch_threads(cfg.get("threads", "auto"), available_cpus(), local_ranks)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
@@ -283,6 +298,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_trainer(cfg.trainer, multirun=_is_multirun(),
                       under_slurm=SLURMEnvironment.detect(),
                       gpus_visible=torch.cuda.device_count(), cpus=os.cpu_count() or 1)
+        threads = _set_threads(cfg)
         warmup_note = fit_warmup(tcfg.sched, cfg.trainer.max_epochs)
         if warmup_note:
             say(log, warmup_note)
@@ -366,7 +382,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_text_atomic(run_dir / "code.diff", redact(diff))
     summary.update(status="running", attempts=summary["attempts"] + 1,
                    resumed_from=str(resume_from) if resume_from else None,
-                   slurm_job_id=slurm_job_id(), provenance=code)
+                   slurm_job_id=slurm_job_id(), provenance=code, threads=threads)
     if resume_from:  # Lightning's own line about it is in train.log only (caitlab.console)
         say(log, f"resuming {shown_path(run_dir)} from {resume_from.name} "
                  f"(attempt {summary['attempts']})")
