@@ -184,6 +184,12 @@ def test_a_queued_slurm_job_runs_the_code_it_was_submitted_with(tmp_path):
     # without the snapshot the job imported the edited code (the test can fail)
     assert nosnap["status"] == "failed" or "code edited after submission" in \
         " ".join(p.read_text() for p in (out / "nosnap" / ".submitit").rglob("*.err"))
+    # the job's own output reads back from caitlab (submitit's log, then train.log)
+    logged = subprocess.run([sys.executable, "-m", "caitlab.sweep", "log", str(out / "snap"),
+                             "1", "--tail", "50"], capture_output=True, text=True,
+                            env=_env(repo))
+    assert logged.returncode == 0, logged.stderr
+    assert f"{jobs['snap']}_0_log.out <==" in logged.stdout and "test/top1" in logged.stdout
     # once the sweep's runs are done its snapshot goes
     status = subprocess.run([sys.executable, "-m", "caitlab.sweep", "status", str(out / "snap")],
                             capture_output=True, text=True, env=_env(repo))

@@ -270,3 +270,33 @@ def test_entry_point_is_light_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_log_reads_a_runs_job_output_and_train_log(tmp_path, capsys):
+    from caitlab.sweep import main as sweep_main
+
+    sweep = tmp_path / "sweep"
+    for sig, job in (("abc1234567", "77_1"), ("abd7654321", None)):
+        (sweep / sig).mkdir(parents=True)
+        (sweep / sig / "summary.json").write_text(json.dumps(
+            {"status": "running", "slurm_job_id": job, "signature": sig}))
+        (sweep / sig / "train.log").write_text("".join(f"{sig} line {i}\n" for i in range(5)))
+    jobs = sweep / ".submitit" / "77_1"  # submitit's layout for task 1 of array 77
+    jobs.mkdir(parents=True)
+    (jobs / "77_1_0_log.out").write_text("out 1\nout 2\nout 3\n")
+    (jobs / "77_1_0_log.err").write_text("err 1\nTraceback: boom\n")
+    assert sweep_main(["log", str(sweep), "abc", "--tail", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"==> {jobs / '77_1_0_log.out'} <==", "out 2", "out 3",
+                   f"==> {sweep / 'abc1234567' / 'train.log'} <==", "abc1234567 line 3",
+                   "abc1234567 line 4"]
+    assert sweep_main(["log", str(sweep), "1", "--err", "--tail", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"==> {jobs / '77_1_0_log.err'} <==", "Traceback: boom"]
+    assert sweep_main(["log", str(sweep), "2", "--tail", "0"]) == 0  # by row, every line
+    assert capsys.readouterr().out.count("abd7654321 line") == 5
+    assert sweep_main(["log", str(sweep), "ab"]) == 2
+    assert "'ab' starts 2 signatures" in capsys.readouterr().err
+    assert sweep_main(["log", str(sweep), "zzz"]) == 2
+    assert "no run 'zzz' in the sweep (signatures: abc1234567, abd7654321)" in \
+        capsys.readouterr().err

@@ -272,6 +272,50 @@ def cmd_show(args: argparse.Namespace) -> int:
     return code
 
 
+def find_run(runs: list[Run], which: str) -> Run | str:
+    """The run ``which`` names: a signature (or a unique start of one), or its 1-based row in
+    ``caitlab-sweep status``; else the line saying why none."""
+    if which.isdigit() and not any(r.folder.name.startswith(which) for r in runs):
+        row = int(which)
+        return runs[row - 1] if 1 <= row <= len(runs) else \
+            f"row {row}: the sweep has {len(runs)} runs"
+    found = [r for r in runs if r.folder.name.startswith(which)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        return f"no run {which!r} in the sweep (signatures: " \
+               f"{', '.join(r.folder.name for r in runs[:8])}{', ...' if len(runs) > 8 else ''})"
+    return f"{which!r} starts {len(found)} signatures: give more of it"
+
+
+def log_files(sweep_dir: Path, run: Run, err: bool) -> list[Path]:
+    """The job's stdout (stderr with ``err``) as submitit wrote it, then the run's train.log."""
+    job = run.summary.get("slurm_job_id") or run.summary.get("submitit_job_id")
+    files = []
+    if job:
+        suffix = "err" if err else "out"
+        files = sorted((sweep_dir / ".submitit").glob(f"*/{job}_*_log.{suffix}"))
+    log = run.folder / "train.log"
+    return [*files, *([log] if log.is_file() else [])]
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    runs = collect_runs(args.sweep_dir) if args.sweep_dir.is_dir() else []
+    if not runs:
+        return _error(f"no runs (summary.json) under {args.sweep_dir}")
+    run = find_run(runs, args.run)
+    if isinstance(run, str):
+        return _error(run)
+    files = log_files(args.sweep_dir, run, args.err)
+    if not files:
+        return _error(f"{run.folder}: no log yet (no train.log, no job output)")
+    for path in files:
+        lines = path.read_text(errors="replace").splitlines()
+        print(f"==> {path} <==")
+        print("\n".join(lines[-args.tail:] if args.tail else lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caitlab-sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("run_dirs", type=Path, nargs="+", metavar="run_dir",
                       help="a run folder (outputs/<name>/<signature>)")
     show.set_defaults(func=cmd_show)
+    logs = sub.add_parser("log", help="a run's job output and train.log")
+    logs.add_argument("sweep_dir", type=Path, help="a sweep folder (outputs/<name>)")
+    logs.add_argument("run", help="its signature (or the start of it), or its row in status")
+    logs.add_argument("--tail", type=int, default=20, metavar="N",
+                      help="last N lines of each file (0: all; default 20)")
+    logs.add_argument("--err", action="store_true", help="the job's stderr, not its stdout")
+    logs.set_defaults(func=cmd_log)
     args = parser.parse_args(argv)
     return args.func(args)
 

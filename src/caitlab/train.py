@@ -382,7 +382,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_text_atomic(run_dir / "code.diff", redact(diff))
     summary.update(status="running", attempts=summary["attempts"] + 1,
                    resumed_from=str(resume_from) if resume_from else None,
-                   slurm_job_id=slurm_job_id(), provenance=code, threads=threads)
+                   slurm_job_id=slurm_job_id(), provenance=code, threads=threads,
+                   # the local launcher's job (its logs: caitlab-sweep log)
+                   submitit_job_id=os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
     if resume_from:  # Lightning's own line about it is in train.log only (caitlab.console)
         say(log, f"resuming {shown_path(run_dir)} from {resume_from.name} "
                  f"(attempt {summary['attempts']})")
