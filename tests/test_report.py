@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from caitlab.report import collect_runs, group_variants, main, runs_from_wandb, table_rows
+from conftest import clean_env
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -125,11 +128,14 @@ def test_report_from_wandb_runs_matches_the_folder_path(sweep):
     assert all(r.curve for r in runs if r.name != "crashed-one")
 
 
-def test_wandb_summary_run_gets_the_table_and_plots(sweep, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    assert main([str(sweep), "--wandb"]) == 0
-    assert "table and plots logged to run" in capsys.readouterr().out
+def test_wandb_summary_run_gets_the_table_and_plots(sweep):
+    # as a user runs it, in a process of its own: wandb's service and settings are
+    # per-process state that the other tests of this process leave behind
+    proc = subprocess.run([sys.executable, "-m", "caitlab.report", str(sweep), "--wandb"],
+                          capture_output=True, text=True, timeout=300,
+                          env=clean_env(WANDB_MODE="offline", WANDB_SILENT="true"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "table and plots logged to run" in proc.stdout
     (record,) = list((sweep / "wandb").glob("offline-run-*/run-*.wandb"))
     data = record.read_bytes()
     assert b"comparison" in data and b"table-file" in data and b"image-file" in data
