@@ -56,12 +56,15 @@ def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
         if OmegaConf.is_missing(cfg, key):
             out[key] = "???"
             continue
-        node = cfg._get_node(key)
-        # each node resolved where it is: it may interpolate excluded keys (paths.data_dir)
-        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) \
-            else cfg[key]
-        _flatten(value, key, out, patterns)
+        _flatten(_resolved(cfg, key), key, out, patterns)
     return out
+
+
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    """``cfg[key]`` as plain data, resolved where it is: it may interpolate keys left out
+    (``data.root`` -> ``paths.data_dir``)."""
+    node = cfg._get_node(key)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
 
 
 def _flatten(value: Any, key: str, out: dict[str, Any], patterns: tuple[str, ...]) -> None:
@@ -246,13 +249,7 @@ LEGACY_ADDED = ("signature_exclude", "threads")
 def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
     skip = (*LEGACY_NON_RESULT_KEYS, *LEGACY_ADDED)
     if isinstance(cfg, DictConfig):
-        data = {}
-        for k in cfg:
-            if k in skip:
-                continue
-            node = cfg._get_node(k)
-            data[k] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) \
-                else cfg[k]
+        data = {k: _resolved(cfg, k) for k in cfg if k not in skip}
     else:
         data = {k: v for k, v in cfg.items() if k not in skip}
     trainer = data.get("trainer")
