@@ -125,6 +125,19 @@ def test_variants_group_seeds_and_the_delta_says_what_differs():
                                         "model/residual=none data.seed=3 model.depth=8 seed=3")
 
 
+def test_previous_rule_still_names_runs_whose_data_files_changed_their_defaults():
+    # signatures the code before this rule gave (commit 934934a), where data.num_workers
+    # was 8 (imagefolder) and 4 (cifar) and is `auto` now
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for overrides, old in (
+                (["data=imagefolder", "data.root=/x"], "ac24a26cab"),
+                (["experiment=vit_vs_cait", "model=cait_s24_224", "data.root=/x"],
+                 "0a3c4803a1")):
+            assert identity.legacy(compose("train", overrides)) == old, overrides
+
+
 COMMON = ["logger=csv", "trainer=debug", "model.embed_dim=16", "model.depth=1"]
 
 

@@ -244,6 +244,9 @@ LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
                                   "num_sanity_val_steps")
 # keys the config gained since, each with the value every earlier config had implicitly
 LEGACY_ADDED = ("signature_exclude", "threads")
+# data.num_workers became `auto` where these data configs had a count
+LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
+                      "caitlab.data.Cifar10DataModule": 4, "caitlab.data.Cifar100DataModule": 4}
 
 
 def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -256,6 +259,11 @@ def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
     if isinstance(trainer, dict):
         data["trainer"] = {k: v for k, v in trainer.items()
                            if k not in LEGACY_NON_RESULT_TRAINER_KEYS}
+    dataset = data.get("data")
+    if isinstance(dataset, dict) and dataset.get("num_workers") == "auto":
+        old = LEGACY_NUM_WORKERS.get(str(dataset.get("_target_")))
+        if old is not None:  # the previous rule hashed the count these files then gave
+            data["data"] = {**dataset, "num_workers": old}
     return data
 
 
