@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from caitlab.bench import (
+from caitlab.analysis.bench import (
     _autocast,
     _device_name,
     build_model,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caitlab.bench import _device_name, build_model, measure_throughput, prepare_device
+from caitlab.analysis.bench import _device_name, build_model, measure_throughput, prepare_device
 from caitlab.models import count_macs
 
 

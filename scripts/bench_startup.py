@@ -50,9 +50,10 @@ MILESTONE_LINE = "bench_startup milestone: "
 TARGET_CFG_JOB_S = 3.0
 TARGET_FIRST_STEP_S = 6.0
 # What train() imports before the first step (caitlab.train's own function-level imports).
-TRAINING_IMPORTS = ("caitlab.train", "lightning", "torch", "caitlab.models", "caitlab.module",
-                    "caitlab.data", "caitlab.tracking", "caitlab.callbacks",
-                    "caitlab.preemption", "wandb", "sklearn.datasets")
+TRAINING_IMPORTS = ("caitlab.train", "lightning", "torch", "caitlab.models",
+                    "caitlab.training.module", "caitlab.data", "caitlab.training.tracking",
+                    "caitlab.training.callbacks", "caitlab.training.preemption", "wandb",
+                    "sklearn.datasets")
 # (milestone, what happened between the previous milestone and it)
 PHASES = (
     ("built", "imports, config composition, data + model built, MACs, run folder, loggers"),

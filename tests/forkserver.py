@@ -26,8 +26,9 @@ from conftest import ROOT, clean_env
 _SERVER = r"""
 import json, os, sys, traceback
 
-import caitlab.callbacks, caitlab.data, caitlab.models, caitlab.module, caitlab.preemption
-import caitlab.tracking, caitlab.train, helpers, hydra_plugins.caitlab_launcher.launcher
+import caitlab.data, caitlab.models, caitlab.train, helpers
+import caitlab.training.callbacks, caitlab.training.module, caitlab.training.preemption
+import caitlab.training.tracking, hydra_plugins.caitlab_launcher.launcher
 import lightning.pytorch
 
 print("ready", flush=True)

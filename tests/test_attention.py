@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caitlab.attention import (
+from caitlab.analysis.attention_maps import (
     AttentionError,
     attention_maps,
     class_row_attention,
@@ -276,7 +276,7 @@ def run_folder_of(tmp_path, model, data: dict):
 
 
 def titles_of(monkeypatch) -> list[str]:
-    import caitlab.attention as attention
+    import caitlab.analysis.attention_maps as attention
 
     titles, plot = [], attention.plot_attention
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from caitlab import bench
-from caitlab.bench import PAPER_GMACS, PAPER_PARAMS_M, main, matmul_peak_flops, mfu
+from caitlab.analysis import bench
+from caitlab.analysis.bench import PAPER_GMACS, PAPER_PARAMS_M, main, matmul_peak_flops, mfu
 from caitlab.models import count_macs, count_params, create_model, list_models
 
 # Small and steady: one thread times far more reliably than two on a busy 2-core machine.
@@ -173,13 +173,13 @@ def test_bad_requests_exit_2_with_one_line(argv, needle, capsys):
 
 
 def test_help_is_quick_from_a_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "caitlab.bench", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "caitlab.analysis.bench", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "--compare-paper" in proc.stdout and "--precision" in proc.stdout
     # --help must not pay for torch
     check = subprocess.run(
-        [sys.executable, "-c", "import sys, caitlab.bench; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, caitlab.analysis.bench; print('torch' in sys.modules)"],
         capture_output=True, text=True, timeout=60)
     assert check.stdout.strip() == "False"
 

@@ -153,7 +153,7 @@ def test_disk_full_while_training_is_one_line_and_loses_nothing(small_disk, fork
 
 
 def test_metrics_csv_keeps_its_rows_when_the_disk_fills(small_disk):
-    from caitlab.tracking import _AppendingWriter
+    from caitlab.training.tracking import _AppendingWriter
 
     metrics = small_disk / "metrics.csv"
     writer = _AppendingWriter(log_dir=str(small_disk))

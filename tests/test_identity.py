@@ -161,7 +161,7 @@ def test_runs_written_under_the_previous_rule_are_still_found(tmp_path):
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_dir()
                   and "checkpoints" not in p.parts) == \
         [p for p in before if "checkpoints" not in p.parts]
-    report = subprocess.run([sys.executable, "-m", "caitlab.report", str(out / "sweep")],
+    report = subprocess.run([sys.executable, "-m", "caitlab.analysis.report", str(out / "sweep")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert report.returncode == 0, report.stderr
     assert report.stdout.count("completed") >= 1

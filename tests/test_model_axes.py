@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caitlab.attention import AttentionError, attention_maps, class_row_attention, load_model
+from caitlab.analysis.attention_maps import (
+    AttentionError,
+    attention_maps,
+    class_row_attention,
+    load_model,
+)
+from caitlab.analysis.report import Run, group_variants, table_rows, variant_label
 from caitlab.models import (
     CheckpointError,
     ImageTransformer,
@@ -19,7 +25,6 @@ from caitlab.models import (
     load_checkpoint,
 )
 from caitlab.models.transformer import Attention, reorganise_tokens
-from caitlab.report import Run, group_variants, table_rows, variant_label
 from caitlab.train import ablation_axes
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4,

@@ -9,7 +9,7 @@ import torch
 from caitlab.config import EmaConfig, OptimConfig, RecipeConfig, SchedConfig, TrainConfig
 from caitlab.data import DigitsDataModule
 from caitlab.models import create_model
-from caitlab.module import ClassificationModule, DivergedError
+from caitlab.training.module import ClassificationModule, DivergedError
 
 
 def _module(**cfg) -> ClassificationModule:

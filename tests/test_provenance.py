@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from caitlab import provenance, snapshot
-from caitlab.report import Run, build_report, mixed_code_warning
-from caitlab.sweep import main as sweep_main
+from caitlab import provenance
+from caitlab.analysis.report import Run, build_report, mixed_code_warning
+from caitlab.sweeps import snapshot
+from caitlab.sweeps.cli import main as sweep_main
 from conftest import ROOT, caitlab_train, clean_env, slurm_up
 
 TINY = ("trainer=debug", "model.embed_dim=16", "model.depth=1")
@@ -65,7 +66,7 @@ def test_git_state_of_a_checkout_says_commit_dirty_and_diff(tmp_path):
 @pytest.mark.slow
 def test_a_run_records_the_code_that_produced_it(tmp_path):
     repo = _checkout(tmp_path)
-    _append(repo / "src" / "caitlab" / "callbacks.py", "# an uncommitted change\n")
+    _append(repo / "src" / "caitlab" / "training" / "callbacks.py", "# an uncommitted change\n")
     out = tmp_path / "out"
     out.mkdir()
     caitlab_train(out, *TINY, "logger=wandb", env=_env(repo, WANDB_MODE="offline"))
@@ -85,7 +86,7 @@ def test_a_run_records_the_code_that_produced_it(tmp_path):
     assert prov["libraries"]["lightning"] == lightning.__version__
     assert prov["libraries"]["timm"] == timm.__version__
     assert prov["caitlab"] and prov["device"]["type"] == "cpu" and prov["device"]["count"] >= 1
-    line = subprocess.run([sys.executable, "-m", "caitlab.sweep", "show", str(run)],
+    line = subprocess.run([sys.executable, "-m", "caitlab.sweeps.cli", "show", str(run)],
                           capture_output=True, text=True, env=_env(repo), check=True).stdout
     assert line.startswith(f"{run.name}: trainer=debug ")
     assert "model.depth=1 model.embed_dim=16" in line
@@ -124,7 +125,7 @@ def test_sweep_show_refuses_what_is_not_a_run(tmp_path, capsys):
 def test_snapshot_copies_the_working_tree_and_goes_when_its_runs_are_done(tmp_path,
                                                                         monkeypatch):
     repo = _checkout(tmp_path)
-    _append(repo / "src" / "caitlab" / "callbacks.py", "# uncommitted\n")
+    _append(repo / "src" / "caitlab" / "training" / "callbacks.py", "# uncommitted\n")
     (repo / "src" / "caitlab" / "extra.py").write_text("X = 1\n")  # untracked, not ignored
     (repo / "outputs").mkdir(exist_ok=True)
     (repo / "outputs" / "big.bin").write_bytes(b"0" * 1000)  # git-ignored: left out
@@ -132,7 +133,8 @@ def test_snapshot_copies_the_working_tree_and_goes_when_its_runs_are_done(tmp_pa
     sweep = tmp_path / "sweep"
     run = sweep / "abc"
     code = snapshot.take(sweep / ".submitit", [run])
-    assert (code / "src" / "caitlab" / "callbacks.py").read_text().endswith("# uncommitted\n")
+    changed = code / "src" / "caitlab" / "training" / "callbacks.py"
+    assert changed.read_text().endswith("# uncommitted\n")
     assert (code / "src" / "caitlab" / "extra.py").exists()
     assert not (code / "outputs" / "big.bin").exists()
     record = json.loads((code / provenance.SNAPSHOT_FILE).read_text())
@@ -167,7 +169,7 @@ def test_a_queued_slurm_job_runs_the_code_it_was_submitted_with(tmp_path):
         jobs[name] = summary["slurm_job_id"]
     # the jobs wait in the queue; meanwhile the source changes so that any run importing it
     # fails
-    _append(repo / "src" / "caitlab" / "callbacks.py",
+    _append(repo / "src" / "caitlab" / "training" / "callbacks.py",
             '\nraise RuntimeError("code edited after submission")\n')
     subprocess.run(["scontrol", "release", *jobs.values()], check=True)
     deadline = time.time() + 300
@@ -185,13 +187,14 @@ def test_a_queued_slurm_job_runs_the_code_it_was_submitted_with(tmp_path):
     assert nosnap["status"] == "failed" or "code edited after submission" in \
         " ".join(p.read_text() for p in (out / "nosnap" / ".submitit").rglob("*.err"))
     # the job's own output reads back from caitlab (submitit's log, then train.log)
-    logged = subprocess.run([sys.executable, "-m", "caitlab.sweep", "log", str(out / "snap"),
+    logged = subprocess.run([sys.executable, "-m", "caitlab.sweeps.cli", "log", str(out / "snap"),
                              "1", "--tail", "50"], capture_output=True, text=True,
                             env=_env(repo))
     assert logged.returncode == 0, logged.stderr
     assert f"{jobs['snap']}_0_log.out <==" in logged.stdout and "test/top1" in logged.stdout
     # once the sweep's runs are done its snapshot goes
-    status = subprocess.run([sys.executable, "-m", "caitlab.sweep", "status", str(out / "snap")],
+    status = subprocess.run([sys.executable, "-m", "caitlab.sweeps.cli", "status",
+                             str(out / "snap")],
                             capture_output=True, text=True, env=_env(repo))
     assert status.returncode == 0, status.stderr
     assert not list((out / "snap" / ".submitit").glob("code-*"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from caitlab.report import collect_runs, group_variants, main, runs_from_wandb, table_rows
+from caitlab.analysis.report import collect_runs, group_variants, main, runs_from_wandb, table_rows
 from conftest import clean_env
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,7 +131,7 @@ def test_report_from_wandb_runs_matches_the_folder_path(sweep):
 def test_wandb_summary_run_gets_the_table_and_plots(sweep):
     # as a user runs it, in a process of its own: wandb's service and settings are
     # per-process state that the other tests of this process leave behind
-    proc = subprocess.run([sys.executable, "-m", "caitlab.report", str(sweep), "--wandb"],
+    proc = subprocess.run([sys.executable, "-m", "caitlab.analysis.report", str(sweep), "--wandb"],
                           capture_output=True, text=True, timeout=300,
                           env=clean_env(WANDB_MODE="offline", WANDB_SILENT="true"))
     assert proc.returncode == 0, proc.stderr[-2000:]

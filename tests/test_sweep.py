@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from caitlab import sweep
-from caitlab.report import collect_runs
+from caitlab.analysis.report import collect_runs
 from caitlab.runs import write_json_atomic
+from caitlab.sweeps import cli as sweep
 
 SHARED = ["experiment=demo", "paths.output_dir=/data/outputs"]
 
@@ -260,12 +260,12 @@ def test_cli_missing_or_empty_folder(tmp_path, capsys):
 
 def test_entry_point_is_light_and_exits_2(tmp_path):
     exe = Path(sys.executable).parent / "caitlab-sweep"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "caitlab.sweep"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "caitlab.sweeps.cli"]
     proc = subprocess.run([*cmd, "status", str(tmp_path / "nope")], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stdout == "" and proc.stderr.startswith("caitlab-sweep: error:")
-    code = ("import sys, caitlab.sweep; "
+    code = ("import sys, caitlab.sweeps.cli; "
             "print(sorted(m for m in ('torch', 'lightning', 'hydra') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
@@ -273,7 +273,7 @@ def test_entry_point_is_light_and_exits_2(tmp_path):
 
 
 def test_log_reads_a_runs_job_output_and_train_log(tmp_path, capsys):
-    from caitlab.sweep import main as sweep_main
+    from caitlab.sweeps.cli import main as sweep_main
 
     sweep = tmp_path / "sweep"
     for sig, job in (("abc1234567", "77_1"), ("abd7654321", None)):

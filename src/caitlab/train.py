@@ -274,7 +274,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from caitlab.callbacks import BestCheckpoint, EpochLines, SteadyProgressBar, SummaryCallback
     from caitlab.config import ConfigError, check_trainer, fit_warmup, train_config
     from caitlab.data import DataConfigError, ImageReadError, data_error_message
     from caitlab.models import (
@@ -284,9 +283,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         count_params,
         load_checkpoint,
     )
-    from caitlab.module import ClassificationModule, DivergedError
-    from caitlab.preemption import AtomicCheckpointIO, GracefulStop
-    from caitlab.tracking import build_loggers, finish_wandb, wandb_run
+    from caitlab.training.callbacks import (
+        BestCheckpoint,
+        EpochLines,
+        SteadyProgressBar,
+        SummaryCallback,
+    )
+    from caitlab.training.module import ClassificationModule, DivergedError
+    from caitlab.training.preemption import AtomicCheckpointIO, GracefulStop
+    from caitlab.training.tracking import build_loggers, finish_wandb, wandb_run
 
     _quiet_known_warnings()
     one_handler_per_line()

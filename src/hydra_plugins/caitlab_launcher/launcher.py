@@ -278,7 +278,7 @@ class _SweepAwareMixin:
         from hydra.core.utils import filter_overrides
         from submitit.core.utils import JobPaths
 
-        from caitlab import snapshot
+        from caitlab.sweeps import snapshot
 
         snapshot.clean(Path(str(self.config.hydra.sweep.dir)))  # those of finished sweeps
         todo, skipped = self._plan(job_overrides)
@@ -317,7 +317,7 @@ class _SweepAwareMixin:
         shared.parent.mkdir(parents=True, exist_ok=True)
         with open(shared, "wb") as f:
             cloudpickle.dump((self, Singleton.get_state()), f)
-        # the code the jobs import, whenever they start: see caitlab.snapshot
+        # the code the jobs import, whenever they start: see caitlab.sweeps.snapshot
         code = snapshot.take(sweep_dir / ".submitit", [d for *_, d in todo]) \
             if self.snapshot else None
         if code is not None:

@@ -513,7 +513,7 @@ def log_to_wandb(rows: list[dict[str, str]], plots: list[Path], *, project: str,
     """The table and plots in one summary run of the sweep's group; returns its id."""
     import wandb
 
-    from caitlab.tracking import wandb_mode
+    from caitlab.training.tracking import wandb_mode
 
     run = wandb.init(project=project, entity=entity, group=group, job_type="report",
                      name=f"report {group}", mode=wandb_mode(),

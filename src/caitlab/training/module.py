@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab.config import TrainConfig
-from caitlab.preemption import rng_state, set_rng_state
+from caitlab.training.preemption import rng_state, set_rng_state
 
 
 class DivergedError(RuntimeError):

@@ -5,7 +5,8 @@ live state, epochs, last top-1, attempts, the overrides that tell the runs apart
 per state. A run whose summary still says ``pending``/``running`` but whose SLURM job has ended
 (killed by SIGKILL, node failure...) never wrote its final state: it is shown as ``lost``.
 
-Stdlib only (plus the stdlib-only ``caitlab.report``): no torch, lightning or hydra at import.
+Stdlib only (plus the stdlib-only ``caitlab.analysis.report``): no torch, lightning or hydra
+at import.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caitlab.report import Run, collect_runs
+from caitlab.analysis.report import Run, collect_runs
 
 SQUEUE_CMD = ("squeue", "--noheader", "--format=%i|%T", "--states=all", "--array")
 SQUEUE_TIMEOUT_S = 5.0
@@ -220,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = collect_runs(sweep_dir)
     if not runs:
         return _error(f"no runs (summary.json) under {sweep_dir}")
-    from caitlab.snapshot import clean
+    from caitlab.sweeps.snapshot import clean
 
     clean(sweep_dir)  # code snapshots of submissions whose runs have all finished
     note = None

@@ -1,0 +1,1 @@
+"""Answers from runs: ``caitlab-report``, ``caitlab-bench`` and ``caitlab-attention``."""

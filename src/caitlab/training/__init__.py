@@ -1,0 +1,1 @@
+"""Training one run: the Lightning module, its callbacks, loggers and preemption handling."""
