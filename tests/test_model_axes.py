@@ -24,8 +24,8 @@ from caitlab.models import (
     create_model,
     load_checkpoint,
 )
+from caitlab.models.axes import ablation_axes
 from caitlab.models.transformer import Attention, reorganise_tokens
-from caitlab.train import ablation_axes
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4,
             num_heads=4, mlp_ratio=2.0)
