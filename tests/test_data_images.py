@@ -23,8 +23,6 @@ from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_aa
 from torch.utils.data import DataLoader
 
-from caitlab import augment
-from caitlab.augment import augment_ops, guard_augment_ops, posterize
 from caitlab.cpus import available_cpus
 from caitlab.data import (
     DataConfigError,
@@ -32,9 +30,11 @@ from caitlab.data import (
     ImageFolderDataModule,
     ImageReadError,
     SyntheticDataModule,
+    augment,
     data_error_message,
     loader_workers,
 )
+from caitlab.data.augment import augment_ops, guard_augment_ops, posterize
 from caitlab.train import CONF_DIR
 from conftest import clean_env
 

@@ -806,8 +806,8 @@ class ImageFolderDataModule(_BaseDataModule):
     ``color_jitter`` when a RandAugment policy is set, as in DeiT -- and evaluation
     ``create_transform(is_training=False, crop_pct, interpolation)`` (CaiT evaluates at
     ``crop_pct=1.0``). ``on_corrupt``: ``stop`` or ``skip`` an image PIL cannot decode.
-    timm's posterize op is guarded (:mod:`caitlab.augment`) so that no RandAugment draw raises;
-    an ``img_size`` that would shrink photographs to a toy size is refused
+    timm's posterize op is guarded (:mod:`caitlab.data.augment`) so that no RandAugment draw
+    raises; an ``img_size`` that would shrink photographs to a toy size is refused
     (:meth:`_check_img_size`).
     """
 
@@ -933,7 +933,7 @@ class ImageFolderDataModule(_BaseDataModule):
     def _transforms(self) -> tuple[Callable, Callable]:
         from timm.data import create_transform
 
-        from caitlab.augment import guard_augment_ops
+        from caitlab.data.augment import guard_augment_ops
 
         try:
             train = create_transform(input_size=self.img_size, is_training=True,
