@@ -25,7 +25,7 @@ from caitlab.models import (
     load_checkpoint,
 )
 from caitlab.models.axes import ablation_axes
-from caitlab.models.transformer import Attention, reorganise_tokens
+from caitlab.models.layers import Attention, reorganise_tokens
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4,
             num_heads=4, mlp_ratio=2.0)
@@ -403,7 +403,7 @@ def test_the_report_tells_the_new_variants_apart():
 
 
 def test_kept_token_count_follows_the_paper_without_float_noise():
-    from caitlab.models.transformer import kept_tokens
+    from caitlab.models.layers import kept_tokens
 
     assert kept_tokens(196, 0.7) == math.ceil(0.7 * 196) == 138
     assert kept_tokens(10, 0.7) == 7  # math.ceil(0.7 * 10) would say 8

@@ -21,7 +21,7 @@ from caitlab.models import (
     layerscale_eps_for_depth,
     list_models,
 )
-from caitlab.models.transformer import ResidualScale
+from caitlab.models.layers import ResidualScale
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
             num_heads=4, mlp_ratio=2.0)

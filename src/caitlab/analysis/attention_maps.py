@@ -31,19 +31,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from caitlab.models import ImageTransformer, ModelConfigError
 from caitlab.models.checkpoint import (
     CheckpointError,
     check_state_dict,
     load_file,
     unwrap_state_dict,
 )
-from caitlab.models.transformer import (
-    Attention,
-    ImageTransformer,
-    ModelConfigError,
-    kept_tokens,
-    rank_tokens,
-)
+from caitlab.models.layers import Attention, kept_tokens, rank_tokens
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
