@@ -41,7 +41,6 @@ def layerscale_eps_for_depth(depth: int) -> float:
     return 1e-6
 
 
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ModelConfigError(message)
@@ -94,6 +93,113 @@ def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, 
         f"{name}={value!r} must be a positive integer or a pair of them",
     )
     return pair  # type: ignore[return-value]
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name}={value!r} must be one of {', '.join(choices)}")
+
+
+def _check_geometry(a: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Image, patch, width and depth arguments; returns (img_size, patch_size) as pairs."""
+    img = _as_pair(a["img_size"], "img_size")
+    patch = _as_pair(a["patch_size"], "patch_size")
+    _check(
+        img[0] % patch[0] == 0 and img[1] % patch[1] == 0,
+        f"img_size={a['img_size']} is not divisible by patch_size={a['patch_size']}",
+    )
+    for name in ("in_chans", "embed_dim", "depth", "num_heads"):
+        _check(isinstance(a[name], int) and a[name] > 0,
+               f"{name}={a[name]!r} must be a positive integer")
+    _check(isinstance(a["num_classes"], int) and a["num_classes"] >= 0,
+           f"num_classes={a['num_classes']!r} must be a non-negative integer")
+    _check(a["embed_dim"] % a["num_heads"] == 0,
+           f"embed_dim={a['embed_dim']} is not divisible by num_heads={a['num_heads']}")
+    _check(a["mlp_ratio"] > 0, f"mlp_ratio={a['mlp_ratio']!r} must be positive")
+    return img, patch
+
+
+def _check_placement(a: dict) -> None:
+    """The class token, residual and drop-path choices, and the stage sizes they need."""
+    _check_choice("class_token", a["class_token"], CLASS_TOKEN_PLACEMENTS)
+    _check_choice("residual", a["residual"], RESIDUAL_SCALINGS)
+    _check_choice("drop_path_schedule", a["drop_path_schedule"], DROP_PATH_SCHEDULES)
+    if a["class_token"] == "insert":
+        _check(isinstance(a["insert_layer"], int) and 0 <= a["insert_layer"] < a["depth"],
+               f"insert_layer={a['insert_layer']!r} must be in [0, depth={a['depth']})")
+    if a["class_token"] == "class_attention":
+        _check(isinstance(a["ca_depth"], int) and a["ca_depth"] > 0,
+               f"ca_depth={a['ca_depth']!r} must be a positive integer")
+    for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate",
+                 "drop_path_rate"):
+        _check(0.0 <= a[name] < 1.0, f"{name}={a[name]!r} must be in [0, 1)")
+
+
+def _layerscale_eps(layerscale_init: float | str, depth: int) -> float:
+    if layerscale_init == "auto":
+        return layerscale_eps_for_depth(depth)
+    try:
+        eps = float(layerscale_init)
+    except (TypeError, ValueError):
+        eps = -1.0
+    _check(eps > 0, f"layerscale_init={layerscale_init!r} must be 'auto' or > 0")
+    return eps
+
+
+def _token_reorganisation(a: dict) -> tuple[float, tuple[int, ...]]:
+    """(keep_rate, reorg_layers) checked; (1.0, ()) when off, one config for every way of
+    saying so."""
+    layers = _reorg_layers(a["reorg_layers"], a["depth"])
+    keep_rate = a["keep_rate"]
+    _check(isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool)
+           and 0.0 < keep_rate <= 1.0, f"keep_rate={keep_rate!r} must be in (0, 1]")
+    if keep_rate < 1.0 and layers:
+        _check_reorg(a["class_token"], a["insert_layer"], a["attention"], keep_rate, layers)
+        return float(keep_rate), layers
+    return 1.0, ()
+
+
+def _checked_config(a: dict) -> dict:
+    """The constructor's arguments ``a`` checked (``ModelConfigError`` names the first bad
+    one) and resolved: everything needed to rebuild the model, which is also what it is
+    built from. The report reads its ablation axes here."""
+    img, patch = _check_geometry(a)
+    _check_placement(a)
+    eps = _layerscale_eps(a["layerscale_init"], a["depth"])
+    _check_choice("attention", a["attention"], ATTENTIONS)
+    keep_rate, layers = _token_reorganisation(a)
+    class_token = a["class_token"]
+    return dict(
+        img_size=list(img), patch_size=list(patch), in_chans=a["in_chans"],
+        num_classes=a["num_classes"], embed_dim=a["embed_dim"], depth=a["depth"],
+        num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=a["qkv_bias"],
+        class_token=class_token,
+        insert_layer=a["insert_layer"] if class_token == "insert" else 0,
+        ca_depth=a["ca_depth"] if class_token == "class_attention" else 0,
+        residual=a["residual"], layerscale_init=eps, talking_heads=a["talking_heads"],
+        attention=a["attention"], keep_rate=keep_rate, reorg_layers=list(layers),
+        drop_rate=a["drop_rate"], pos_drop_rate=a["pos_drop_rate"],
+        attn_drop_rate=a["attn_drop_rate"], proj_drop_rate=a["proj_drop_rate"],
+        drop_path_rate=a["drop_path_rate"], drop_path_schedule=a["drop_path_schedule"],
+        norm_eps=a["norm_eps"],
+    )
+
+
+def _layer_tokens(num_patches: int, cfg: dict) -> list[int]:
+    """Tokens each SA layer attends over: the class token joins at ``insert_layer`` (0 for
+    input), and a reorganising layer hands fewer tokens to the next one."""
+    tokens, n = [], num_patches
+    for i in range(cfg["depth"]):
+        n += 1 if cfg["class_token"] in ("input", "insert") and i == cfg["insert_layer"] else 0
+        tokens.append(n)
+        n = reorganised_length(n, cfg["keep_rate"]) if i in cfg["reorg_layers"] else n
+    return tokens
+
+
+def _drop_path_rates(cfg: dict) -> list[float]:
+    rate, depth = cfg["drop_path_rate"], cfg["depth"]
+    if cfg["drop_path_schedule"] == "linear":
+        return [rate * i / max(depth - 1, 1) for i in range(depth)]
+    return [rate] * depth
 
 
 class ImageTransformer(nn.Module):
@@ -154,108 +260,26 @@ class ImageTransformer(nn.Module):
         reorg_layers: tuple[int, ...] | list[int] | str = "auto",
     ) -> None:
         super().__init__()
-        img = _as_pair(img_size, "img_size")
-        patch = _as_pair(patch_size, "patch_size")
-        _check(
-            img[0] % patch[0] == 0 and img[1] % patch[1] == 0,
-            f"img_size={img_size} is not divisible by patch_size={patch_size}",
-        )
-        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim),
-                            ("depth", depth), ("num_heads", num_heads)):
-            _check(isinstance(value, int) and value > 0,
-                   f"{name}={value!r} must be a positive integer")
-        _check(isinstance(num_classes, int) and num_classes >= 0,
-               f"num_classes={num_classes!r} must be a non-negative integer")
-        _check(embed_dim % num_heads == 0,
-               f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        _check(mlp_ratio > 0, f"mlp_ratio={mlp_ratio!r} must be positive")
-        _check(class_token in CLASS_TOKEN_PLACEMENTS,
-               f"class_token={class_token!r} must be one of {', '.join(CLASS_TOKEN_PLACEMENTS)}")
-        _check(residual in RESIDUAL_SCALINGS,
-               f"residual={residual!r} must be one of {', '.join(RESIDUAL_SCALINGS)}")
-        _check(drop_path_schedule in DROP_PATH_SCHEDULES,
-               f"drop_path_schedule={drop_path_schedule!r} must be one of "
-               f"{', '.join(DROP_PATH_SCHEDULES)}")
-        if class_token == "insert":
-            _check(isinstance(insert_layer, int) and 0 <= insert_layer < depth,
-                   f"insert_layer={insert_layer!r} must be in [0, depth={depth})")
-        if class_token == "class_attention":
-            _check(isinstance(ca_depth, int) and ca_depth > 0,
-                   f"ca_depth={ca_depth!r} must be a positive integer")
-        for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
-                           ("attn_drop_rate", attn_drop_rate),
-                           ("proj_drop_rate", proj_drop_rate),
-                           ("drop_path_rate", drop_path_rate)):
-            _check(0.0 <= rate < 1.0, f"{name}={rate!r} must be in [0, 1)")
-        if layerscale_init == "auto":
-            eps = layerscale_eps_for_depth(depth)
-        else:
-            try:
-                eps = float(layerscale_init)
-            except (TypeError, ValueError):
-                eps = -1.0
-            _check(eps > 0, f"layerscale_init={layerscale_init!r} must be 'auto' or > 0")
-        _check(attention in ATTENTIONS,
-               f"attention={attention!r} must be one of {', '.join(ATTENTIONS)}")
-        layers = _reorg_layers(reorg_layers, depth)
-        _check(isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool)
-               and 0.0 < keep_rate <= 1.0, f"keep_rate={keep_rate!r} must be in (0, 1]")
-        if keep_rate < 1.0 and layers:
-            _check_reorg(class_token, insert_layer, attention, keep_rate, layers)
-        else:
-            keep_rate, layers = 1.0, ()  # off: one config for every way of saying so
-
+        # every parameter by its name (super() puts __class__ among the locals)
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config = cfg = _checked_config(arguments)
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.class_token = class_token
-        self.insert_layer = insert_layer if class_token == "insert" else 0
-        # Everything needed to rebuild this model; the report reads its ablation axes here.
-        self.config = dict(
-            img_size=list(img), patch_size=list(patch), in_chans=in_chans,
-            num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
-            insert_layer=self.insert_layer,
-            ca_depth=ca_depth if class_token == "class_attention" else 0,
-            residual=residual, layerscale_init=eps, talking_heads=talking_heads,
-            attention=attention, keep_rate=float(keep_rate), reorg_layers=list(layers),
-            drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, attn_drop_rate=attn_drop_rate,
-            proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
-            drop_path_schedule=drop_path_schedule, norm_eps=norm_eps,
-        )
+        self.insert_layer = cfg["insert_layer"]
 
-        self.patch_embed = PatchEmbed(img, patch, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
+        # Modules are made in this order because it is the order they draw their random
+        # init in: a seed gives the same model as it always did.
+        self.patch_embed = PatchEmbed(tuple(cfg["img_size"]), tuple(cfg["patch_size"]),
+                                      in_chans, embed_dim)
         self.cls_token = (
             nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token != "none" else None
         )
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-
-        if drop_path_schedule == "linear":
-            dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        else:
-            dpr = [drop_path_rate] * depth
-        # Tokens each SA layer attends over: the class token joins at insert_layer (0 for
-        # input), and a reorganising layer hands fewer tokens to the next one.
-        self.layer_tokens: list[int] = []
-        n = num_patches
-        for i in range(depth):
-            n += 1 if class_token in ("input", "insert") and i == self.insert_layer else 0
-            self.layer_tokens.append(n)
-            n = reorganised_length(n, keep_rate) if i in layers else n
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, talking_heads, residual, eps,
-                  dpr[i], attn_drop_rate, proj_drop_rate, norm_eps,
-                  static_keys=self.layer_tokens[i] if attention == "static_key" else None,
-                  keep_rate=keep_rate if i in layers else 1.0)
-            for i in range(depth)
-        )
-        # CaiT runs class attention without stochastic depth (timm and the official code agree).
-        self.ca_blocks = nn.ModuleList(
-            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, residual, eps,
-                                attn_drop_rate, proj_drop_rate, norm_eps)
-            for _ in range(ca_depth if class_token == "class_attention" else 0)
-        )
+        self.layer_tokens: list[int] = _layer_tokens(self.patch_embed.num_patches, cfg)
+        self.blocks = self._self_attention_stage(cfg)
+        self.ca_blocks = self._class_attention_stage(cfg)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -264,6 +288,27 @@ class ImageTransformer(nn.Module):
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+
+    def _self_attention_stage(self, cfg: dict) -> nn.ModuleList:
+        dpr = _drop_path_rates(cfg)
+        return nn.ModuleList(
+            Block(cfg["embed_dim"], cfg["num_heads"], cfg["mlp_ratio"], cfg["qkv_bias"],
+                  cfg["talking_heads"], cfg["residual"], cfg["layerscale_init"], dpr[i],
+                  cfg["attn_drop_rate"], cfg["proj_drop_rate"], cfg["norm_eps"],
+                  static_keys=self.layer_tokens[i] if cfg["attention"] == "static_key" else None,
+                  keep_rate=cfg["keep_rate"] if i in cfg["reorg_layers"] else 1.0)
+            for i in range(cfg["depth"])
+        )
+
+    @staticmethod
+    def _class_attention_stage(cfg: dict) -> nn.ModuleList:
+        # CaiT runs class attention without stochastic depth (timm and the official code agree).
+        return nn.ModuleList(
+            ClassAttentionBlock(cfg["embed_dim"], cfg["num_heads"], cfg["mlp_ratio"],
+                                cfg["qkv_bias"], cfg["residual"], cfg["layerscale_init"],
+                                cfg["attn_drop_rate"], cfg["proj_drop_rate"], cfg["norm_eps"])
+            for _ in range(cfg["ca_depth"])
+        )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
