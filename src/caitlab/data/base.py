@@ -1,0 +1,235 @@
+"""What every data module shares: the checked common arguments, the uniform properties, the
+fixed split order, loader workers and the refusal of a split too small for one batch; and the
+two ways of serving batches, in memory (:class:`InMemoryDataModule`) or from files
+(:class:`FileDataModule`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from caitlab.cpus import available_cpus
+from caitlab.data.errors import DataConfigError, check_int, check_workers
+from caitlab.data.sampling import TensorBatches, dist_rank_world
+
+log = logging.getLogger(__name__)
+
+#: Seed of the fixed train/val(/test) split permutations. Deliberately independent of the run
+#: seed, so that runs with different seeds are compared on the same held-out images.
+SPLIT_SEED = 0
+
+
+def split_permutation(n: int) -> torch.Tensor:
+    """The fixed order of ``n`` images that held-out and training splits are cut from."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+
+
+
+def loader_workers(requested: int | str, cpus: int) -> tuple[int, str | None]:
+    """Workers per DataLoader for ``requested`` (an integer or ``auto``) given ``cpus`` for this
+    process, and the one line to say about it (None: nothing worth saying).
+
+    ``auto`` is ``cpus - 1``: the main process, which collates and feeds the model, keeps a
+    CPU. More workers than CPUs only compete with each other and the main process for them
+    (and each holds a copy of the dataset's file list), so an explicit count is capped at
+    ``cpus``.
+    """
+    if requested == "auto":
+        return max(0, cpus - 1), None
+    if requested > cpus:
+        return cpus, (f"data.num_workers={requested} but this process has {cpus} CPU"
+                      f"{'s' if cpus != 1 else ''}: using {cpus} loader worker"
+                      f"{'s' if cpus != 1 else ''} (data.num_workers=auto follows the CPUs)")
+    return int(requested), None
+
+
+
+class DataModuleBase(LightningDataModule):
+    """Checked common arguments, the uniform properties and ``describe()``."""
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        img_size: int,
+        in_chans: int,
+        num_classes: int,
+        seed: int,
+        num_workers: int | str,
+        drop_last: bool,
+    ) -> None:
+        super().__init__()
+        # plain attribute, so Lightning's batch-size finder can change it
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self._img_size = check_int("img_size", img_size, 1)
+        self._in_chans = check_int("in_chans", in_chans, 1)
+        self._num_classes = check_int("num_classes", num_classes, 1)
+        self.seed = check_int("seed", seed, -(2**63))
+        self.num_workers = check_workers(num_workers)
+        self.drop_last = bool(drop_last)
+        self._num_train_samples: int | None = None
+        self._loader_workers: int | None = None
+
+    def require_num_classes(self, dataset: str, classes: int) -> None:
+        """Refuses a ``num_classes`` other than the ``classes`` that ``dataset`` has."""
+        if self.num_classes != classes:
+            raise DataConfigError(f"data.num_classes: {dataset} has {classes} classes, "
+                                  f"got {self.num_classes}")
+
+    def require_in_chans(self, allowed: tuple[int, ...], why: str) -> None:
+        """Refuses an ``in_chans`` not in ``allowed``; ``why`` says what the images are."""
+        if self.in_chans not in allowed:
+            raise DataConfigError(f"data.in_chans: {why}, got {self.in_chans}")
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self._in_chans
+
+    @property
+    def img_size(self) -> int:
+        return self._img_size
+
+    @property
+    def num_train_samples(self) -> int:
+        """Training images per epoch (all ranks together); known after ``setup('fit')``."""
+        if self._num_train_samples is None:
+            raise RuntimeError(f"{type(self).__name__}.num_train_samples is known only after "
+                               "setup('fit')")
+        return self._num_train_samples
+
+    def describe(self) -> dict[str, Any]:
+        """The uniform facts; ``num_train_samples`` is None before ``setup``."""
+        return {
+            "datamodule": type(self).__name__,
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "img_size": self.img_size,
+            "batch_size": self.batch_size,
+            "num_train_samples": self._num_train_samples,
+        }
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return dist_rank_world()
+
+    def _processes_per_node(self) -> int:
+        """Ranks sharing this machine's CPUs: under SLURM each task has its own CPUs."""
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            return 1
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if local.isdigit() and int(local) > 0:
+            return int(local)
+        trainer = self.trainer
+        return max(1, int(getattr(trainer, "num_devices", 1))) if trainer is not None else 1
+
+    def loader_workers(self) -> int:
+        """``num_workers`` resolved against the CPUs this rank has (:func:`loader_workers`);
+        decided, and said if capped, once: at the first loader."""
+        if self._loader_workers is None:
+            cpus = max(1, available_cpus() // self._processes_per_node())
+            self._loader_workers, note = loader_workers(self.num_workers, cpus)
+            if note is not None and self._rank_world()[0] == 0:
+                log.warning(note)
+        return self._loader_workers
+
+    def check_train_batches(self, num_train: int) -> None:
+        """Refuses, before any training, a split too small for one batch under ``drop_last``.
+
+        Each rank iterates ``ceil(n / world_size)`` samples (DistributedSampler and
+        :func:`shard_indices` pad), and ``drop_last`` drops its incomplete last batch; an
+        epoch of no batches would train nothing and still report a test accuracy.
+        """
+        _, world = self._rank_world()
+        per_rank = math.ceil(num_train / world)
+        if not self.drop_last or per_rank >= self.batch_size:
+            return
+        counts = f"{num_train} training images"
+        if world > 1:
+            counts += f" ({per_rank} per rank on {world} ranks)"
+        raise DataConfigError(
+            f"data: {counts} make no batch of data.batch_size={self.batch_size} with "
+            f"data.drop_last=true; set data.batch_size={per_rank} or lower, or "
+            "data.drop_last=false")
+
+    def current_epoch(self) -> int:
+        """The trainer's epoch (0 without a trainer); seeds the in-memory shuffles."""
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def batches_done(self) -> int:
+        """Batches of the current epoch already trained when resuming from a mid-epoch
+        checkpoint (a preempted or interrupted run); 0 otherwise."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        if fit_loop is None or not fit_loop.restarting:
+            return 0
+        return int(fit_loop.epoch_loop.batch_progress.current.completed)
+
+
+class InMemoryDataModule(DataModuleBase):
+    """Splits held as tensors in ``self.tensors[split] = (x, y)``, served by TensorBatches."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _batches(self, split: str, train: bool) -> TensorBatches:
+        if split not in self.tensors:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for the "
+                               f"{split} dataloader")
+        x, y = self.tensors[split]
+        return TensorBatches(x, y, self.batch_size, shuffle=train, seed=self.seed,
+                             epoch_fn=self.current_epoch,
+                             skip_fn=self.batches_done if train else None,
+                             drop_last=train and self.drop_last)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", train=False)
+
+
+class FileDataModule(DataModuleBase):
+    """Splits held as map-style datasets ``train_set``, ``val_set``, ``test_set`` (set by
+    ``setup``), served by per-sample DataLoaders with workers."""
+
+    test_set: Dataset | None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _file_loader(self, ds: Dataset | None, train: bool) -> DataLoader:
+        """A per-sample DataLoader; Lightning injects its DistributedSampler under DDP."""
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() first")
+        gen = torch.Generator().manual_seed(self.seed) if train else None
+        workers = self.loader_workers()
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=train, generator=gen,
+                          drop_last=train and self.drop_last,
+                          num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._file_loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._file_loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._file_loader(self.test_set, train=False)

@@ -1,0 +1,186 @@
+"""Image folders in the ImageNet layout, read through DataLoaders with timm's transforms."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from caitlab.data.base import FileDataModule
+from caitlab.data.errors import DataConfigError, check_choice, check_float, one_line
+from caitlab.data.images import (
+    DECODE_ERRORS,
+    ON_CORRUPT,
+    checked_image_folder,
+    find_class_folders,
+)
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+
+class ImageFolderDataModule(FileDataModule):
+    """ImageNet layout: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    ImageNet has no labelled test set, so the test split *is* the val split
+    (``test_dataloader`` returns the val images). Class indices follow the sorted folder names
+    (hidden folders ignored); ``val/`` must have the same class folders as ``train/``.
+    Transforms are timm's (DeiT/CaiT recipe): training ``create_transform(is_training=True,
+    auto_augment, re_prob=reprob, interpolation, color_jitter)`` -- note that timm ignores
+    ``color_jitter`` when a RandAugment policy is set, as in DeiT -- and evaluation
+    ``create_transform(is_training=False, crop_pct, interpolation)`` (CaiT evaluates at
+    ``crop_pct=1.0``). ``on_corrupt``: ``stop`` or ``skip`` an image PIL cannot decode.
+    timm's posterize op is guarded (:mod:`caitlab.data.augment`) so that no RandAugment draw
+    raises; an ``img_size`` that would shrink photographs to a toy size is refused
+    (:meth:`_check_img_size`).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        num_workers: int | str = "auto",
+        crop_pct: float = 0.875,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        reprob: float = 0.25,
+        interpolation: str = "bicubic",
+        color_jitter: float | None = 0.3,
+        seed: int = 0,
+        drop_last: bool = True,
+        on_corrupt: str = "stop",
+    ) -> None:
+        super().__init__(batch_size=batch_size, img_size=img_size, in_chans=in_chans,
+                         num_classes=num_classes, seed=seed, num_workers=num_workers,
+                         drop_last=drop_last)
+        self.on_corrupt = check_choice("on_corrupt", on_corrupt, ON_CORRUPT)
+        self.require_in_chans((3,), "image folders are read as RGB (3 channels)")
+        self.interpolation = check_choice("interpolation", interpolation, INTERPOLATIONS)
+        self.crop_pct = check_float("crop_pct", crop_pct, 0.0, 1.0, low_open=True)
+        self.reprob = check_float("reprob", reprob, 0.0, 1.0)
+        if color_jitter is not None:
+            color_jitter = check_float("color_jitter", color_jitter, 0.0, 1e9)
+        self.color_jitter = color_jitter
+        if auto_augment is not None and str(auto_augment).lower() in ("", "none"):
+            auto_augment = None
+        self.auto_augment = auto_augment
+        self.root = Path(root).expanduser()
+        self.classes = self._check_folders()
+        self._check_img_size()
+        self.train_transform, self.eval_transform = self._transforms()
+
+    def _check_folders(self) -> list[str]:
+        root = self.root
+        if not root.is_dir():
+            raise DataConfigError(f"data.root: {root} does not exist")
+        found: dict[str, list[str]] = {}
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise DataConfigError(f"data.root: {root} has no {split}/ folder (expected "
+                                      "root/train/<class>/ and root/val/<class>/)")
+            found[split] = find_class_folders(root / split)
+            if not found[split]:
+                raise DataConfigError(f"data.root: {root} has no class folders under {split}/")
+        train, val = found["train"], found["val"]
+        if len(train) != self.num_classes:
+            raise DataConfigError(f"data.num_classes: {self.num_classes} but {root}/train/ has "
+                                  f"{len(train)} class folders")
+        if train != val:
+            only_train = sorted(set(train) - set(val))[:3]
+            only_val = sorted(set(val) - set(train))[:3]
+            raise DataConfigError(f"data.root: {root}/val/ and {root}/train/ have different "
+                                  f"class folders (only in train: {only_train}, only in val: "
+                                  f"{only_val})")
+        return train
+
+    #: Below this, an input size is a digits-sized toy, no size to shrink photographs to
+    #: unawares: data.img_size follows model.img_size, 8 for the CPU presets.
+    SMALL_IMG_SIZE = 32
+
+    def sample_image_sizes(self, limit: int = 8) -> list[tuple[Path, int, int]]:
+        """``(path, width, height)`` of up to ``limit`` training images spread over the first
+        class folders, read from the file headers alone (cheap on any folder); files PIL cannot
+        open are left out here, and left to ``on_corrupt`` in training."""
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        per_class = max(1, math.ceil(limit / len(self.classes)))
+        found: list[tuple[Path, int, int]] = []
+        for name in self.classes[:limit]:
+            taken = 0
+            with os.scandir(self.root / "train" / name) as entries:
+                for entry in entries:
+                    if taken == per_class or len(found) == limit:
+                        break
+                    if not entry.name.lower().endswith(IMG_EXTENSIONS):
+                        continue
+                    try:
+                        with Image.open(entry.path) as img:
+                            found.append((Path(entry.path), *img.size))
+                        taken += 1
+                    except DECODE_ERRORS:
+                        continue
+        return found
+
+    def _check_img_size(self) -> None:
+        """Refuses shrinking photographs to a toy size: a folder of images at least 4x larger
+        (median short side) than an ``img_size`` under :attr:`SMALL_IMG_SIZE`, which is what
+        an image folder gets when ``model.img_size`` is left at a CPU preset's 8."""
+        size = self.img_size
+        if size >= self.SMALL_IMG_SIZE:
+            return
+        sizes = self.sample_image_sizes()
+        if not sizes:
+            return
+        shorts = sorted(min(w, h) for _, w, h in sizes)
+        short = shorts[len(shorts) // 2]
+        if short < 4 * size:
+            return
+        path, w, h = next(s for s in sizes if min(s[1], s[2]) == short)
+        suggest = 224 if short >= 224 else max(self.SMALL_IMG_SIZE, short // 16 * 16)
+        raise DataConfigError(
+            f"data.img_size={size} (it follows model.img_size) would shrink images like {path} "
+            f"({w}x{h} px) to {size}x{size} px; set model.img_size={suggest} (or another size "
+            f"the model's patch_size divides), or resize the files if {size} px is meant")
+
+    def _transforms(self) -> tuple[Callable, Callable]:
+        from timm.data import create_transform
+
+        from caitlab.data.augment import guard_augment_ops
+
+        try:
+            train = create_transform(input_size=self.img_size, is_training=True,
+                                     auto_augment=self.auto_augment, re_prob=self.reprob,
+                                     interpolation=self.interpolation,
+                                     color_jitter=self.color_jitter)
+        except (AssertionError, ValueError, KeyError) as e:
+            raise DataConfigError(f"data.auto_augment: {self.auto_augment!r} is not a timm "
+                                  f"augmentation policy ({one_line(e)})") from e
+        guard_augment_ops(train)
+        evaluation = create_transform(input_size=self.img_size, is_training=False,
+                                      crop_pct=self.crop_pct, interpolation=self.interpolation)
+        return train, evaluation
+
+    def _load(self, split: str, transform: Callable) -> Dataset:
+        try:
+            return checked_image_folder(str(self.root / split), transform, self.on_corrupt)
+        except FileNotFoundError as e:
+            raise DataConfigError(f"data.root: {one_line(e)}") from e
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._load("train", self.train_transform)
+            self._num_train_samples = len(self.train_set)
+        if stage in (None, "fit"):
+            self.check_train_batches(self.num_train_samples)
+        if self.val_set is None:
+            self.val_set = self._load("val", self.eval_transform)
+
+    @property
+    def test_set(self) -> Dataset | None:
+        """The val images: ImageNet has no labelled test set."""
+        return self.val_set
