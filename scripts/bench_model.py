@@ -16,20 +16,22 @@ matmul timed in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from caitlab.analysis.bench import (
-    _autocast,
-    _device_name,
-    build_model,
+from caitlab.analysis.model_source import build_model
+from caitlab.analysis.timing import (
+    PRECISIONS,
+    device_name,
+    images_per_s,
+    inference_step,
     median_ratio,
     mfu,
+    precision_label,
     prepare_device,
     time_interleaved,
+    training_step,
 )
 from caitlab.models import count_macs, create_model
 from caitlab.models.checkpoint import remap_state_dict
@@ -60,19 +62,8 @@ def ours_like(case: str, name: str, ref: torch.nn.Module, device) -> torch.nn.Mo
 
 def steps_for(model, x, y, precision: str, device, compile: bool):
     fwd = torch.compile(model) if compile else model
-
-    def forward():
-        with torch.inference_mode(), _autocast(device, precision):
-            fwd(x)
-
-    def forward_backward():
-        with _autocast(device, precision):
-            out = fwd(x)
-        F.cross_entropy(out.float(), y).backward()
-        for p in model.parameters():
-            p.grad = None
-
-    return forward, forward_backward
+    return (inference_step(fwd, x, device, precision),
+            training_step(fwd, model.parameters(), x, y, device, precision))
 
 
 def run_case(case: str, name: str, args, device, peak: float) -> list[dict]:
@@ -97,7 +88,7 @@ def run_case(case: str, name: str, args, device, peak: float) -> list[dict]:
         pick = 1 if training else 0
         times = time_interleaved({k: v[pick] for k, v in steps.items()}, device,
                                  args.warmup, args.repeats, args.iters)
-        ips = {k: args.batch * args.iters / statistics.median(t) for k, t in times.items()}
+        ips = {k: images_per_s(t, args.batch, args.iters) for k, t in times.items()}
         rows.append(dict(
             case=case, model=name, mode=mode, max_abs_diff=diff,
             ours_img_s=ips["ours"], timm_img_s=ips["timm"],
@@ -118,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="cait,cait-noth,deit")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=("32", "bf16"), default="32")
+    p.add_argument("--precision", choices=PRECISIONS, default="32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
@@ -133,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
              "deit": args.deit or ("deit_small_patch16_224" if cuda else "deit_tiny_patch16_224")}
     names["cait-noth"] = names["cait"]
 
-    print(f"device {device} ({_device_name(device)}), precision "
-          f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, batch {args.batch}"
+    print(f"device {device} ({device_name(device)}), precision "
+          f"{precision_label(args.precision)}, batch {args.batch}"
           f"{', compiled' if args.compile else ''}; median of {args.repeats} interleaved "
           f"repeats x {args.iters} batches after {args.warmup} warm-up")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({n}x{n}); MFU = 2 x MACs x (3 if "

@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caitlab.analysis.bench import _device_name, build_model, measure_throughput, prepare_device
+from caitlab.analysis.model_source import build_model
+from caitlab.analysis.timing import (
+    PRECISIONS,
+    device_name,
+    measure_throughput,
+    precision_label,
+    prepare_device,
+)
 from caitlab.models import count_macs
 
 
@@ -27,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="224,384")
     p.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 64 on CUDA")
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=("32", "bf16"), default="32")
+    p.add_argument("--precision", choices=PRECISIONS, default="32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -37,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device, peak, _ = prepare_device(args.device, args.precision, args.threads)
     batch = args.batch or (64 if device.type == "cuda" else 2)
-    print(f"{args.model} on {device} ({_device_name(device)}), "
-          f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, batch {batch}; "
+    print(f"{args.model} on {device} ({device_name(device)}), "
+          f"{precision_label(args.precision)}, batch {batch}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s; median of {args.repeats} x {args.iters} "
           f"batches after {args.warmup} warm-up\n")
     header = (f"{'depth':>5}{'img':>5}{'GMACs':>8}{'infer img/s':>12}{'MFU':>7}"

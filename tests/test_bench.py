@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from caitlab.analysis import bench
-from caitlab.analysis.bench import PAPER_GMACS, PAPER_PARAMS_M, main, matmul_peak_flops, mfu
+from caitlab.analysis import bench, paper
+from caitlab.analysis.bench import main
+from caitlab.analysis.paper import PAPER_GMACS, PAPER_PARAMS_M
+from caitlab.analysis.timing import matmul_peak_flops, mfu
 from caitlab.models import count_macs, count_params, create_model, list_models
 
 # Small and steady: one thread times far more reliably than two on a busy 2-core machine.
@@ -33,7 +35,7 @@ def tiny_result():
 
 @pytest.fixture(scope="module")
 def paper_rows():
-    return bench.compare_paper()
+    return paper.compare_paper()
 
 
 def test_tiny_cpu_numbers_are_real(tiny_result):
@@ -152,7 +154,7 @@ def test_params_at_size_matches_a_rebuild():
     with torch.device("meta"):
         native = create_model("cait_xxs24_384")
         at_224 = create_model("cait_xxs24_384", img_size=224)
-    assert bench.params_at_size(native, 224) == count_params(at_224)
+    assert paper.params_at_size(native, 224) == count_params(at_224)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caitlab.analysis.bench import mfu
+from caitlab.analysis.timing import mfu
 from caitlab.models import count_macs, create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -15,55 +15,29 @@ square matmul timed in the same run, on the same device and precision. Forward F
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-import math
 import re
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from caitlab.analysis.model_source import BenchError, build
+
+# the tables are re-exported: tests/test_models.py imports them from here
+from caitlab.analysis.paper import PAPER_GMACS, PAPER_PARAMS_M, compare_paper  # noqa: F401
+from caitlab.analysis.timing import (
+    PRECISIONS,
+    compute_dtype,
+    default_matmul_size,
+    device_name,
+    matmul_peak_flops,
+    measure_throughput,
+    num_threads,
+    precision_label,
+    resolve_device,
+)
+
 PROG = "caitlab-bench"
-
-# Parameters (M) of the papers' variants, at 224 px and 1000 classes: CaiT Table 3 (the
-# 384/448 px models are listed with their 224 px count). DeiT's own table rounds to whole
-# millions (5M/22M/86M); these are the exact counts of the released DeiT models.
-PAPER_PARAMS_M: dict[str, float] = {
-    "cait_xxs24_224": 12.0, "cait_xxs24_384": 12.0, "cait_xxs36_224": 17.3,
-    "cait_xxs36_384": 17.3, "cait_xs24_224": 26.6, "cait_xs24_384": 26.6, "cait_xs36_224": 38.6,
-    "cait_s24_224": 46.9, "cait_s24_384": 46.9, "cait_s36_384": 68.2, "cait_s48_224": 89.5,
-    "cait_m24_224": 185.9, "cait_m36_384": 270.9, "cait_m48_448": 356.0,
-    "deit_tiny_patch16_224": 5.7, "deit_small_patch16_224": 22.1,
-    "deit_base_patch16_224": 86.6,
-}
-
-# GMACs per image at each variant's native resolution (the papers' "FLOPs" are MACs). Only
-# values we could trace to the CaiT paper / its official release (README_cait.md of
-# facebookresearch/deit) are filled in; None where unconfirmed (printed as "-"). The DeiT
-# paper lists no FLOPs; 1.3 / 4.6 are the values every later table (CaiT's included) cites
-# for DeiT-Ti / DeiT-S, while DeiT-B is cited as both 17.5 and 17.6, so it is left out.
-PAPER_GMACS: dict[str, float | None] = {
-    "cait_xxs24_224": 2.5, "cait_xxs24_384": 9.5, "cait_xxs36_224": 3.8,
-    "cait_xxs36_384": 14.2, "cait_xs24_224": 5.4, "cait_xs24_384": 19.3,
-    "cait_xs36_224": None, "cait_s24_224": 9.4, "cait_s24_384": 32.2, "cait_s36_384": 48.0,
-    "cait_s48_224": None, "cait_m24_224": 36.0, "cait_m36_384": 173.3, "cait_m48_448": 329.6,
-    "deit_tiny_patch16_224": 1.3, "deit_small_patch16_224": 4.6, "deit_base_patch16_224": None,
-}
-
-PRECISIONS = ("32", "bf16")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-class BenchError(Exception):
-    """A bad request: reported as one ``caitlab-bench: error: ...`` line, exit status 2."""
-
-
-# --- model construction --------------------------------------------------------------------
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -91,457 +65,6 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-@dataclass
-class ModelSource:
-    """Where a MODEL argument's model comes from: caitlab's registry, a run folder's
-    ``config.yaml`` (its ``model`` section), or a class/factory of a project's own."""
-
-    label: str  # what the table shows beside MODEL: the registered name or the dotted path
-    build: Callable[..., Any]
-    kwargs: dict[str, Any] = field(default_factory=dict)  # its arguments before --set
-    data: dict[str, Any] = field(default_factory=dict)  # a run's data: its in_chans/img_size
-
-
-def _import_object(path: str) -> Any:
-    """``pkg.module.Name`` -> the object, importing ``pkg.module`` (a project's own package in
-    the folder caitlab-bench runs in included)."""
-    import importlib
-
-    from caitlab.train import project_on_path
-
-    project_on_path()
-    module_name, _, attr = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise BenchError(f"cannot import {path}: {e} (run caitlab-bench in the folder that "
-                         "holds it, or install it)") from None
-    if not hasattr(module, attr):
-        close = difflib.get_close_matches(attr, [n for n in dir(module)
-                                                 if not n.startswith("_")], n=3)
-        hint = f" (did you mean {', '.join(f'{module_name}.{c}' for c in close)}?)" if close else ""
-        raise BenchError(f"cannot import {path}: {module_name} has no {attr!r}{hint}")
-    return getattr(module, attr)
-
-
-def _from_run(path: Path) -> ModelSource:
-    import yaml
-
-    config = path / "config.yaml" if path.is_dir() else path
-    if not config.is_file():
-        raise BenchError(f"{path}: no config.yaml there (a caitlab-train run folder holds one)")
-    try:
-        cfg = yaml.safe_load(config.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise BenchError(f"{config}: cannot read it ({e.__class__.__name__})") from None
-    if isinstance(cfg, dict) and cfg.get("_target_"):  # a model config (conf/model/x.yaml)
-        model, cfg = cfg, {}
-    else:
-        model = cfg.get("model") if isinstance(cfg, dict) else None
-    if not isinstance(model, dict) or not model.get("_target_"):
-        raise BenchError(f"{config}: no model._target_ (neither a caitlab-train run's "
-                         "config.yaml nor a model config)")
-    target = str(model["_target_"])
-    # values taken from elsewhere in a model config (${data.in_chans}) are left to the
-    # constructor's defaults or --set; a run's config.yaml has them resolved
-    kwargs = {k: v for k, v in model.items() if not str(k).startswith("_")
-              and not (isinstance(v, str) and "${" in v)}
-    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-    label = str(kwargs["name"]) if target == "caitlab.models.create_model" else target
-    return ModelSource(label, _import_object(target), kwargs, data)
-
-
-def resolve_model(spec: str) -> ModelSource:
-    """MODEL: a registered variant (``cait_tiny``), a run folder or its ``config.yaml``
-    (``outputs/demo/8aac04fac3``: the model it trained, as configured), a model config
-    (``conf/model/mynet.yaml``), or the dotted path of a model class or factory of a
-    project's own (``mynet.MyNet``, arguments by --set)."""
-    from caitlab.models import create_model, list_models
-
-    if spec in list_models():
-        return ModelSource(spec, lambda **kw: create_model(spec, **kw))
-    path = Path(spec)
-    if path.exists() or "/" in spec or spec.endswith((".yaml", ".yml")):
-        if not path.exists():
-            raise BenchError(f"{spec}: no such run folder or file")
-        return _from_run(path)
-    if "." in spec and all(part.isidentifier() for part in spec.split(".")):
-        return ModelSource(spec, _import_object(spec))
-    close = difflib.get_close_matches(spec, list_models(), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise BenchError(f"unknown model name {spec!r}{hint}; give a registered variant "
-                     f"({', '.join(list_models())}), a run folder, or module.Class of your own")
-
-
-def _construct(source: ModelSource, kwargs: dict[str, Any], device: Any):
-    import torch
-
-    from caitlab.models import ModelConfigError, UnknownModelError
-
-    try:
-        try:
-            with torch.device(device):
-                return source.build(**kwargs)
-        except (NotImplementedError, RuntimeError):
-            if str(device) != "meta":
-                raise
-            # a project's model that does real work on its tensors at construction: it is
-            # only counted, so the CPU does as well as meta (for a small model)
-            return source.build(**kwargs)
-    except (UnknownModelError, ModelConfigError) as e:
-        raise BenchError(str(e)) from None
-    except (TypeError, ValueError) as e:  # an unknown keyword, or a value it refuses
-        msg = re.sub(r"^[\w.]*__init__\(\) ", "", str(e))
-        raise BenchError(f"bad model arguments {kwargs}: {msg}") from None
-
-
-def _input_shape(model, source: ModelSource, kwargs: dict[str, Any]) -> tuple[int, int, int]:
-    """(channels, height, width) of one input: a caitlab model's ``config``, else the
-    ``in_chans``/``img_size`` it was built with (--set, the run's config, the run's data, the
-    constructor's defaults)."""
-    import inspect
-
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, dict) and "in_chans" in cfg and "img_size" in cfg:
-        return (int(cfg["in_chans"]), *(int(x) for x in cfg["img_size"]))
-    try:
-        defaults = {k: p.default for k, p in inspect.signature(source.build).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-    except (TypeError, ValueError):
-        defaults = {}
-
-    def pick(key: str) -> Any:
-        for where in (kwargs, source.data, defaults):
-            if where.get(key) is not None:
-                return where[key]
-        return None
-
-    chans, size = pick("in_chans"), pick("img_size")
-    if chans is None or size is None:
-        raise BenchError(f"{source.label}: cannot tell the size of its input images: give "
-                         "--set in_chans=C --set img_size=N, or bench a run folder of it")
-    h, w = (size, size) if isinstance(size, int) else size
-    return int(chans), int(h), int(w)
-
-
-def build(name: str, overrides: dict[str, Any] | None = None, img_size: int | None = None,
-          device: Any = "meta") -> tuple[Any, ModelSource, tuple[int, int, int]]:
-    """(model, where it came from, its input's (C, H, W)) for MODEL ``name``: see
-    :func:`resolve_model` and :func:`build_model`."""
-    source = resolve_model(name)
-    kwargs = {**source.kwargs, **(overrides or {})}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    model = _construct(source, kwargs, device)
-    return model, source, _input_shape(model, source, kwargs)
-
-
-def build_model(name: str, overrides: dict[str, Any] | None = None,
-                img_size: int | None = None, device: Any = "meta"):
-    """Builds MODEL ``name`` (:func:`resolve_model`) with ``overrides`` (``img_size`` wins over
-    an override) on ``device``.
-
-    Raises :class:`BenchError` for an unknown name or an impossible combination of arguments.
-    """
-    return build(name, overrides, img_size, device)[0]
-
-
-def paper_variants() -> list[str]:
-    """The CaiT/DeiT variants to compare with the papers: the table's names that are
-    registered, then any other registered ``cait_*``/``deit_*`` except the CPU-sized
-    ``*_tiny`` toys (those get "-" for the paper)."""
-    from caitlab.models import list_models
-
-    registered = list_models()
-    named = [n for n in PAPER_PARAMS_M if n in registered]
-    extra = [n for n in registered if n.startswith(("cait_", "deit_"))
-             and n not in PAPER_PARAMS_M and not n.endswith("_tiny")]
-    return named + extra
-
-
-def params_at_size(model, img_size: int) -> int:
-    """Parameters of ``model`` rebuilt at ``img_size`` px, without rebuilding it: the learned
-    position embedding (one ``embed_dim`` vector per patch) is the only parameter whose size
-    depends on the image size."""
-    from caitlab.models import count_params
-
-    gh, gw = (img_size // p for p in model.config["patch_size"])
-    return count_params(model) - model.pos_embed.numel() + gh * gw * model.embed_dim
-
-
-def compare_paper() -> list[dict[str, Any]]:
-    """Our params (at 224 px, 1000 classes) and MACs (at native resolution) beside the papers'.
-
-    Every model is built on the meta device, so even M-48 at 448 px costs nothing.
-    """
-    from caitlab.models import count_macs
-
-    rows = []
-    for name in paper_variants():
-        native = build_model(name, {"num_classes": 1000, "in_chans": 3})
-        params, macs = params_at_size(native, 224), count_macs(native)
-        paper_p, paper_g = PAPER_PARAMS_M.get(name), PAPER_GMACS.get(name)
-        params_m, gmacs = params / 1e6, macs / 1e9
-        rows.append(dict(
-            model=name, img_size=native.config["img_size"][0],
-            params=params, params_m=round(params_m, 2), paper_params_m=paper_p,
-            params_diff_m=None if paper_p is None else round(params_m - paper_p, 2),
-            macs=macs, gmacs=round(gmacs, 2), paper_gmacs=paper_g,
-            gmacs_diff=None if paper_g is None else round(gmacs - paper_g, 2),
-        ))
-    return rows
-
-
-# --- measurement ---------------------------------------------------------------------------
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _resolve_device(name: str | None):
-    import torch
-
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise BenchError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {name}: CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise BenchError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def _dtype(precision: str):
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def _autocast(device, precision: str):
-    import torch
-
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _time_repeats(step, device, warmup: int, repeats: int, iters: int) -> list[float]:
-    """Seconds for each of ``repeats`` runs of ``iters`` steps, after ``warmup`` untimed steps."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def time_interleaved(steps: dict[str, Any], device, warmup: int, repeats: int,
-                     iters: int) -> dict[str, list[float]]:
-    """Seconds per repeat of each named step, the steps taking turns repeat by repeat.
-
-    Side-by-side comparisons (ours against a reference) alternate so that a change of clock,
-    cache or load during the run hits every contender alike; each gets ``warmup`` untimed
-    calls first.
-    """
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(repeats):
-        # Reverse the order every other repeat: whoever goes first pays no systematic price.
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
-        for name in order:
-            times[name] += _time_repeats(steps[name], device, 0, 1, iters)
-    return times
-
-
-def median_ratio(ours: list[float], reference: list[float]) -> float:
-    """Throughput of ours over the reference's, from their median times."""
-    return statistics.median(reference) / statistics.median(ours)
-
-
-def default_matmul_size(device) -> int:
-    import torch
-
-    return 4096 if torch.device(device).type == "cuda" else 1024
-
-
-def matmul_peak_flops(device, dtype, size: int | None = None, repeats: int = 5,
-                      target_s: float = 0.05) -> float:
-    """FLOP/s of a ``size x size @ size x size`` matmul in ``dtype`` on ``device``: the median
-    of ``repeats`` timed runs, each long enough (about ``target_s``) to time reliably.
-
-    The MFU denominator: a practical peak measured here, not the datasheet's.
-    """
-    import torch
-
-    device = torch.device(device)
-    n = size or default_matmul_size(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-
-    def step():
-        torch.mm(a, b, out=out)
-
-    # Calibrate: how many matmuls make one timed repeat last about target_s.
-    one = min(_time_repeats(step, device, warmup=1, repeats=2, iters=1))
-    iters = max(1, min(1000, math.ceil(target_s / max(one, 1e-9))))
-    times = _time_repeats(step, device, warmup=0, repeats=repeats, iters=iters)
-    return 2 * n**3 * iters / statistics.median(times)
-
-
-def prepare_device(name: str | None, precision: str, threads: int | None = None):
-    """(device, matmul peak FLOP/s, matmul size) for a benchmark script: ``threads`` CPU
-    threads when given, TF32 matmuls on CUDA (as training uses them), and the MFU
-    denominator timed now, on this device and precision."""
-    import torch
-
-    device = _resolve_device(name)
-    if threads:
-        torch.set_num_threads(threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    n = default_matmul_size(device)
-    return device, matmul_peak_flops(device, _dtype(precision), n), n
-
-
-def mfu(images_per_s: float, macs_per_image: float, peak: float, training: bool) -> float:
-    """Model FLOP utilisation as a fraction: achieved FLOP/s over ``peak`` FLOP/s.
-
-    Forward FLOPs per image are 2 x MACs; a training step (forward, backward with input and
-    weight gradients) is counted as 3 x forward.
-    """
-    flops_per_image = 2 * macs_per_image * (3 if training else 1)
-    return images_per_s * flops_per_image / peak
-
-
-class _PeakMemory:
-    """Peak memory of one phase: CUDA's max allocated, or the growth of the process's peak
-    RSS on the CPU (``ru_maxrss`` is a high-water mark: a phase that stays below an earlier
-    peak reads 0)."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.cuda = torch.device(device).type == "cuda"
-        self.device = device
-        self.kind = "cuda_max_allocated" if self.cuda else "process_peak_rss_growth"
-
-    @staticmethod
-    def _maxrss_bytes() -> int | None:
-        try:
-            import resource
-        except ImportError:  # not on Windows
-            return None
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = None if self.cuda else self._maxrss_bytes()
-        self.bytes = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        if self.cuda:
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-        elif self.start is not None:
-            self.bytes = max(0, self._maxrss_bytes() - self.start)
-
-
-def _phase_result(times: list[float], batch: int, iters: int, macs: int, peak: float,
-                  training: bool, mem: _PeakMemory) -> dict[str, Any]:
-    t = statistics.median(times)
-    images_per_s = batch * iters / t
-    return dict(
-        images_per_s=images_per_s, ms_per_batch=1000 * t / iters,
-        mfu=mfu(images_per_s, macs, peak, training),
-        peak_mem_bytes=mem.bytes, peak_mem_kind=mem.kind,
-        repeat_s=[round(x, 6) for x in times],
-    )
-
-
-def measure_throughput(model, *, batch: int, device, precision: str, macs: int, peak: float,
-                       warmup: int = 3, repeats: int = 5, iters: int = 5,
-                       compile: bool = False,
-                       input_shape: tuple[int, int, int] | None = None
-                       ) -> dict[str, dict[str, Any]]:
-    """Inference (eval, ``inference_mode``) and training (forward + cross-entropy + backward
-    + AdamW step) throughput on random data: ``{"inference": {...}, "training": {...}}``.
-
-    ``model`` must already be on ``device``; ``input_shape`` (C, H, W) defaults to a caitlab
-    model's own. Each figure is the median over ``repeats`` timed runs of ``iters`` batches,
-    after ``warmup`` untimed batches.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from caitlab.models.cost import input_shape as model_input
-
-    chans, h, w = input_shape or model_input(model)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, chans, h, w, device=device, generator=gen)
-    classes = getattr(model, "num_classes", None)
-    if not isinstance(classes, int):  # a project's own model: as many classes as it outputs
-        model.eval()
-        with torch.no_grad():
-            out = model(x[:1])
-        classes = out.shape[-1] if out.dim() == 2 else 0
-    y = torch.randint(0, max(classes, 1), (batch,), device=device, generator=gen)
-    forward = torch.compile(model) if compile else model
-    if compile:
-        warmup = max(warmup, 1)  # the first call compiles; never time it
-
-    results = {}
-    model.eval()
-    with _PeakMemory(device) as mem, torch.inference_mode(), _autocast(device, precision):
-        times = _time_repeats(lambda: forward(x), device, warmup, repeats, iters)
-    results["inference"] = _phase_result(times, batch, iters, macs, peak, False, mem)
-
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4,
-                            fused=True if torch.device(device).type == "cuda" else None)
-
-    def train_step():
-        with _autocast(device, precision):
-            out = forward(x)
-        out = out.float()
-        loss = F.cross_entropy(out, y) if classes > 0 else out.square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with _PeakMemory(device) as mem:
-        times = _time_repeats(train_step, device, warmup, repeats, iters)
-    results["training"] = _phase_result(times, batch, iters, macs, peak, True, mem)
-    return results
-
-
 def _warnings(result: dict[str, Any], device) -> list[str]:
     """Notes on figures not to trust: a busy CPU, or an MFU above 100%."""
     import os
@@ -559,23 +82,45 @@ def _warnings(result: dict[str, Any], device) -> list[str]:
     return notes
 
 
-def _device_name(device) -> str:
+def _counted(name: str, overrides: dict[str, Any] | None, img_size: int | None,
+             settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` dict with params and MACs counted on the meta device, nothing timed yet;
+    ``settings`` (precision, batch, compile, timing) recorded as asked."""
+    from caitlab.models import count_macs, count_params
+
+    meta, source, shape = build(name, overrides, img_size)  # costs nothing, whatever the size
+    try:
+        params, macs = count_params(meta), count_macs(meta, shape[1:], shape[0])
+    except Exception as e:  # a project's model that cannot take the input it was given
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BenchError(f"{source.label} cannot take one {'x'.join(map(str, shape))} input "
+                         f"(in_chans x img_size): {type(e).__name__}: {first}") from None
+    return dict(
+        model=name, built=source.label, overrides=dict(overrides or {}),
+        in_chans=shape[0], img_size=list(shape[1:]), params=params, macs=macs, device=None,
+        device_name=None, **settings, inference=None, training=None, matmul_peak_flops=None,
+        matmul_size=None, threads=None, warnings=[],
+    )
+
+
+def _timing_device(device: str | None, precision: str, threads: int | None,
+                   counts: dict[str, int]):
+    """The device to time on, once the request (``counts``: batch, warmup, repeats, iters)
+    is known to be one it can honour."""
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = None
     try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f
-                         if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    if not name:
-        import platform
-
-        name = platform.processor() or "cpu"
-    return f"{name}, {torch.get_num_threads()} threads"
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BenchError(f"--precision bf16: {torch.cuda.get_device_name(dev)} has no bf16")
+    for flag, least in (("batch", 1), ("repeats", 1), ("iters", 1), ("warmup", 0)):
+        if counts[flag] < least:
+            raise BenchError(f"--{flag} must be >= {least}, got {counts[flag]}")
+    if threads is not None and threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {threads}")
+    return dev
 
 
 def bench(name: str, overrides: dict[str, Any] | None = None, *, img_size: int | None = None,
@@ -584,59 +129,34 @@ def bench(name: str, overrides: dict[str, Any] | None = None, *, img_size: int |
           throughput: bool = True, matmul_size: int | None = None,
           threads: int | None = None) -> dict[str, Any]:
     """Everything ``caitlab-bench`` reports for one model, as the ``--json`` dict."""
-    from caitlab.models import count_macs, count_params
-
     if precision not in PRECISIONS:
         raise BenchError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if compile:
         warmup = max(warmup, 1)  # the first call compiles; never time it
-    meta, source, shape = build(name, overrides, img_size)  # costs nothing, whatever the size
-    try:
-        params, macs = count_params(meta), count_macs(meta, shape[1:], shape[0])
-    except Exception as e:  # a project's model that cannot take the input it was given
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise BenchError(f"{source.label} cannot take one {'x'.join(map(str, shape))} input "
-                         f"(in_chans x img_size): {type(e).__name__}: {first}") from None
-    result: dict[str, Any] = dict(
-        model=name, built=source.label, overrides=dict(overrides or {}),
-        in_chans=shape[0], img_size=list(shape[1:]), params=params, macs=macs, device=None,
-        device_name=None, precision=precision,
-        batch=batch, compile=compile, timing=dict(warmup=warmup, repeats=repeats, iters=iters),
-        inference=None, training=None, matmul_peak_flops=None, matmul_size=None,
-        threads=None, warnings=[],
-    )
+    timing = dict(warmup=warmup, repeats=repeats, iters=iters)
+    result = _counted(name, overrides, img_size, dict(precision=precision, batch=batch,
+                                                      compile=compile, timing=timing))
     if not throughput:
         return result
 
     import torch
 
-    dev = _resolve_device(device)
-    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise BenchError(f"--precision bf16: {torch.cuda.get_device_name(dev)} has no bf16")
-    for flag, value, least in (("--batch", batch, 1), ("--repeats", repeats, 1),
-                               ("--iters", iters, 1), ("--warmup", warmup, 0)):
-        if value < least:
-            raise BenchError(f"{flag} must be >= {least}, got {value}")
-    if threads is not None and threads < 1:
-        raise BenchError(f"--threads must be >= 1, got {threads}")
-    saved_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        result.update(device=str(dev), device_name=_device_name(dev))
-        n = matmul_size or default_matmul_size(dev)
-        peak = matmul_peak_flops(dev, _dtype(precision), n, repeats=max(repeats, 3))
-        result.update(matmul_peak_flops=peak, matmul_size=n)
-        model = build(name, overrides, img_size, device=dev)[0]
-        result.update(measure_throughput(
-            model, batch=batch, device=dev, precision=precision, macs=macs, peak=peak,
-            warmup=warmup, repeats=repeats, iters=iters, compile=compile, input_shape=shape))
-        result["threads"] = torch.get_num_threads()
-        result["warnings"] = _warnings(result, dev)
-    except torch.OutOfMemoryError:
-        raise BenchError(f"out of memory on {dev} at --batch {batch}") from None
-    finally:
-        torch.set_num_threads(saved_threads)
+    dev = _timing_device(device, precision, threads, dict(batch=batch, **timing))
+    with num_threads(threads):
+        try:
+            result.update(device=str(dev), device_name=device_name(dev))
+            n = matmul_size or default_matmul_size(dev)
+            peak = matmul_peak_flops(dev, compute_dtype(precision), n, repeats=max(repeats, 3))
+            result.update(matmul_peak_flops=peak, matmul_size=n)
+            model = build(name, overrides, img_size, device=dev)[0]
+            result.update(measure_throughput(
+                model, batch=batch, device=dev, precision=precision, macs=result["macs"],
+                peak=peak, compile=compile, input_shape=(result["in_chans"],
+                                                         *result["img_size"]), **timing))
+            result["threads"] = torch.get_num_threads()
+            result["warnings"] = _warnings(result, dev)
+        except torch.OutOfMemoryError:
+            raise BenchError(f"out of memory on {dev} at --batch {batch}") from None
     return result
 
 
@@ -666,8 +186,8 @@ def format_table(r: dict[str, Any]) -> str:
     built = f" ({r['built']})" if r.get("built", r["model"]) != r["model"] else ""
     lines = [f"{r['model']}{built}{'  [' + sets + ']' if sets else ''}  img {h}x{w}"]
     if r["inference"] is not None:
-        prec = "bf16 autocast" if r["precision"] == "bf16" else "fp32"
-        lines.append(f"device {r['device']} ({r['device_name']})  precision {prec}  "
+        lines.append(f"device {r['device']} ({r['device_name']})  "
+                     f"precision {precision_label(r['precision'])}  "
                      f"batch {r['batch']}{'  compiled' if r['compile'] else ''}")
         t = r["timing"]
         n = r["matmul_size"]
@@ -811,6 +331,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bench_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`bench`'s keyword arguments from the command line (all but MODEL and --set)."""
+    return dict(img_size=args.img_size, batch=args.batch, device=args.device,
+                precision=args.precision, warmup=args.warmup, repeats=args.repeats,
+                iters=args.iters, compile=args.compile, throughput=not args.no_throughput,
+                matmul_size=args.matmul_size, threads=args.threads)
+
+
+def _results(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--json`` object of one command line."""
+    out: dict[str, Any] = {}
+    options = _bench_options(args)
+    if args.compare is not None:
+        key, values = parse_compare(args.compare)
+        out["compare"] = {"key": key, "results": [
+            bench(args.model, {**parse_overrides(args.overrides), key: value}, **options)
+            for value in values]}
+    elif args.model is not None:
+        out = bench(args.model, parse_overrides(args.overrides), **options)
+    if args.compare_paper:
+        out["compare_paper"] = compare_paper()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -823,25 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None and not args.compare_paper:
         return fail("give a MODEL, or --compare-paper")
     try:
-        out: dict[str, Any] = {}
-        if args.compare is not None:
-            key, values = parse_compare(args.compare)
-            out["compare"] = {"key": key, "results": [
-                bench(args.model, {**parse_overrides(args.overrides), key: value},
-                      img_size=args.img_size, batch=args.batch, device=args.device,
-                      precision=args.precision, warmup=args.warmup, repeats=args.repeats,
-                      iters=args.iters, compile=args.compile,
-                      throughput=not args.no_throughput, matmul_size=args.matmul_size,
-                      threads=args.threads)
-                for value in values]}
-        elif args.model is not None:
-            out = bench(args.model, parse_overrides(args.overrides), img_size=args.img_size,
-                        batch=args.batch, device=args.device, precision=args.precision,
-                        warmup=args.warmup, repeats=args.repeats, iters=args.iters,
-                        compile=args.compile, throughput=not args.no_throughput,
-                        matmul_size=args.matmul_size, threads=args.threads)
-        if args.compare_paper:
-            out["compare_paper"] = compare_paper()
+        out = _results(args)
     except BenchError as e:
         return fail(str(e))
 
