@@ -144,13 +144,18 @@ class DataModuleBase(LightningDataModule):
                 log.warning(note)
         return self._loader_workers
 
-    def check_train_batches(self, num_train: int) -> None:
-        """Refuses, before any training, a split too small for one batch under ``drop_last``.
+    def check_train_batches(self, stage: str | None) -> None:
+        """Refuses, before any training, a split too small for one batch under ``drop_last``;
+        called by ``setup(stage)`` once the training split is known, and checks only for the
+        stages that train (``fit``, or None: all).
 
         Each rank iterates ``ceil(n / world_size)`` samples (DistributedSampler and
         :func:`shard_indices` pad), and ``drop_last`` drops its incomplete last batch; an
         epoch of no batches would train nothing and still report a test accuracy.
         """
+        if stage not in (None, "fit"):
+            return
+        num_train = self.num_train_samples
         _, world = self._rank_world()
         per_rank = math.ceil(num_train / world)
         if not self.drop_last or per_rank >= self.batch_size:

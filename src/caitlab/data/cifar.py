@@ -122,8 +122,7 @@ class CifarDataModule(FileDataModule):
                 eval_full.transforms = type(full.transforms)(eval_full.transform, None)
                 self.val_set = Subset(eval_full, perm[:n_val].tolist())
             self._num_train_samples = len(self.train_set)
-        if stage in (None, "fit"):
-            self.check_train_batches(self.num_train_samples)
+        self.check_train_batches(stage)
         need_test = stage in (None, "test", "predict") or (
             stage in ("fit", "validate") and self.val_set is None)
         if need_test and self.test_set is None:

@@ -55,8 +55,7 @@ class DigitsDataModule(InMemoryDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.tensors:
             self._make_tensors()
-        if stage in (None, "fit"):
-            self.check_train_batches(self.num_train_samples)
+        self.check_train_batches(stage)
 
     def _make_tensors(self) -> None:
         from sklearn.datasets import load_digits

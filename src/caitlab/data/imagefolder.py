@@ -175,8 +175,7 @@ class ImageFolderDataModule(FileDataModule):
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._load("train", self.train_transform)
             self._num_train_samples = len(self.train_set)
-        if stage in (None, "fit"):
-            self.check_train_batches(self.num_train_samples)
+        self.check_train_batches(stage)
         if self.val_set is None:
             self.val_set = self._load("val", self.eval_transform)
 

@@ -56,5 +56,4 @@ class SyntheticDataModule(InMemoryDataModule):
             if split not in self.tensors:
                 self.tensors[split] = self._generate(split)
         self._num_train_samples = self.split_sizes["train"]
-        if stage in (None, "fit"):
-            self.check_train_batches(self.num_train_samples)
+        self.check_train_batches(stage)
