@@ -28,6 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from caitlab import compat
+
 SIGNATURE_LENGTH = 10
 DELETED = "<deleted>"  # a value the run removed (``~ema``)
 # For configs composed without train.yaml's list (a user's own primary config)
@@ -63,7 +65,7 @@ def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
 def _resolved(cfg: DictConfig, key: str) -> Any:
     """``cfg[key]`` as plain data, resolved where it is: it may interpolate keys left out
     (``data.root`` -> ``paths.data_dir``)."""
-    node = cfg._get_node(key)
+    node = compat.config_node(cfg, key)
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
 
 

@@ -6,12 +6,13 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from weakref import proxy
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
+from caitlab import compat
 from caitlab.console import say
 from caitlab.runs import Summary
 
@@ -21,8 +22,8 @@ log = logging.getLogger("caitlab")
 class SummaryCallback(Callback):
     """Keeps ``summary.json`` current at every validation, so sweeps can be read live."""
 
-    def __init__(self, summary: Summary, wall_before: float, t0: float) -> None:
-        self.summary, self.wall_before, self.t0 = summary, wall_before, t0
+    def __init__(self, summary: Summary, wall_s: Callable[[], float]) -> None:
+        self.summary, self.wall_s = summary, wall_s  # the run's clock, over all attempts
 
     # on_validation_end, not on_validation_epoch_end: the module logs the epoch's metrics in
     # its own on_validation_epoch_end, which Lightning calls after the callbacks'.
@@ -32,7 +33,7 @@ class SummaryCallback(Callback):
         metrics = trainer.callback_metrics
         values: dict[str, Any] = {"epochs": trainer.current_epoch + 1,
                                   "global_step": trainer.global_step,
-                                  "wall_s": self.wall_before + time.time() - self.t0}
+                                  "wall_s": self.wall_s()}
         top1 = metrics.get("val/top1")
         if top1 is not None:
             top1 = float(top1)
@@ -45,6 +46,7 @@ class SummaryCallback(Callback):
         self.summary.update(**values)
 
 
+@compat.routes_saves
 class BestCheckpoint(ModelCheckpoint):
     """The best checkpoint by a metric, written as a hard link to ``latest``'s file when that
     was saved at the same step (the usual case: both are saved at every epoch end).
@@ -60,19 +62,15 @@ class BestCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.latest = latest
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        source = Path(self.latest._last_checkpoint_saved or "")
-        if (self.latest._last_global_step_saved != trainer.global_step
-                or not source.is_file() or self.save_weights_only):
-            super()._save_checkpoint(trainer, filepath)
+    def save(self, trainer, filepath: str) -> None:
+        step, source = compat.last_save(self.latest)
+        if step != trainer.global_step or not Path(source or "").is_file() \
+                or self.save_weights_only:
+            compat.lightning_save(self, trainer, filepath)
             return
         if trainer.is_global_zero:
-            _link_atomic(source, Path(filepath))
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+            _link_atomic(Path(source), Path(filepath))
+        compat.record_save(self, trainer, filepath)
 
 
 def _link_atomic(source: Path, target: Path) -> None:

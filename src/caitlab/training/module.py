@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from caitlab import compat
 from caitlab.config import TrainConfig
 from caitlab.training.preemption import rng_state, set_rng_state
 
@@ -111,12 +112,10 @@ class ClassificationModule(L.LightningModule):
         return loss
 
     def _logs_this_step(self) -> bool:
-        trainer = self._trainer
-        if trainer is None:
-            return False
         # Lightning's own rule (log_every_n_steps, counted in optimizer steps), so every
         # value logged here is one the loggers write.
-        return trainer._logger_connector.should_update_logs
+        trainer = compat.attached_trainer(self)
+        return trainer is not None and compat.logs_this_step(trainer)
 
     def _eval_step(self, batch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
         x, y = batch
@@ -169,7 +168,8 @@ class ClassificationModule(L.LightningModule):
         if self._epoch_t0 is None or self._epoch_images == 0:
             return None
         seconds = max(self._epoch_t1 - self._epoch_t0, 1e-9)
-        world = self.trainer.world_size if self._trainer is not None else 1
+        trainer = compat.attached_trainer(self)
+        world = trainer.world_size if trainer is not None else 1
         return self._epoch_images * world / seconds
 
     def on_train_epoch_end(self) -> None:
@@ -189,7 +189,7 @@ class ClassificationModule(L.LightningModule):
     # --- optimisation ----------------------------------------------------------------------
 
     def global_batch_size(self) -> int:
-        trainer = self._trainer
+        trainer = compat.attached_trainer(self)
         if trainer is None:
             return self.batch_size
         return self.batch_size * trainer.world_size * trainer.accumulate_grad_batches

@@ -25,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from caitlab import compat
 from caitlab.runs import write_atomic
 
 
@@ -94,7 +95,7 @@ class GracefulStop(Callback):
             print("\ncaitlab: stopping at the next batch and saving last.ckpt "
                   "(Ctrl-C again to stop at once)", flush=True)
         if self._trainer is not None:
-            self._trainer._signal_connector.received_sigterm = True
+            compat.request_stop(self._trainer)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self._previous:

@@ -1,0 +1,139 @@
+"""Every use of a library's internals, each where no public API serves, and why.
+
+Written for lightning 2.6, hydra-core 1.3 and omegaconf 2.3 (pyproject.toml bounds each to the
+versions tested). ``tests/test_compat.py`` has one test per function here, asserting the
+behaviour its caller relies on, so that a release that changes an internal fails there, by
+name, instead of silently changing training or submission. Everything else in caitlab uses
+the libraries' public contracts only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the libraries are imported where used: importing this stays cheap
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from omegaconf import DictConfig
+
+# --- Lightning -----------------------------------------------------------------------------
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The trainer ``module`` is attached to; None before ``fit`` (or a test) attaches one.
+
+    Lightning's ``module.trainer`` raises when there is none, and has no public way to ask;
+    a module that also runs detached (built in a test, counted before ``fit``) must ask."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers write the values ``self.log(on_step=True)`` gets at this step.
+
+    Lightning's rule (``log_every_n_steps`` counted in optimizer steps, every step once the
+    run is stopping) is public only through its effect: its own callbacks (LearningRateMonitor,
+    ThroughputMonitor) read the same internal flag."""
+    return trainer._logger_connector.should_update_logs
+
+
+def request_stop(trainer: L.Trainer) -> None:
+    """Raises the flag behind ``trainer.received_sigterm``: at the next batch boundary the
+    loops stop with ``SIGTERMException``, and under DDP Lightning broadcasts rank 0's flag.
+
+    ``received_sigterm`` is a read-only property, and ``trainer.should_stop`` is no substitute:
+    it waits for the end of the epoch and is not broadcast."""
+    trainer._signal_connector.received_sigterm = True
+
+
+def routes_saves(cls: type) -> type:
+    """Class decorator for a ``ModelCheckpoint`` subclass with a ``save(trainer, filepath)``
+    method: every save the callback decides on goes through it, to write the file another way
+    (``lightning_save`` is Lightning's own; ``record_save`` records any other as Lightning's).
+
+    ModelCheckpoint has no public hook between deciding to save and saving: its top-k and
+    resume logic (which a subclass must not write again) all end in ``_save_checkpoint``."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self.save(trainer, filepath)
+
+    cls._save_checkpoint = _save_checkpoint
+    return cls
+
+
+def lightning_save(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+    """``callback``'s save as Lightning makes it: ``trainer.save_checkpoint``, then its record."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ModelCheckpoint._save_checkpoint(callback, trainer, filepath)
+
+
+def record_save(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+    """Records a save of ``callback`` made without ``trainer.save_checkpoint`` as Lightning's
+    own: no second save at the same step, ``last_save``, the loggers' ``after_save_checkpoint``."""
+    from weakref import proxy
+
+    callback._last_global_step_saved = trainer.global_step
+    callback._last_checkpoint_saved = filepath
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(proxy(callback))
+
+
+def last_save(callback: ModelCheckpoint) -> tuple[int, str]:
+    """(global step, file) of ``callback``'s last save in this process; (0, "") before one.
+
+    ModelCheckpoint's public paths (``best_model_path``, ``last_model_path``) say where, never
+    when, and a file of an earlier step may have the same name."""
+    return callback._last_global_step_saved, callback._last_checkpoint_saved
+
+
+def unset_wandb_anonymous(logger: Any) -> None:
+    """Leaves ``anonymous`` out of what a ``WandbLogger`` passes to ``wandb.init``, where
+    Lightning would pass ``anonymous=None``: wandb >= 0.19 warns about the argument whatever
+    its value (and ``WANDB_SILENT`` does not cover it), and unset means the same.
+
+    Lightning's ``anonymous`` parameter has no value that leaves it out; its arguments to
+    ``wandb.init`` are kept in ``WandbLogger._wandb_init`` until the run starts."""
+    if logger._wandb_init.get("anonymous", "unset") is None:
+        del logger._wandb_init["anonymous"]
+
+
+# --- OmegaConf -----------------------------------------------------------------------------
+
+def config_node(cfg: DictConfig, key: str) -> Any:
+    """The node under ``key``, unresolved: a DictConfig or ListConfig where the config has a
+    container there (typed containers included, even one set by interpolation), otherwise a
+    value node (an interpolation to a container included).
+
+    ``cfg[key]``, ``cfg.get`` and ``OmegaConf.select`` all resolve, so they cannot tell the two
+    apart; run signatures (caitlab.identity) have always depended on the difference."""
+    return cfg._get_node(key)
+
+
+# --- Hydra ---------------------------------------------------------------------------------
+
+def __getattr__(name: str) -> Any:
+    """``BasicSweeper`` and ``BasicSweeperConf``: Hydra's default sweeper, to be extended.
+
+    Hydra keeps its core plugins in ``hydra._internal``; a sweeper with the same ``params``
+    and batches would otherwise be written again from scratch. Imported on first use: it
+    costs a third of a second, which most users of this module do not need."""
+    if name in ("BasicSweeper", "BasicSweeperConf"):
+        from hydra._internal.core_plugins import basic_sweeper
+
+        return getattr(basic_sweeper, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def apply_value_overrides(overrides: list[Any], cfg: DictConfig) -> None:
+    """Applies parsed value overrides (``seed=3``, ``+a=1``, ``~b``) to a composed ``cfg`` in
+    place, as Hydra's composition does after it has interpreted the config-group overrides:
+    the same result and the same errors.
+
+    Hydra composes only from scratch (``load_sweep_config``); applying value overrides to an
+    existing composition is its ``ConfigLoaderImpl._apply_overrides_to_config``."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
