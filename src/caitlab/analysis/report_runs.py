@@ -1,0 +1,152 @@
+"""The runs a report is made of: read from a sweep folder or a wandb project, grouped into
+variants (runs that differ only by seed), with the code they come from."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caitlab.provenance import commit_of
+
+# wandb run states for runs whose summary never got a caitlab status
+WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "failed",
+                "failed": "failed", "killed": "interrupted"}
+
+
+@dataclass
+class Run:
+    name: str
+    summary: dict[str, Any]
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/top1)
+    folder: Path | None = None  # the run folder, for runs read from disk
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status") or "pending"
+
+    @property
+    def state(self) -> str:
+        if self.status == "diverged":
+            return f"diverged at epoch {self.summary.get('diverged_epoch', '?')}"
+        return self.status
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        return dict(self.summary.get("axes") or {})
+
+
+@dataclass
+class Variant:
+    key: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        return self.runs[0].axes
+
+    def completed(self) -> list[dict[str, Any]]:
+        return [r.summary for r in self.runs if r.status == "completed"]
+
+    def values(self, metric: str) -> list[float]:
+        return [s[metric] for s in self.completed() if s.get(metric) is not None]
+
+    @property
+    def model_name(self) -> str:
+        model = self.runs[0].summary.get("model") or {}
+        return str(self.axes.get("model", model.get("name", "")))
+
+    @property
+    def own_model(self) -> bool:
+        """A project's own model (its ``_target_`` outside caitlab), not one of caitlab's."""
+        target = (self.runs[0].summary.get("model") or {}).get("target")
+        return bool(target) and not str(target).startswith("caitlab.")
+
+    @property
+    def family(self) -> str:
+        """CaiT-like (class attention), ViT-like, or a project's own model: the marker
+        families of the plots."""
+        if self.own_model:
+            return "own"
+        return "CaiT" if self.axes.get("class_token") == "class_attention" else "ViT"
+
+
+def _read_curve(metrics_csv: Path) -> list[tuple[int, float]]:
+    if not metrics_csv.is_file():
+        return []
+    curve: dict[int, float] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/top1") and row.get("epoch"):
+                curve[int(float(row["epoch"]))] = float(row["val/top1"])
+    return sorted(curve.items())
+
+
+def collect_runs(sweep_dir: Path) -> list[Run]:
+    """Every run folder below ``sweep_dir`` (one with a summary.json), sorted by path."""
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary = {"status": "unreadable"}
+        runs.append(Run(path.parent.name, summary, _read_curve(path.parent / "metrics.csv"),
+                        folder=path.parent))
+    return runs
+
+
+def runs_from_wandb(api: Any, path: str, group: str | None = None,
+                    tags: Iterable[str] = ()) -> list[Run]:
+    """The same runs from wandb: ``api`` is a ``wandb.Api()``; ``path`` is entity/project."""
+    filters: dict[str, Any] = {}
+    if group:
+        filters["group"] = group
+    if tags:
+        filters["tags"] = {"$in": list(tags)}
+    runs = []
+    for wrun in api.runs(path, filters=filters or None):
+        summary = {k: v for k, v in dict(wrun.summary).items() if not k.startswith("_")}
+        summary.setdefault("status", WANDB_STATES.get(getattr(wrun, "state", ""), "pending"))
+        if "variant" not in summary:
+            config = dict(wrun.config)
+            config.pop("seed", None)
+            summary["variant"] = json.dumps(config, sort_keys=True, default=str)
+        curve = {}
+        for row in wrun.scan_history(keys=["epoch", "val/top1"]):
+            if row.get("val/top1") is not None and row.get("epoch") is not None:
+                curve[int(row["epoch"])] = float(row["val/top1"])
+        runs.append(Run(getattr(wrun, "name", wrun.id), summary, sorted(curve.items())))
+    return runs
+
+
+def group_variants(runs: list[Run], by_commit: bool = False) -> list[Variant]:
+    """Runs that differ only by seed are one variant; ``by_commit``: and by the same code."""
+    variants: dict[str, Variant] = {}
+    for run in runs:
+        key = run.summary.get("variant") or run.summary.get("signature") or run.name
+        if by_commit:
+            key = f"{key}@{commit_of(run.summary)}"
+        variants.setdefault(key, Variant(key)).runs.append(run)
+    return list(variants.values())
+
+
+def commits(runs: Iterable[Run]) -> list[str]:
+    """The code the runs come from (``provenance.commit_of``), most runs first; a run that
+    does not say counts as ``unknown``."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        c = commit_of(run.summary) or "unknown"
+        counts[c] = counts.get(c, 0) + 1
+    return sorted(counts, key=lambda c: (-counts[c], c))
+
+
+def mixed_code_warning(runs: list[Run]) -> str | None:
+    found = commits(runs)
+    if len(found) < 2:
+        return None
+    return (f"warning: these runs come from {len(found)} versions of the code "
+            f"({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): a difference may "
+            "be the code's; --by-commit gives each its own rows")
