@@ -343,3 +343,13 @@ def test_titles_name_cifar_classes_and_digits_keep_theirs(tmp_path, capsys, monk
     assert titles[-1].startswith("digit3 (label ") and "predicted " in titles[-1]
     label = titles[-1].split("(label ")[1].split(")")[0]
     assert label in [str(i) for i in range(10)]
+
+
+def test_a_model_without_head_predicts_nothing(tmp_path, capsys, monkeypatch):
+    """num_classes=0: the head is the identity, its output features, not class scores."""
+    ckpt = save_checkpoint(tiny("cait_tiny", num_classes=0), tmp_path / "model.ckpt")
+    titles = titles_of(monkeypatch)
+    assert main([str(ckpt), "--digits", "3", "--out", str(tmp_path / "maps")]) == 0
+    (title,) = titles
+    assert title.startswith("digit3 (label ") and "predicted" not in title, title
+    check_png(tmp_path / "maps" / "attention_digit3.png")

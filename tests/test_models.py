@@ -21,6 +21,7 @@ from caitlab.models import (
     layerscale_eps_for_depth,
     list_models,
 )
+from caitlab.models.checkpoint import remap_state_dict
 from caitlab.models.layers import ResidualScale
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
@@ -256,3 +257,113 @@ def test_impossible_models_raise_one_clear_error(kwargs, message):
 def test_unknown_model_name_suggests_close_ones():
     with pytest.raises(UnknownModelError, match="unknown model name 'cait_xxs42_224'.*cait_"):
         create_model("cait_xxs42_224")
+
+
+# --- forward_intermediates: timm's contract, checked against timm's own -------------------
+
+
+def timm_twin(timm_name: str, ours_name: str, **kwargs):
+    """A small timm model (``pretrained=False``) with every parameter made to matter, and
+    ours with its weights: (timm, ours), both in eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = create_model(ours_name, **kwargs).eval()
+    ours.load_state_dict(remap_state_dict(ref.state_dict(), ours))
+    return ref, ours
+
+
+def assert_same_intermediates(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tuple):
+            assert isinstance(y, tuple) and len(x) == len(y)
+            assert_same_intermediates(x, y)
+        else:
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cait_twin():
+    return timm_twin("cait_xxs24_224", "cait_xxs24_224", img_size=64, depth=4)
+
+
+@pytest.fixture(scope="module")
+def vit_twin():
+    return timm_twin("deit_tiny_patch16_224", "deit_tiny_patch16_224", img_size=64, depth=3)
+
+
+CALLS = [dict(), dict(indices=2), dict(indices=[0, -1], norm=True), dict(output_fmt="NLC"),
+         dict(indices=[1], stop_early=True), dict(indices=2, intermediates_only=True)]
+
+
+@pytest.mark.parametrize("kwargs", CALLS, ids=str)
+def test_forward_intermediates_match_timm_cait(kwargs, cait_twin):
+    ref, ours = cait_twin
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref.forward_intermediates(x, **kwargs), ours.forward_intermediates(x,
+                                                                                         **kwargs)
+    if kwargs.get("intermediates_only"):
+        assert_same_intermediates(expected, got)
+        return
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    assert_same_intermediates(expected[1], got[1])
+    if kwargs.get("output_fmt", "NCHW") == "NCHW":
+        assert got[1][0].shape == (2, 192, 4, 4)
+    if not kwargs.get("stop_early"):
+        with torch.no_grad():
+            torch.testing.assert_close(got[0], ours.forward_features(x))
+
+
+@pytest.mark.parametrize("kwargs", [*CALLS, dict(return_prefix_tokens=True, indices=2),
+                                    dict(return_prefix_tokens=True, output_fmt="NLC")], ids=str)
+def test_forward_intermediates_match_timm_vit(kwargs, vit_twin):
+    ref, ours = vit_twin
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref.forward_intermediates(x, **kwargs), ours.forward_intermediates(x,
+                                                                                         **kwargs)
+    if not kwargs.get("intermediates_only"):
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+        expected, got = expected[1], got[1]
+    assert_same_intermediates(expected, got)
+    if kwargs.get("return_prefix_tokens"):
+        assert all(isinstance(y, tuple) and y[1].shape == (2, 1, 192) for y in got)
+
+
+def test_prune_intermediate_layers_matches_timm():
+    ref, ours = timm_twin("cait_xxs24_224", "cait_xxs24_224", img_size=64, depth=4)
+    assert ours.prune_intermediate_layers([1]) == ref.prune_intermediate_layers([1]) == [1]
+    assert len(ours.blocks) == 2 and not ours.ca_blocks and ours.cls_token is None
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref.forward_intermediates(x, [1]), ours.forward_intermediates(x, [1])
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    assert_same_intermediates(expected[1], got[1])
+
+
+def test_intermediates_of_insert_and_evit_models():
+    torch.manual_seed(0)
+    model = ImageTransformer(**TINY, class_token="insert", insert_layer=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        pairs = model.forward_intermediates(x, return_prefix_tokens=True,
+                                            intermediates_only=True)
+    # the class token joins at layer 1: before it there is none to return
+    assert [p.shape[1] for _, p in pairs] == [0, 1, 1]
+    assert all(y.shape == (2, 32, 4, 4) for y, _ in pairs)
+
+    evit = ImageTransformer(**TINY, keep_rate=0.5, reorg_layers=[1]).eval()
+    with torch.no_grad():
+        nlc = evit.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+        assert [y.shape[1] for y in nlc] == [16, 8 + 1, 8 + 1]  # kept tokens and the fused one
+        assert evit.forward_intermediates(x, indices=[0])[1][0].shape == (2, 32, 4, 4)
+        with pytest.raises(ValueError, match="SA layer 1 holds 9 patch tokens after EViT"):
+            evit.forward_intermediates(x, indices=[1])
+        with pytest.raises(ValueError, match="output_fmt='NHWC' must be"):
+            evit.forward_intermediates(x, output_fmt="NHWC")

@@ -38,7 +38,7 @@ from caitlab.models.checkpoint import (
     load_file,
     unwrap_state_dict,
 )
-from caitlab.models.layers import Attention, kept_tokens, rank_tokens
+from caitlab.models.layers import Attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,68 +105,36 @@ def _layer(name: str, weights: torch.Tensor, grid: tuple[int, int],
 def trace_attention(
     model: ImageTransformer, images: torch.Tensor, last_layers: int = 2
 ) -> AttentionTrace:
-    """Runs ``model`` on ``images`` (eval mode, no grad) block by block, keeping the class
-    token's attention: every CA layer for ``class_attention`` models, the last
-    ``last_layers`` SA layers that contain the class token for ``input``/``insert`` ones.
+    """Runs ``model`` on ``images`` (eval mode, no grad) through its ``forward_attention``,
+    keeping the class token's attention: every CA layer for ``class_attention`` models, the
+    last ``last_layers`` SA layers that contain the class token for ``input``/``insert`` ones.
 
-    No hooks: the blocks are called directly, in the order of ``forward_features``, and the
-    attention weights are recomputed from each layer's normalised input. After an EViT
-    reorganising layer the maps follow each kept token back to its grid cell: dropped patches
-    are 0, and the fused token is left out of the maps (its weight stays in ``weights``).
+    After an EViT reorganising layer the maps follow each kept token back to its grid cell:
+    dropped patches are 0, and the fused token is left out of the maps (its weight stays in
+    ``weights``).
     """
-    placement = getattr(model, "class_token", None)
-    if placement is None or not hasattr(model, "blocks"):
+    if not hasattr(model, "forward_attention"):  # (a torch.compile wrapper forwards it)
         raise AttentionError(f"{type(model).__name__} is not a caitlab ImageTransformer")
-    if placement == "none" or model.cls_token is None:
+    if model.cls_token is None:
         raise AttentionError("no class token to visualise (class_token=none: the model "
                              "average-pools its patch tokens)")
     if last_layers < 1:
         raise AttentionError(f"--last-layers must be at least 1, got {last_layers}")
     grid = tuple(model.grid_size)
     depth = len(model.blocks)
-    insert_at = model.insert_layer if placement in ("input", "insert") else None
-    if insert_at is not None:
-        # only layers that contain the class token can show its attention
-        watched = set(range(max(insert_at, depth - last_layers), depth))
-    else:
-        watched = set()
-
     was_training = model.training
     model.eval()
-    layers: list[LayerAttention] = []
     try:
         with torch.inference_mode():
-            x = model.pos_drop(model.patch_embed(images) + model.pos_embed)
-            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            for i, block in enumerate(model.blocks):
-                if i == insert_at:
-                    x = torch.cat((model._cls(x.shape[0]), x), dim=1)
-                reorganises = block.keep_rate < 1.0
-                row = (class_row_attention(block.attn, block.norm1(x))
-                       if i in watched or reorganises else None)
-                if i in watched:
-                    layers.append(_layer(f"sa.{i}", row, grid, positions))
-                keep = kept_tokens(x.shape[1] - 1, block.keep_rate)
-                if reorganises and keep < x.shape[1] - 1:
-                    # the block ranks its tokens by this same row: follow the kept ones
-                    order = rank_tokens(row)[1][:, :keep]
-                    positions = torch.cat((positions.gather(1, order),
-                                           positions.new_full((x.shape[0], 1), -1)), dim=1)
-                x = block(x)
-            if model.ca_blocks:
-                cls = model._cls(x.shape[0])
-                for j, block in enumerate(model.ca_blocks):
-                    u = block.norm1(torch.cat((cls, x), dim=1))
-                    layers.append(_layer(f"ca.{j}", block.attn.attention_map(u), grid,
-                                         positions))
-                    cls = block(x, cls)
-                x = torch.cat((cls, x), dim=1)
-            logits = model.forward_head(model.norm(x))
+            tokens, attention = model.forward_attention(
+                images, range(max(0, depth - last_layers), depth))
+            logits = model.forward_head(model.norm(tokens))
+            layers = [_layer(a.name, a.weights, grid, a.positions) for a in attention]
     finally:
         model.train(was_training)
     # clones made outside inference mode are ordinary tensors, usable anywhere afterwards
     layers = [LayerAttention(la.name, la.weights.clone(), la.maps.clone()) for la in layers]
-    return AttentionTrace(layers=layers, tokens=x.clone(), logits=logits.clone())
+    return AttentionTrace(layers=layers, tokens=tokens.clone(), logits=logits.clone())
 
 
 def attention_maps(
@@ -512,13 +480,14 @@ def _run(args: argparse.Namespace) -> int:
         std = tuple(args.std) if args.std is not None else std
         x, names = load_image_files(model, args.images, mean, std)
 
+    # never empty: every class-attention stage has a layer, and --last-layers >= 1 reaches
+    # the last SA layer, which always holds an input/insert class token
     trace = trace_attention(model, x, args.last_layers)
-    if not trace.layers:
-        raise AttentionError("no layer carries the class token")
     chans = x.shape[1]
     mean_t, std_t = _per_channel(mean, chans, "--mean"), _per_channel(std, chans, "--std")
     shown = x * std_t[:, None, None] + mean_t[:, None, None]
-    probs = trace.logits.softmax(dim=-1) if trace.logits.shape[-1] > 0 else None
+    # without a head (num_classes=0) the logits are features: nothing to predict
+    probs = trace.logits.softmax(dim=-1) if model.num_classes > 0 else None
     out = args.out if args.out is not None else run_folder(ckpt) / "attention"
     classes = class_names(data, trace.logits.shape[-1])
 

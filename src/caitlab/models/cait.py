@@ -11,13 +11,21 @@ the named variants in ``variants.py``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from caitlab.models.layers import Block, ClassAttentionBlock, reorganised_length
+from caitlab.models.layers import (
+    Block,
+    ClassAttentionBlock,
+    follow_tokens,
+    reorganised_length,
+)
 
 CLASS_TOKEN_PLACEMENTS = ("input", "insert", "class_attention", "none")
 RESIDUAL_SCALINGS = ("none", "rezero", "rezero_norm", "layerscale")
@@ -26,6 +34,20 @@ ATTENTIONS = ("standard", "static_key")
 
 ClassToken = Literal["input", "insert", "class_attention", "none"]
 Residual = Literal["none", "rezero", "rezero_norm", "layerscale"]
+
+
+@dataclass
+class ClassTokenAttention:
+    """The class token's attention in one layer (``sa.<i>`` or ``ca.<j>``).
+
+    ``weights``: (batch, heads, tokens) over every token the layer sees, the class token at
+    index 0. ``positions``: (batch, tokens - 1), the patch-grid cell (row-major) of each other
+    token, -1 for the token EViT fused the dropped ones into.
+    """
+
+    name: str
+    weights: torch.Tensor
+    positions: torch.Tensor
 
 
 class ModelConfigError(ValueError):
@@ -333,24 +355,143 @@ class ImageTransformer(nn.Module):
     def _cls(self, batch: int) -> torch.Tensor:
         return self.cls_token.expand(batch, -1, -1)
 
+    @property
+    def _joins_at(self) -> int | None:
+        """The SA layer the class token joins (``input``: 0), None where it never does."""
+        in_sa = self.class_token in ("input", "insert") and self.cls_token is not None
+        return self.insert_layer if in_sa else None
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(x) + self.pos_embed)
+
+    def _enter(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The tokens SA layer ``layer`` takes: the class token joins ``x`` at ``_joins_at``."""
+        return torch.cat((self._cls(x.shape[0]), x), dim=1) if layer == self._joins_at else x
+
+    def forward_cls(self, x: torch.Tensor,
+                    attention: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``[cls, x]`` after the class-attention stage (``x`` itself without one), as timm's
+        ``Cait.forward_cls``; ``attention`` collects each CA layer's class-query weights."""
+        if not self.ca_blocks:
+            return x
+        cls = self._cls(x.shape[0])
+        for block in self.ca_blocks:
+            if attention is None:
+                cls = block(x, cls)
+            else:
+                cls, weights = block(x, cls, return_attention=True)
+                attention.append(weights)
+        return torch.cat((cls, x), dim=1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens ``[cls, patches]`` (just ``patches`` when there is no class token).
 
         After EViT token reorganisation the patches are the kept ones, most attentive first,
         then the fused token: ``layer_tokens`` says how many each SA layer sees.
         """
-        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
-        insert_at = self.insert_layer if self.class_token in ("input", "insert") else None
+        x = self._embed(x)
         for i, block in enumerate(self.blocks):
-            if i == insert_at:
-                x = torch.cat((self._cls(x.shape[0]), x), dim=1)
-            x = block(x)
-        if self.ca_blocks:
-            cls = self._cls(x.shape[0])
-            for block in self.ca_blocks:
-                cls = block(x, cls)
-            x = torch.cat((cls, x), dim=1)
-        return self.norm(x)
+            x = block(self._enter(x, i))
+        return self.norm(self.forward_cls(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """The SA layers' outputs, with timm's contract (``VisionTransformer`` and ``Cait``).
+
+        ``indices``: the last ``n`` SA layers for an int, all for None, else the layers named
+        (negative from the end). Each intermediate is the layer's patch tokens, (B, C, H, W)
+        for ``output_fmt="NCHW"`` or (B, N, C) for ``"NLC"``; ``norm`` applies the final norm
+        first. ``return_prefix_tokens`` (models whose class token is in self-attention) pairs
+        each with its class token, (B, 1, C), or (B, 0, C) before an ``insert`` token joins.
+        Returns the intermediates, or ``(forward_features(x), intermediates)``, where
+        ``stop_early`` skips the SA layers after the last one taken (as timm, the features
+        are then those of the shorter stack).
+        After EViT token reorganisation the tokens leave the grid: only ``"NLC"`` shows them.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NLC'")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        height, width = x.shape[-2:]
+        x = self._embed(x)
+        taken, prefixes = [], []
+        for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            x = block(self._enter(x, i))
+            if i in take:
+                y = self.norm(x) if norm else x
+                n_prefix = 1 if self._joins_at is not None and i >= self._joins_at else 0
+                prefixes.append(y[:, :n_prefix])
+                y = y[:, n_prefix:]
+                taken.append(self._on_grid(y, (height, width), i) if output_fmt == "NCHW" else y)
+        if return_prefix_tokens and self._joins_at is not None:
+            taken = list(zip(taken, prefixes, strict=True))
+        return taken if intermediates_only else (self.norm(self.forward_cls(x)), taken)
+
+    def _on_grid(self, tokens: torch.Tensor, size: tuple[int, int], layer: int) -> torch.Tensor:
+        """(B, N, C) patch tokens as a (B, C, H, W) feature map."""
+        h, w = self.patch_embed.dynamic_feat_size(size)
+        if tokens.shape[1] != h * w:
+            raise ValueError(f"output_fmt='NCHW': SA layer {layer} holds {tokens.shape[1]} "
+                             f"patch tokens after EViT token reorganisation, not the {h}x{w} "
+                             "grid; use output_fmt='NLC'")
+        return tokens.reshape(len(tokens), h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drops the SA layers after the last of ``indices`` (as ``forward_intermediates``
+        reads them) and, as timm does, the final norm (``prune_norm``) and the head with
+        the class-attention stage and its class token (``prune_head``). Returns the absolute
+        indices. ``config`` keeps describing the model as it was built."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        self.layer_tokens = self.layer_tokens[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            if self.ca_blocks:
+                self.ca_blocks = nn.ModuleList()
+                self.cls_token = None
+            self.num_classes = 0
+            self.head = nn.Identity()
+        return take
+
+    def forward_attention(
+        self, x: torch.Tensor, sa_layers: Iterable[int] = ()
+    ) -> tuple[torch.Tensor, list[ClassTokenAttention]]:
+        """Where the class token looks: ``(tokens, attention)``.
+
+        ``tokens``: ``[cls, patches]`` as ``forward_features`` has them before its final
+        norm. ``attention``, in forward order: the class token's row in each SA layer of
+        ``sa_layers`` that holds it (the others have none), then every class-attention layer.
+        The weights are those that multiply V, so after talking-heads mixing they need not
+        sum to 1; ``positions`` follow the tokens through EViT reorganisation.
+        """
+        if self.cls_token is None:
+            raise ValueError("class_token=none: there is no class token whose attention to show")
+        watched = set(sa_layers)
+        x = self._embed(x)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        attention: list[ClassTokenAttention] = []
+        for i, block in enumerate(self.blocks):
+            x = self._enter(x, i)
+            if self._joins_at is None or i < self._joins_at:
+                x = block(x)
+                continue
+            x, row = block(x, return_class_row=True)
+            if i in watched:
+                attention.append(ClassTokenAttention(f"sa.{i}", row, positions))
+            positions = follow_tokens(positions, row, block.keep_rate)
+        ca: list[torch.Tensor] = []
+        x = self.forward_cls(x, ca)
+        attention += [ClassTokenAttention(f"ca.{j}", w, positions) for j, w in enumerate(ca)]
+        return x, attention
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=1) if self.cls_token is None else x[:, 0]

@@ -242,6 +242,22 @@ def reorganise_tokens(x: torch.Tensor, class_row: torch.Tensor, keep_rate: float
     return torch.cat((x[:, :1], kept, fused.sum(dim=1, keepdim=True)), dim=1)
 
 
+def follow_tokens(positions: torch.Tensor, class_row: torch.Tensor,
+                  keep_rate: float) -> torch.Tensor:
+    """Where the non-class tokens of ``reorganise_tokens``' output came from.
+
+    ``positions``: (batch, tokens - 1), a label per non-class token of the input (e.g. its
+    grid cell); returns the labels of the kept tokens, in their new order, then -1 for the
+    fused token (``positions`` itself when nothing is dropped).
+    """
+    keep = kept_tokens(positions.shape[1], keep_rate)
+    if keep >= positions.shape[1]:
+        return positions
+    order = rank_tokens(class_row)[1][:, :keep]
+    return torch.cat((positions.gather(1, order), positions.new_full((len(positions), 1), -1)),
+                     dim=1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block whose two residual branches are scaled by ``residual``.
 
@@ -277,13 +293,20 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep_rate < 1.0:
+    def forward(
+        self, x: torch.Tensor, return_class_row: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block's output; with ``return_class_row``, also the class token's (index 0)
+        attention weights of this layer, (batch, heads, tokens): see ``Attention.class_row``."""
+        if self.keep_rate < 1.0 or return_class_row:
             out, class_row = self.attn(self.norm1(x), with_class_row=True)
-            x = reorganise_tokens(x + self.drop_path(self.ls1(out)), class_row, self.keep_rate)
+            x = x + self.drop_path(self.ls1(out))
+            if self.keep_rate < 1.0:
+                x = reorganise_tokens(x, class_row, self.keep_rate)
         else:
             x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return (x, class_row) if return_class_row else x
 
 
 class ClassAttentionBlock(nn.Module):
@@ -313,7 +336,12 @@ class ClassAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
-    def forward(self, patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, patches: torch.Tensor, cls: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The new ``cls``; with ``return_attention``, also the class query's weights over
+        ``[cls, patches]``, (batch, heads, tokens): see ``ClassAttention.attention_map``."""
         u = self.norm1(torch.cat((cls, patches), dim=1))
-        cls = cls + self.ls1(self.attn(u))
-        return cls + self.ls2(self.mlp(self.norm2(cls)))
+        out = cls + self.ls1(self.attn(u))
+        out = out + self.ls2(self.mlp(self.norm2(out)))
+        return (out, self.attn.attention_map(u)) if return_attention else out
