@@ -13,62 +13,122 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_class, instantiate
-from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from caitlab import compat
 from caitlab.runs import write_text_atomic
 from caitlab.secrets import redact
 
 WANDB_HOST = "api.wandb.ai"
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it.
+class _AppendingWriter:
+    """``metrics.csv`` as Lightning's CSV logger writes it (one row per logged step, a
+    ``step`` column, columns sorted, rows written in batches by ``save``), continued when the
+    file exists: Lightning's writer deletes it, a resumed run appends to it.
 
     A full disk costs no row already written: a new column rewrites the file atomically
     (Lightning truncates it first), and an append cut short is cut back to its last whole row.
     """
 
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+    def __init__(self, log_dir: str) -> None:
+        self.metrics_file_path = os.path.join(log_dir, "metrics.csv")
+        self.metrics: list[dict[str, Any]] = []  # rows not written yet
+        self.metrics_keys: list[str] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+        os.makedirs(log_dir, exist_ok=True)
 
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        with open(self.metrics_file_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(Path(self.metrics_file_path), text.getvalue())
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self.metrics.append({**{k: v.item() if isinstance(v, torch.Tensor) else v
+                                for k, v in metrics.items()}, "step": step})
 
     def save(self) -> None:
+        if not self.metrics:
+            return
+        new_keys = set().union(*self.metrics) - set(self.metrics_keys)
+        self.metrics_keys = sorted([*self.metrics_keys, *new_keys])
+        exists = os.path.isfile(self.metrics_file_path)
+        if new_keys and exists:
+            self._rewrite_with_header()
         try:
-            super().save()
+            with open(self.metrics_file_path, "a" if exists else "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                if not exists:
+                    writer.writeheader()
+                writer.writerows(self.metrics)
         except OSError:
             with contextlib.suppress(OSError), open(self.metrics_file_path, "rb+") as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
                     f.truncate(data.rfind(b"\n") + 1)
             raise
+        self.metrics = []
+
+    def _rewrite_with_header(self) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(Path(self.metrics_file_path), text.getvalue())
 
 
-class ResumableCSVLogger(CSVLogger):
-    """``metrics.csv`` in the run folder itself, continued across resumed attempts."""
+class ResumableCSVLogger(Logger):
+    """``metrics.csv`` in the run folder itself, continued across resumed attempts; written
+    every ``flush_every_n_steps`` logged steps, as Lightning's CSVLogger, and at the end.
 
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(save_dir=str(run_dir), name="", version="")
+    Hyperparameters are not logged: the run folder's ``config.yaml`` holds its config."""
+
+    def __init__(self, run_dir: Path, flush_every_n_steps: int = 100) -> None:
+        super().__init__()
+        self.run_dir, self.flush_every_n_steps = Path(run_dir), flush_every_n_steps
+        self.writer: _AppendingWriter | None = None
+
+    name = ""
+    version = ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.run_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return str(self.run_dir)
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def experiment(self) -> _AppendingWriter:
+        if self.writer is None:
+            self.writer = _AppendingWriter(log_dir=self.log_dir)
+        return self.writer
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if step is None:
+            step = len(self.experiment.metrics)
+        self.experiment.log_metrics(metrics, step)
+        if (step + 1) % self.flush_every_n_steps == 0:
+            self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        if self.writer is not None:
+            self.writer.save()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
 
 
 def wandb_api_key_configured() -> bool:
@@ -123,11 +183,7 @@ def build_loggers(
                 resume="allow", offline=mode == "offline", mode=mode, config=config,
                 reinit="finish_previous",
             )
-            # Lightning passes wandb.init anonymous=None, which wandb >= 0.19 warns about
-            # whatever its value (and WANDB_SILENT does not cover): unset means the same.
-            init_args = getattr(wandb_logger, "_wandb_init", {})
-            if init_args.get("anonymous", "unset") is None:
-                del init_args["anonymous"]
+            compat.unset_wandb_anonymous(wandb_logger)
             loggers.append(wandb_logger)
         else:
             loggers.append(instantiate(OmegaConf.create(redact(OmegaConf.to_container(
