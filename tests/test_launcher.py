@@ -99,6 +99,42 @@ def test_array_task_runs_the_shared_launcher_and_requeues_itself(tmp_path):
                                                            "id")
 
 
+def test_launch_gives_the_sweep_folder_the_mode_hydra_sweep_mode_asks(tmp_path, monkeypatch):
+    import submitit
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext
+
+    submitted = []
+
+    class Executor:  # submitit's, without submitting
+        def __init__(self, cluster: str, **params) -> None:
+            assert cluster == "local"
+
+        def update_parameters(self, **params) -> None:
+            pass
+
+        def map_array(self, fn, *args):
+            submitted.extend(zip(*args, strict=True))
+            return [type("Job", (), {"job_id": f"7_{i}"})() for i in range(len(args[0]))]
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    sweep = tmp_path / "sweep"
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "train", [*TASK, "hydra/launcher=local", "hydra.launcher.wait=false",
+                      "hydra.launcher.snapshot=false", f"hydra.sweep.dir={sweep}",
+                      "+hydra.sweep.mode=750"], run_mode=RunMode.MULTIRUN)
+        launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=HydraContext(config_loader=loader, callbacks=None),
+            task_function=lambda cfg: None, config=master)
+        launcher.launch([[*TASK, "seed=1"], [*TASK, "seed=2"]], initial_job_idx=0)
+    assert len(submitted) == 2
+    assert sweep.stat().st_mode & 0o777 == 0o750  # as hydra-submitit-launcher's own launch
+
+
 def _without_hydra(cfg) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
 

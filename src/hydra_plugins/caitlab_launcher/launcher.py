@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins import basic_sweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import config as hsl_config
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hsl
 from omegaconf import DictConfig, OmegaConf
 
-from caitlab import identity
+from caitlab import compat, identity
 from caitlab.config import ConfigError
 from caitlab.runs import (
     RETRY_ONLY,
@@ -76,7 +75,7 @@ class SweepPlan:
     run folder): minutes for a sweep of hundreds of runs. But composing only interprets the
     config-group overrides (``model=vit_tiny``); Hydra applies the other, value overrides
     (``seed=3``) to the composed config afterwards, one by one, with
-    ``ConfigLoaderImpl._apply_overrides_to_config``. So the plan composes once per distinct set
+    ``caitlab.compat.apply_value_overrides``. So the plan composes once per distinct set
     of group overrides (sorted out by Hydra's own rule, ``defaults_list.Overrides``) and applies
     each job's value overrides to it with that same function: the job's config, and any error,
     are Hydra's own. Jobs that only change existing keys to plain values (a seed sweep, a grid
@@ -126,8 +125,6 @@ class SweepPlan:
     def _job(self, overrides: list[str]) -> tuple[DictConfig, _Base | None]:
         if self._full:
             return self._loader.load_sweep_config(self._master, list(overrides)), None
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-
         group, values = self._split(overrides)
         base = self._base(group)
         changed = _changes(base.applied, values)
@@ -136,7 +133,7 @@ class SweepPlan:
         else:
             work = base.work
         base.work = base.applied = None  # until the overrides are all applied
-        ConfigLoaderImpl._apply_overrides_to_config(changed, work)
+        compat.apply_value_overrides(changed, work)
         base.work, base.applied = work, values
         return work, base
 
@@ -233,6 +230,8 @@ def check_partition(params: dict[str, Any]) -> None:
 class _SweepAwareMixin:
     """Launch only what a sweep still needs (see the module doc)."""
 
+    cluster: str  # submitit's executor: "slurm" or "local"
+
     def __init__(self, wait: bool = True, snapshot: bool = True, **params: Any) -> None:
         super().__init__(**params)
         self.wait = wait
@@ -272,34 +271,73 @@ class _SweepAwareMixin:
         return todo, skipped
 
     def launch(self, job_overrides, initial_job_idx: int):
-        import cloudpickle
-        import submitit
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import filter_overrides
-        from submitit.core.utils import JobPaths
-
+        """hydra-submitit-launcher's ``launch`` for the runs the sweep still needs, as one
+        job array running the code as submitted (caitlab.sweeps.snapshot); each run's
+        ``summary.json`` says ``pending`` until its job starts."""
         from caitlab.sweeps import snapshot
 
-        snapshot.clean(Path(str(self.config.hydra.sweep.dir)))  # those of finished sweeps
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        snapshot.clean(sweep_dir)  # those of finished sweeps
         todo, skipped = self._plan(job_overrides)
         log.info(f"caitlab sweep: {len(todo)} to run, {len(skipped)} already done "
-                 f"({self.config.hydra.sweep.dir})")
+                 f"({sweep_dir})")
         if not todo:
             return skipped
+        executor, folder = self._executor()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:  # as upstream: the sweep folder's permissions
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        # the code the jobs import, whenever they start: see caitlab.sweeps.snapshot
+        code = snapshot.take(sweep_dir / ".submitit", [d for *_, d in todo]) \
+            if self.snapshot else None
+        if code is not None:
+            log.info(f"jobs run the code as submitted, copied to {code}")
+        try:
+            with snapshot.on_path(code):
+                jobs = self._submit(executor, folder, todo, initial_job_idx)
+        except BaseException:
+            snapshot.remove(code)
+            raise
+        for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
+            summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
+                                        "name": self.config.get("name")})
+            if summary.get("status") in (None, "pending", "interrupted", *RETRY_ONLY):
+                summary.update(status="pending", slurm_job_id=str(job.job_id))
+        log.info(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}")
+        if not self.wait:
+            log.info("not waiting (hydra.launcher.wait=false): follow it with "
+                     f"caitlab-sweep status {sweep_dir}")
+            return skipped + [_skipped(o, {}) for _, o, _ in todo]
+        returns = [_result(job, overrides, run_dir)
+                   for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True)]
+        snapshot.remove(code)  # every job has ended: no requeue can need it
+        return skipped + returns
+
+    def _executor(self) -> tuple[Any, str]:
+        """(submitit's executor with the launcher's parameters, as upstream's ``launch`` builds
+        it; its folder), after checking the partition where that is SLURM's."""
+        import submitit
 
         params = dict(self.params)
-        if self._EXECUTOR == "slurm":
+        if self.cluster == "slurm":
             check_partition(params)
         init_params = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
-            init_params[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+            init_params[f"{self.cluster}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster=self.cluster, **init_params)
         base = set(OmegaConf.structured(hsl.BaseQueueConf).keys())
         executor.update_parameters(**{
-            k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
+            k if k in base else f"{self.cluster}_{k}": v for k, v in params.items()
         })
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        return executor, init_params["folder"]
+
+    def _submit(self, executor: Any, folder: str, todo: list[tuple[int, list[str], Path]],
+                initial_job_idx: int) -> list[Any]:
+        """Submits ``todo`` as one job array; its jobs, in order."""
+        import cloudpickle
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+        from submitit.core.utils import JobPaths
 
         job_params = []
         for idx, overrides, run_dir in todo:
@@ -312,45 +350,24 @@ class _SweepAwareMixin:
         # submitit pickles the callable and its arguments once per task: this launcher and
         # Hydra's state are 60 kB and tens of ms each, the same for every task. They are
         # pickled once, next to the tasks' own pickles, and each task gets a reference.
-        shared = (JobPaths.get_first_id_independent_folder(init_params["folder"])
+        shared = (JobPaths.get_first_id_independent_folder(folder)
                   / f"launcher-{uuid.uuid4().hex}.pkl")
         shared.parent.mkdir(parents=True, exist_ok=True)
         with open(shared, "wb") as f:
             cloudpickle.dump((self, Singleton.get_state()), f)
-        # the code the jobs import, whenever they start: see caitlab.sweeps.snapshot
-        code = snapshot.take(sweep_dir / ".submitit", [d for *_, d in todo]) \
-            if self.snapshot else None
-        if code is not None:
-            log.info(f"jobs run the code as submitted, copied to {code}")
-        try:
-            with snapshot.on_path(code):
-                jobs = executor.map_array(ArrayTask(str(shared)), *zip(*job_params,
-                                                                       strict=True))
-        except BaseException:
-            snapshot.remove(code)
-            raise
+        return executor.map_array(ArrayTask(str(shared)), *zip(*job_params, strict=True))
 
-        for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
-            summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
-                                        "name": self.config.get("name")})
-            if summary.get("status") in (None, "pending", "interrupted", *RETRY_ONLY):
-                summary.update(status="pending", slurm_job_id=str(job.job_id))
-        log.info(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}")
-        if not self.wait:
-            log.info("not waiting (hydra.launcher.wait=false): follow it with "
-                     f"caitlab-sweep status {sweep_dir}")
-            return skipped + [_skipped(o, {}) for _, o, _ in todo]
-        returns = []
-        for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
-            try:
-                returns.append(job.results()[0])
-            except Exception as err:  # a job that died hard must not hide the others' results
-                line = (f"job {job.job_id} ({run_dir}) ended without a result: "
-                        f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
-                log.error(line)
-                returns.append(_skipped(overrides, read_summary(run_dir) or {}, failed=line))
-        snapshot.remove(code)  # every job has ended: no requeue can need it
-        return skipped + returns
+
+def _result(job: Any, overrides: list[str], run_dir: Path) -> JobReturn:
+    """The job's own result; a failed one, saying why, where it died without one (a job that
+    died hard must not hide the others' results)."""
+    try:
+        return job.results()[0]
+    except Exception as err:
+        line = (f"job {job.job_id} ({run_dir}) ended without a result: "
+                f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+        log.error(line)
+        return _skipped(overrides, read_summary(run_dir) or {}, failed=line)
 
 
 class ArrayTask:
@@ -377,14 +394,14 @@ class ArrayTask:
 
 
 class SlurmLauncher(_SweepAwareMixin, hsl.SlurmLauncher):
-    pass
+    cluster = "slurm"  # submitit's name for the executor
 
 
 class LocalLauncher(_SweepAwareMixin, hsl.LocalLauncher):
-    pass
+    cluster = "local"
 
 
-class SweepAwareSweeper(basic_sweeper.BasicSweeper):
+class SweepAwareSweeper(compat.BasicSweeper):
     """Hydra's basic sweeper (same ``params``, same batches), whose check that every job
     composes before any is launched goes through a ``SweepPlan``: Hydra's own check composes
     each job in full. With caitlab's launchers the plan is the launcher's, so that each
@@ -401,7 +418,7 @@ class SweepAwareSweeper(basic_sweeper.BasicSweeper):
 
 
 @dataclass
-class SweeperConf(basic_sweeper.BasicSweeperConf):
+class SweeperConf(compat.BasicSweeperConf):
     _target_: str = "hydra_plugins.caitlab_launcher.launcher.SweepAwareSweeper"
 
 
