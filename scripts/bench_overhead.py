@@ -85,14 +85,34 @@ def run_ours(cfg) -> tuple[list[float], dict]:
     return epochs, weights
 
 
+def _reference_optimizer(cfg, model, steps_per_epoch: int):
+    """timm's AdamW and cosine schedule with caitlab's lr scaling and capped warm-up."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    opt_cfg, sched_cfg = cfg.optim, cfg.sched
+    lr = opt_cfg.lr * cfg.data.batch_size / 512 if opt_cfg.scale_lr else opt_cfg.lr
+    cuda = next(model.parameters()).device.type == "cuda"
+    fused = {"fused": True} if cuda else {}  # as ClassificationModule does
+    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=opt_cfg.weight_decay,
+                              betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, **fused)
+    epochs = cfg.trainer.max_epochs
+    total = steps_per_epoch * epochs
+    # caitlab caps a warm-up at half the run (README, "Recipes")
+    warmup_epochs = min(sched_cfg.warmup_epochs, epochs / 2)
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
+    sched = CosineLRScheduler(opt, t_initial=total - warmup, lr_min=sched_cfg.min_lr * lr /
+                              opt_cfg.lr, warmup_t=warmup, warmup_lr_init=sched_cfg.warmup_lr,
+                              warmup_prefix=True, t_in_epochs=False)
+    return opt, sched
+
+
 def run_reference(cfg) -> tuple[list[float], dict]:
     """The hand-written loop: same model, data, optimizer, schedule, loss, steps."""
     import lightning as L
     import torch
     import torch.nn.functional as F
     from hydra.utils import instantiate
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # as train() does
     data = instantiate(cfg.data)
@@ -105,20 +125,8 @@ def run_reference(cfg) -> tuple[list[float], dict]:
     train_x, train_y = (t.to(device) for t in data.tensors["train"])
     val_x, val_y = (t.to(device) for t in data.tensors["val"])
     bs = cfg.data.batch_size
-    opt_cfg, sched_cfg = cfg.optim, cfg.sched
-    lr = opt_cfg.lr * bs / 512 if opt_cfg.scale_lr else opt_cfg.lr
-    fused = {"fused": True} if device.type == "cuda" else {}  # as ClassificationModule does
-    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=opt_cfg.weight_decay,
-                              betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, **fused)
-    epochs = cfg.trainer.max_epochs
     steps_per_epoch = -(-len(train_x) // bs)
-    total = steps_per_epoch * epochs
-    # caitlab caps a warm-up at half the run (README, "Recipes")
-    warmup_epochs = min(sched_cfg.warmup_epochs, epochs / 2)
-    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
-    sched = CosineLRScheduler(opt, t_initial=total - warmup, lr_min=sched_cfg.min_lr * lr /
-                              opt_cfg.lr, warmup_t=warmup, warmup_lr_init=sched_cfg.warmup_lr,
-                              warmup_prefix=True, t_in_epochs=False)
+    opt, sched = _reference_optimizer(cfg, model, steps_per_epoch)
     smoothing = cfg.recipe.label_smoothing
     ckpt = Path(cfg.paths.run_dir) / "reference.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +137,7 @@ def run_reference(cfg) -> tuple[list[float], dict]:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    for epoch in range(epochs):
+    for epoch in range(cfg.trainer.max_epochs):
         starts.append(now())
         model.train()
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(

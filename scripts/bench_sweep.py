@@ -129,7 +129,7 @@ def profile(n: int, work: Path, hold: bool, timeout: float, top: int,
         r"cloudpickle|subprocess|omegaconf/omegaconf", top)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="8,64,256", help="runs per sweep, comma-separated; "
@@ -144,7 +144,39 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more override for every sweep (repeatable), e.g. "
                         "hydra/sweeper=basic for Hydra's own sweeper")
     p.add_argument("--timeout", type=float, default=600, help="seconds per submission")
-    args = p.parse_args(argv)
+    return p
+
+
+def report(times: dict[int, list[float]], repeats: int, loads: tuple[float, float]) -> None:
+    """The table of median submission times per size, then the verdict on each target."""
+    sizes = list(times)
+    ref_n = sizes[0]
+    ref = statistics.median(times[ref_n])
+    print(f"\nSweep submission to SLURM (hydra.launcher.wait=false), median of {repeats}; "
+          f"{os.cpu_count()} CPUs, load average {loads[0]:.2f} before, "
+          f"{loads[1]:.2f} after")
+    print(f"{'runs':>6}{'seconds':>10}{'s/run':>9}{f'x vs {ref_n}':>10}{'runs x':>9}"
+          f"{'min':>8}{'max':>8}")
+    for n in sizes:
+        med = statistics.median(times[n])
+        print(f"{n:>6}{med:>10.2f}{med / n:>9.3f}{med / ref:>10.2f}{n / ref_n:>9.0f}"
+              f"{min(times[n]):>8.2f}{max(times[n]):>8.2f}")
+
+    print()
+    largest = max(sizes)
+    if largest > ref_n:
+        grow = statistics.median(times[largest]) / ref
+        runs_x = largest / ref_n
+        print(f"{'PASS' if grow < runs_x else 'MISS'}: sub-linear growth, {largest} runs take "
+              f"{grow:.2f}x the time of {ref_n} for {runs_x:.0f}x the runs")
+    if 256 in times:
+        t256 = statistics.median(times[256])
+        print(f"{'PASS' if t256 < TARGET_256_S else 'MISS'}: 256 runs submitted in "
+              f"{t256:.2f} s (median), target < {TARGET_256_S:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     extra = tuple(args.extra)
     sizes = [int(s) for s in args.sizes.split(",")]
     if not TRAIN.exists():
@@ -168,29 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(args.profile, work, args.hold, args.timeout, args.top, extra)
 
-    ref_n = sizes[0]
-    ref = statistics.median(times[ref_n])
-    print(f"\nSweep submission to SLURM (hydra.launcher.wait=false), median of {args.repeats}; "
-          f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
-          f"{load_after[0]:.2f} after")
-    print(f"{'runs':>6}{'seconds':>10}{'s/run':>9}{f'x vs {ref_n}':>10}{'runs x':>9}"
-          f"{'min':>8}{'max':>8}")
-    for n in sizes:
-        med = statistics.median(times[n])
-        print(f"{n:>6}{med:>10.2f}{med / n:>9.3f}{med / ref:>10.2f}{n / ref_n:>9.0f}"
-              f"{min(times[n]):>8.2f}{max(times[n]):>8.2f}")
-
-    print()
-    largest = max(sizes)
-    if largest > ref_n:
-        grow = statistics.median(times[largest]) / ref
-        runs_x = largest / ref_n
-        print(f"{'PASS' if grow < runs_x else 'MISS'}: sub-linear growth, {largest} runs take "
-              f"{grow:.2f}x the time of {ref_n} for {runs_x:.0f}x the runs")
-    if 256 in times:
-        t256 = statistics.median(times[256])
-        print(f"{'PASS' if t256 < TARGET_256_S else 'MISS'}: 256 runs submitted in "
-              f"{t256:.2f} s (median), target < {TARGET_256_S:.0f} s")
+    report(times, args.repeats, (load_before[0], load_after[0]))
     return 0
 
 
