@@ -27,10 +27,22 @@ def run_json(capsys, *argv: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_result():
-    """One real CPU benchmark of cait_tiny (img 8, batch 8), shared by the tests below."""
-    return bench.bench("cait_tiny", batch=8, device="cpu", warmup=1, repeats=2, iters=2,
-                       threads=1)
+def tiny_run():
+    """One real CPU benchmark of cait_tiny (img 8, batch 8) on 1 thread, shared by the tests
+    below, and the thread count it left behind: the caller's 2 threads before it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the bench's --threads 1, so a restore shows
+    try:
+        result = bench.bench("cait_tiny", batch=8, device="cpu", warmup=1, repeats=2,
+                             iters=2, threads=1)
+        return result, torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tiny_run):
+    return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +50,8 @@ def paper_rows():
     return paper.compare_paper()
 
 
-def test_tiny_cpu_numbers_are_real(tiny_result):
-    r = tiny_result
+def test_tiny_cpu_numbers_are_real(tiny_run):
+    r, threads_after = tiny_run
     model = create_model("cait_tiny")
     assert r["params"] == count_params(model)
     assert r["macs"] == count_macs(model) > 0
@@ -56,7 +68,8 @@ def test_tiny_cpu_numbers_are_real(tiny_result):
             mfu(p["images_per_s"], r["macs"], r["matmul_peak_flops"], phase == "training"))
         assert p["peak_mem_kind"] == "process_peak_rss_growth" and p["peak_mem_bytes"] >= 0
         assert len(p["repeat_s"]) == 2
-    assert torch.get_num_threads() >= 1  # --threads is restored afterwards
+    assert r["threads"] == 1  # timed on the --threads asked for
+    assert threads_after == 2  # and the caller's thread count restored afterwards
 
 
 def test_table_has_one_row_per_phase(tiny_result):
