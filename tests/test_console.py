@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from caitlab.train import remove_unstarted_run_folder
+from caitlab.training.lifecycle import remove_unstarted_run_folder
 from conftest import clean_env
 
 TINY = ("model=vit_tiny", "model.embed_dim=32", "model.depth=1", "trainer.limit_train_batches=3",

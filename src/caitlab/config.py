@@ -11,9 +11,14 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+# The package's own configs (shipped in the wheel); a project adds its own through ./conf
+# (hydra.searchpath in train.yaml), --config-dir or hydra.searchpath=[...].
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -200,6 +205,23 @@ def check_choice(group: str, choice: str | None, options: list[str], given: bool
     close = difflib.get_close_matches(str(choice), options, n=1)
     hint = f"; did you mean {close[0]}?" if close else f"; options: {', '.join(options)}"
     raise ConfigError(f"{group}={choice} is not an option of {group}{hint}")
+
+
+def check_recipe_choice(overrides: list[str]) -> None:
+    """``recipe`` is optional (data without a recipe of its own keeps the group defaults), so
+    Hydra would skip a mistyped ``recipe=...`` without a word."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get("recipe")
+    except ValueError:
+        return
+    if not GlobalHydra.instance().is_initialized():  # a job unpickled by submitit
+        return
+    given = any(o.lstrip("+~").split("=")[0] == "recipe" for o in overrides)
+    options = GlobalHydra.instance().config_loader().get_group_options("recipe")
+    check_choice("recipe", choice, options, given)
 
 
 def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bool,

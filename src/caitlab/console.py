@@ -9,6 +9,7 @@ while Hydra configures logging: nothing heavy here.
 from __future__ import annotations
 
 import logging
+import warnings
 
 # Lightning INFO lines that tell a person nothing about their run: an advert, hardware that
 # is absent, loop internals; the checkpoint restored for testing is in the run's result line.
@@ -66,3 +67,11 @@ def say(logger: logging.Logger, line: str, *, console: bool = True) -> None:
         logger.info(line, extra=None if console else FILE_ONLY)
     elif console:
         print(line, flush=True)
+
+
+def quiet_known_warnings() -> None:
+    """Lightning's hints that do not apply: runs outside SLURM on a machine that has srun, and
+    a run folder that already holds our own files."""
+    for message in (".*`srun` command is available.*", ".*exists and is not empty.*",
+                    ".*LeafSpec.*is deprecated.*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=message)

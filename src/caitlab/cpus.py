@@ -11,6 +11,7 @@ the same machine outside SLURM.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def available_cpus() -> int:
@@ -36,3 +37,16 @@ def torch_threads(requested: int | str | None, cpus: int, ranks_here: int = 1) -
         raise ConfigError(f"threads={requested!r} is not allowed: must be auto or an "
                           "integer >= 1")
     return requested
+
+
+def set_torch_threads(cfg: Any) -> int:
+    """torch's intra-op threads from the CPUs this run was given, shared by the DDP ranks of
+    one machine outside SLURM (``cfg.threads``, ``cfg.trainer``); returns the count."""
+    import torch
+
+    devices = cfg.trainer.get("devices", 1)
+    local_ranks = devices if (isinstance(devices, int) and cfg.trainer.get("accelerator")
+                              == "cpu" and not os.environ.get("SLURM_CPUS_PER_TASK")) else 1
+    threads = torch_threads(cfg.get("threads", "auto"), available_cpus(), local_ranks)
+    torch.set_num_threads(threads)
+    return threads

@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ log = logging.getLogger("caitlab")
 class SummaryCallback(Callback):
     """Keeps ``summary.json`` current at every validation, so sweeps can be read live."""
 
-    def __init__(self, summary: Summary, wall_before: float, t0: float) -> None:
-        self.summary, self.wall_before, self.t0 = summary, wall_before, t0
+    def __init__(self, summary: Summary, wall_s: Callable[[], float]) -> None:
+        self.summary, self.wall_s = summary, wall_s  # the run's clock, over all attempts
 
     # on_validation_end, not on_validation_epoch_end: the module logs the epoch's metrics in
     # its own on_validation_epoch_end, which Lightning calls after the callbacks'.
@@ -32,7 +33,7 @@ class SummaryCallback(Callback):
         metrics = trainer.callback_metrics
         values: dict[str, Any] = {"epochs": trainer.current_epoch + 1,
                                   "global_step": trainer.global_step,
-                                  "wall_s": self.wall_before + time.time() - self.t0}
+                                  "wall_s": self.wall_s()}
         top1 = metrics.get("val/top1")
         if top1 is not None:
             top1 = float(top1)

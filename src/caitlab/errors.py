@@ -1,0 +1,148 @@
+"""Errors as one line each: what the user mistyped or asked for that cannot be, and where.
+
+Hydra, OmegaConf and the constructors a config names raise errors that span lines (option
+lists, search paths, ``full_key:``...); ``caitlab-train`` prints one line per mistake instead,
+with the closest existing name where a name was mistyped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+
+from caitlab.config import CONF_DIR
+from caitlab.runs import DISK_FULL_ERRNOS
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, without a traceback."""
+
+
+def storage_message(err: OSError, where: Path | None = None) -> str:
+    """One line for a write the storage refused, naming the file (or the folder written in)."""
+    path = err.filename or where
+    if err.errno in DISK_FULL_ERRNOS:
+        return (f"no space left on device writing {path}; files written before are intact: "
+                "free space, then run the same command again")
+    return f"cannot write {path}: {err.strerror}"
+
+
+def constructor_refusal(err: BaseException) -> str | None:
+    """One line for a class that refused the arguments its config gave it (a TypeError or
+    ValueError from its constructor, which Hydra's instantiate wraps, as from a project's own
+    model): the config key, the class, the reason, and for a mistyped argument the closest
+    one it takes. None for any other error."""
+    import inspect
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object
+
+    cause = err.__cause__
+    if not isinstance(err, InstantiationException) or not isinstance(cause,
+                                                                     (TypeError, ValueError)):
+        return None
+    text = str(err)
+    key = (re.search(r"full_key: (\S+)", text) or [None, "model"])[1]
+    target = (re.search(r"target '([^']+)'", text) or [None, "?"])[1]
+    reason = re.sub(r"^[\w.]*__init__\(\) ", "", str(cause).splitlines()[0] if str(cause)
+                    else type(cause).__name__)
+    mistyped = re.search(r"unexpected keyword argument '(\w+)'", reason)
+    if mistyped:
+        try:
+            takes = list(inspect.signature(get_object(target)).parameters)
+        except Exception:  # nothing to suggest from
+            takes = []
+        close = difflib.get_close_matches(mistyped[1], takes, n=1, cutoff=0.5)
+        if close:
+            reason += f" (did you mean {key}.{close[0]}?)"
+    return f"{key}: {target}: {reason}"
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _closest(word: str, options: list[str]) -> str | None:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _config_groups() -> list[str]:
+    """The config groups (``model``, ``model/residual``...): caitlab's and the project's."""
+    groups: set[str] = set()
+    for root in (Path(CONF_DIR), Path(os.environ.get("CAITLAB_CONFIG_DIR", "conf"))):
+        if root.is_dir():
+            groups.update(d.relative_to(root).as_posix() for d in root.rglob("*")
+                          if d.is_dir() and not d.name.startswith((".", "_")))
+    return sorted(groups)
+
+
+def _shortlist(options: list[str], width: int = 110) -> str:
+    shown = ""
+    for i, option in enumerate(options):
+        more = f", ... ({len(options)} in all)"
+        if len(shown) + len(option) + 2 + (len(more) if i < len(options) - 1 else 0) > width:
+            return shown + more
+        shown = f"{shown}, {option}" if shown else option
+    return shown
+
+
+def mistyped_name(err: BaseException) -> str | None:
+    """One line for a config option or key that does not exist, with the closest existing
+    name (difflib) -- Hydra's own message lists every option and its search path."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError
+
+    chain = _chain(err)
+    for e in chain:
+        if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+            group, _, name = e.missing_cfg_file.rpartition("/")
+            head = " ".join(str(e).strip().splitlines()[0].split())
+            guess = _closest(name, list(e.options))
+            if guess is not None:
+                return f"{head}; did you mean {guess}?"
+            return f"{head}; {group}= takes one of {_shortlist(list(e.options))}"
+    for e in chain:
+        parent, key = getattr(e, "parent_node", None), getattr(e, "key", None)
+        if not (isinstance(e, (ConfigKeyError, AttributeError)) and isinstance(key, str)
+                and parent is not None and "is not in struct" in str(e)):
+            continue
+        full_key = str(getattr(e, "full_key", None) or key)
+        prefix = full_key[:-len(key)] if full_key.endswith(key) else ""
+        messages = " ".join(str(x) for x in chain)
+        typed = re.search(r"Could not override '([^']+)'", messages)
+        override = typed.group(1) if typed else full_key
+        rest = override[len(full_key):] if override.startswith(full_key) else ""
+        options = [str(k) for k in parent.keys()]
+        if not prefix:  # the top level: a key or a config group (model/residual=...)
+            options += _config_groups()
+        where = prefix.rstrip(".") or "the config"
+        line = f"{override}: no key '{key}' in {where}"
+        guess = _closest(key, options)
+        if guess is not None:
+            return f"{line}; did you mean {prefix}{guess}{rest}?"
+        # not Hydra's `+key=value` hint: the value may be a secret
+        return f"{line} (to add a new key: +{override}=...)"
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra/OmegaConf errors span lines (hints, option lists, full_key...): one line."""
+    known = mistyped_name(err)
+    if known is not None:
+        return known
+    parts = []
+    for e in _chain(err):
+        # Hydra appends every option of a group and its whole search path
+        text = re.split(r"\n\s*(?:Available options in|Config search path)", str(e))[0]
+        for line in text.splitlines():
+            line = " ".join(line.split())
+            if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
+                parts.append(line.rstrip(":"))
+    return "; ".join(dict.fromkeys(parts)) or "unknown error"

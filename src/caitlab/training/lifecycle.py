@@ -1,0 +1,330 @@
+"""A run's lifecycle: its folder, its lock, its summary, its wall clock and how it ended.
+
+As Dora's ``XP``, one small object owns what a run leaves on disk, so that the task
+(``caitlab.training.task.train``) reads as the story of a run. Every state a run can end in
+is written here, whatever raised: ``completed``, ``diverged``, ``interrupted`` (Ctrl-C,
+preemption, a full disk: the same command resumes it) or ``failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from caitlab.console import say
+from caitlab.errors import UserError, storage_message
+from caitlab.runs import (
+    ResumeError,
+    RunFailed,
+    RunLock,
+    Summary,
+    read_summary,
+    remove_stale_temp_files,
+    resume_checkpoint,
+    skip_reason,
+    storage_error,
+    write_text_atomic,
+)
+from caitlab.secrets import redact
+
+log = logging.getLogger("caitlab")
+
+
+def job_overrides() -> list[str]:
+    """The overrides of the running Hydra job, as typed (none outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def job_run_dir(cfg: DictConfig) -> Path:
+    """The running Hydra job's folder; outside Hydra (tests), the configured one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(cfg.paths.run_dir)
+
+
+def slurm_job_id() -> str | None:
+    """This job's id as squeue shows it (``1234_5`` for a task of an array)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def is_rank_zero() -> bool:
+    """Only global rank 0 writes the run folder (under SLURM every task runs this app)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) not in (None, "0") and (
+            var != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        ):
+            return False
+    return True
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (``outputs/demo/...``)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def result_line(summary: Mapping[str, Any], run_dir: Path) -> str:
+    """A run's result in one line: ``test/top1 94.4  best val/top1 92.8  30 epochs  29 s  ->
+    outputs/demo/029503e85c`` (test/top1 is the best validation epoch's checkpoint's)."""
+    parts = []
+    for key, name in (("test/top1", "test/top1"), ("val/top1_best", "best val/top1")):
+        value = summary.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{name} {100 * value:.1f}")
+    if summary.get("epochs"):
+        parts.append(f"{summary['epochs']} epochs")
+    if isinstance(summary.get("wall_s"), (int, float)):
+        parts.append(f"{summary['wall_s']:.0f} s")
+    return "  ".join([*parts, f"-> {shown_path(run_dir)}"])
+
+
+def skipped_message(previous: Mapping[str, Any], run_dir: Path) -> str:
+    """One line for a re-launched run that failed (or diverged) before: its first error line
+    (a failure's message may carry a whole traceback) and how to run it again."""
+    lines = str(previous.get("error") or "").strip().splitlines()
+    error = lines[0] if lines else "no error recorded"
+    if len(error) > 150:
+        error = error[:147] + "..."
+    return (f"{shown_path(run_dir)}: {previous.get('status')} before ({error}); not run again "
+            "without retry_failed=true")
+
+
+def remove_unstarted_run_folder(run_dir: Path) -> None:
+    """Hydra makes the run folder (``.hydra/``, ``train.log``) before caitlab checks the
+    config: a rejected config leaves nothing behind. A folder holding anything else (a run's
+    files, another process's lock) is left as it is."""
+    hydra_dir = run_dir / ".hydra"
+    try:
+        if {p.name for p in run_dir.iterdir()} - {".hydra", "train.log"}:
+            return
+        hydra_files = list(hydra_dir.iterdir()) if hydra_dir.is_dir() else []
+        if {p.name for p in hydra_files} - {"config.yaml", "hydra.yaml", "overrides.yaml"}:
+            return
+        for path in hydra_files:
+            path.unlink()
+        if hydra_dir.is_dir():
+            hydra_dir.rmdir()
+        (run_dir / "train.log").unlink(missing_ok=True)
+        run_dir.rmdir()
+        run_dir.parent.rmdir()  # <output_dir>/<name>/, when this was its only run
+    except OSError:
+        pass  # only ever tidying: whatever could not go stays
+
+
+class Run:
+    """One run folder, from the check that there is work to do to the state it ended in.
+
+    ``done`` (skip or refuse a re-launch), ``refuse`` (a config error, before the folder is
+    made), ``open`` (folder, lock, config files), ``start`` (summary, provenance, the
+    checkpoint to resume from), ``attempt`` (records how the attempt ended), ``complete``.
+    """
+
+    def __init__(self, run_dir: Path, name: str = "default") -> None:
+        self.dir = Path(run_dir)
+        self.name = name
+        self.rank_zero = is_rank_zero()
+        self.previous = read_summary(self.dir)
+        self.summary = Summary(self.dir, {}, writable=False)  # until start()
+        self.resume_from: Path | None = None
+        self.loggers: list = []  # the attempt's loggers: wandb's run mirrors the summary
+        self.stopper: Any = None  # the attempt's GracefulStop: who interrupted, and requeue
+        self._lock: RunLock | None = None
+        self._t0 = time.time()
+        self._wall_before = 0.0
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Run:
+        return cls(job_run_dir(cfg), str(cfg.get("name", "default")))
+
+    def done(self, retry_failed: bool) -> dict[str, Any] | None:
+        """The previous summary of a completed run (nothing to do); raises ``RunFailed`` for
+        one that failed or diverged before, unless ``retry_failed``."""
+        reason = skip_reason(self.previous, retry_failed)
+        if reason == "completed":
+            say(log, f"already completed, skipping: {result_line(self.previous, self.dir)}")
+            return self.previous
+        if reason is not None:
+            raise RunFailed(skipped_message(self.previous, self.dir))
+        return None
+
+    def refuse(self, message: str) -> UserError:
+        """A config the run cannot start with; in a sweep its summary says so, for the
+        sweep's table."""
+        if is_multirun():
+            Summary(self.dir, {"overrides": redact(job_overrides()), "name": self.name,
+                               "signature": self.dir.name}).update(status="failed",
+                                                                   error=redact(message))
+        return UserError(message)
+
+    def open(self, cfg: DictConfig) -> dict[str, Any]:
+        """Makes the folder, takes its lock and writes ``config.yaml`` and ``overrides.yaml``;
+        returns the resolved config, secrets redacted."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"paths.output_dir: cannot write the run folder {self.dir}: "
+                            f"{err.strerror or err}") from None
+        if self.rank_zero:
+            self._lock = RunLock(self.dir)
+            if not self._lock.acquire():
+                raise UserError(f"{self.dir} is being trained by another process "
+                                f"({self._lock.holder()}); not starting it twice")
+            remove_stale_temp_files(self.dir)  # held: their writers are dead
+        resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+        if self.rank_zero:
+            write_text_atomic(self.dir / "config.yaml",
+                              OmegaConf.to_yaml(OmegaConf.create(resolved)))
+            write_text_atomic(self.dir / "overrides.yaml",
+                              OmegaConf.to_yaml(OmegaConf.create(redact(job_overrides()))))
+        return resolved
+
+    def start(self, facts: dict[str, Any]) -> None:
+        """A new attempt: the summary with ``facts`` (identity, model, axes...), the code it
+        runs and the checkpoint it resumes from."""
+        from caitlab.provenance import commit_of, provenance
+
+        try:
+            self.resume_from = resume_checkpoint(self.dir / "checkpoints")
+        except ResumeError as err:
+            raise UserError(str(err)) from None
+        self.summary = Summary(self.dir, writable=self.rank_zero, initial=facts)
+        self._t0, self._wall_before = time.time(), self.summary.get("wall_s", 0.0) or 0.0
+        code, diff = provenance()
+        before, now = commit_of(self.summary.data), commit_of({"provenance": code})
+        if self.resume_from and before and before != now:
+            say(log, f"resuming {shown_path(self.dir)}, started by code {before}, with code "
+                     f"{now}: its weights may not match an uninterrupted run's")
+        if self.rank_zero and diff:  # the uncommitted changes the run's numbers depend on
+            write_text_atomic(self.dir / "code.diff", redact(diff))
+        self.summary.update(status="running", attempts=self.summary["attempts"] + 1,
+                            resumed_from=str(self.resume_from) if self.resume_from else None,
+                            slurm_job_id=slurm_job_id(), provenance=code,
+                            # the local launcher's job (its logs: caitlab-sweep log)
+                            submitit_job_id=os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
+        if self.resume_from:  # Lightning's own line about it is in train.log only
+            say(log, f"resuming {shown_path(self.dir)} from {self.resume_from.name} "
+                     f"(attempt {self.summary['attempts']})")
+
+    def wall_s(self) -> float:
+        """Seconds trained, summed over attempts."""
+        return self._wall_before + time.time() - self._t0
+
+    def end(self, status: str, **fields: Any) -> None:
+        """Writes the state the attempt ended in, with the wall clock."""
+        self.summary.update(status=status, wall_s=self.wall_s(), **fields)
+
+    def complete(self, test: Mapping[str, float]) -> dict[str, Any]:
+        """The run's final result: the test metrics in the summary (and wandb's)."""
+        self.end("completed", **{k: test.get(k) for k in ("test/top1", "test/top5",
+                                                          "test/loss")},
+                 finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self._mirror({k: v for k, v in self.summary.data.items()
+                      if isinstance(v, (int, float, str)) and v is not None})
+        self._mirror({"axes": self.summary.get("axes"),
+                      "model": {k: v for k, v in (self.summary.get("model") or {}).items()
+                                if k != "config"}})
+        say(log, result_line(self.summary.data, self.dir))
+        return self.summary.data
+
+    def _mirror(self, values: dict[str, Any]) -> None:
+        """The same facts in wandb's run summary as in summary.json: reports read either."""
+        from caitlab.training.tracking import wandb_run
+
+        run = wandb_run(self.loggers)
+        if run is not None:
+            run.summary.update(values)
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[Run]:
+        """Around training: records a divergence, an interruption or a failure (the line
+        for it is the caller's), re-raises it, and closes wandb with the attempt's exit code."""
+        from caitlab.data import DataConfigError
+        from caitlab.training.module import DivergedError
+        from caitlab.training.tracking import finish_wandb
+
+        exit_code = 1
+        try:
+            yield self
+            exit_code = 0
+        except DivergedError as err:
+            self.end("diverged", diverged_step=err.step, diverged_epoch=err.epoch,
+                     error=str(err))
+            self._mirror({"status": "diverged", "diverged_epoch": err.epoch,
+                          "diverged_step": err.step})
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            stopper = self.stopper
+            self.end("interrupted",
+                     interrupted_by=stopper.requested if stopper else "KeyboardInterrupt",
+                     requeued=bool(stopper and stopper.requeue))
+            exit_code = 255
+            if stopper is not None and stopper.requeue:
+                finish_wandb(exit_code)
+                stopper.requeue_now()  # submitit requeues this job and exits
+            raise
+        except DataConfigError as err:  # found while training, e.g. a corrupt image
+            raise self._failed_on_data(err) from None
+        except BaseException as err:
+            self._failed(err)
+            raise
+        finally:
+            finish_wandb(exit_code)
+
+    def _failed_on_data(self, err: Exception) -> UserError:
+        from caitlab.data import ImageReadError, data_error_message
+
+        message = data_error_message(err)
+        if isinstance(err, ImageReadError):
+            # the line names the file and the cause; the traceback (a DataLoader worker's
+            # too) is for a bug report
+            (self.dir / "error.log").write_text(redact(traceback.format_exc()))
+            message += f"; traceback in {self.dir / 'error.log'}"
+        self.end("failed", error=redact(message))
+        return UserError(message)
+
+    def _failed(self, err: BaseException) -> None:
+        refused = storage_error(err)
+        if refused is not None:
+            # A full disk or a folder turned read-only: nothing in the run to fix, and what is
+            # on disk is whole (every write is atomic), so the same command resumes later. The
+            # summary is best effort: it may not fit on the disk either.
+            with contextlib.suppress(OSError):
+                self.end("interrupted", interrupted_by=refused.strerror,
+                         error=redact(storage_message(refused, self.dir)))
+            return
+        (self.dir / "error.log").write_text(redact(traceback.format_exc()))
+        self.end("failed", error=redact(f"{type(err).__name__}: {err}"))

@@ -1,0 +1,231 @@
+"""The training task: one config in, one run folder trained (or resumed, or skipped) out.
+
+``train`` is the story of a run; the folder and its states are ``caitlab.training.lifecycle``'s,
+what is built for it (data, model, trainer) is below. Heavy imports (torch, lightning) happen
+only once there is work to do: ``--cfg job`` and skipped runs stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from caitlab.console import one_handler_per_line, quiet_known_warnings, say
+from caitlab.training.lifecycle import Run, is_multirun, job_overrides
+
+log = logging.getLogger("caitlab")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Trains (or resumes, or skips) the run described by ``cfg``; returns its summary."""
+    run = Run.of(cfg)
+    previous = run.done(retry_failed=bool(cfg.get("retry_failed", False)))
+    if previous is not None:
+        return previous
+    quiet_known_warnings()
+    one_handler_per_line()
+    parts = build(cfg, run)
+    resolved = run.open(cfg)
+    run.start(parts.facts(cfg, run, resolved))
+    with run.attempt():
+        run.loggers = _loggers(cfg, run, resolved)
+        module = parts.module(cfg)
+        trainer, best = build_trainer(cfg, run)
+        run.summary.update(world_size=trainer.world_size)
+        trainer.fit(module, datamodule=parts.datamodule,
+                    ckpt_path=str(run.resume_from) if run.resume_from else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        # the path itself: ckpt_path="best" would read the first ModelCheckpoint (latest)
+        results = trainer.test(module, datamodule=parts.datamodule,
+                               ckpt_path=best.best_model_path or None, verbose=False)
+        return run.complete({k: float(v) for k, v in (results[0] if results else {}).items()})
+
+
+@dataclass
+class Parts:
+    """What a run trains: its data and model, built and checked before its folder exists."""
+
+    datamodule: Any
+    model: Any
+    model_name: str
+    macs: int | None
+    threads: int
+    recipe: Any  # caitlab.config.TrainConfig, its warm-up fitted to the run's length
+
+    def facts(self, cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> dict[str, Any]:
+        """The summary's description of the run: identity, model, axes."""
+        from caitlab.identity import run_delta, variant_of
+        from caitlab.models import count_params
+        from caitlab.models.axes import ablation_axes
+        from caitlab.runs import signature, variant_signature
+        from caitlab.secrets import redact
+
+        own = getattr(self.model, "config", None)  # a caitlab model's: "auto" values resolved
+        axes = ablation_axes({**(resolved.get("model") or {}),
+                              **(own if isinstance(own, dict) else {})}, self.model_name)
+        delta = run_delta(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        return {
+            # the folder's name: the signature, or the previous rule's for a folder it wrote
+            "signature": run.dir.name if HydraConfig.initialized() else signature(cfg),
+            "variant": variant_of(delta) if delta is not None else variant_signature(cfg),
+            "delta": redact(delta),  # what makes the run differ from the defaults
+            "name": cfg.name,
+            "overrides": redact(job_overrides()),
+            "axes": axes,
+            "model": {"name": self.model_name, "target": cfg.model.get("_target_"),
+                      "params": count_params(self.model), "macs": self.macs,
+                      "config": own},
+            "seed": cfg.seed,
+            "threads": self.threads,
+        }
+
+    def module(self, cfg: DictConfig) -> Any:
+        import torch
+
+        from caitlab.training.module import ClassificationModule
+
+        module = ClassificationModule(self.model, num_classes=cfg.data.num_classes,
+                                      cfg=self.recipe, batch_size=cfg.data.batch_size)
+        if self.recipe.compile:
+            module.model = torch.compile(module.model)
+        return module
+
+
+def build(cfg: DictConfig, run: Run) -> Parts:
+    """Checks the config and builds the data and the model; a mistake in either is one line
+    (``UserError``), recorded in a sweep's summary, before anything is written."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from caitlab.config import (
+        ConfigError,
+        check_recipe_choice,
+        check_trainer,
+        fit_warmup,
+        train_config,
+    )
+    from caitlab.cpus import set_torch_threads
+    from caitlab.data import DataConfigError
+    from caitlab.errors import constructor_refusal
+    from caitlab.models import CheckpointError, ModelConfigError, UnknownModelError, load_checkpoint
+
+    user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
+                   CheckpointError)
+    try:
+        tcfg = train_config(cfg)
+        check_recipe_choice(job_overrides())
+        check_trainer(cfg.trainer, multirun=is_multirun(), under_slurm=SLURMEnvironment.detect(),
+                      gpus_visible=torch.cuda.device_count(), cpus=os.cpu_count() or 1)
+        threads = set_torch_threads(cfg)
+        warmup_note = fit_warmup(tcfg.sched, cfg.trainer.max_epochs)
+        if warmup_note:
+            say(log, warmup_note)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+        name = cfg.model.get("name", type(model).__name__)
+        macs = model_macs(model, datamodule, cfg.data, name)  # a model that cannot take the
+        if cfg.get("finetune_from"):                            # data's images stops here
+            load_checkpoint(model, cfg.finetune_from)  # all or nothing, names the bad keys
+    except Exception as err:
+        # Hydra's instantiate wraps constructor errors; the user's mistake is the cause.
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, user_errors):
+            cause = cause.__cause__
+        message = str(cause) if cause is not None else constructor_refusal(err)
+        if message is None:
+            raise
+        raise run.refuse(message) from None
+    return Parts(datamodule, model, name, macs, threads, tcfg)
+
+
+def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> int | None:
+    """MACs per image. A caitlab model knows its input; a project's own model is counted on
+    one image of the data (None when the data does not say its image size)."""
+    from caitlab.config import ConfigError
+    from caitlab.models import count_macs
+
+    if isinstance(getattr(model, "config", None), dict):
+        return count_macs(model)
+    chans = getattr(datamodule, "in_chans", None) or data_cfg.get("in_chans")
+    size = getattr(datamodule, "img_size", None) or data_cfg.get("img_size")
+    if not isinstance(chans, int) or not isinstance(size, int):
+        return None
+    try:
+        return count_macs(model, size, chans)
+    except Exception as err:  # the model cannot take the data's images: say so before training
+        raise ConfigError(f"model: {model_name} cannot take one {chans}x{size}x{size} image of "
+                          f"the data (data.in_chans, data.img_size): {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _loggers(cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> list:
+    """The configured loggers; wandb's run id is kept in the summary, so that a resumed run
+    continues the same wandb run."""
+    from caitlab.training.tracking import build_loggers
+
+    wandb_id = run.summary.get("wandb_run_id")
+    if wandb_id is None and any("Wandb" in str(v.get("_target_", ""))
+                                for v in (cfg.get("logger") or {}).values() if v):
+        wandb_id = uuid.uuid4().hex[:8]  # wandb's own id format: 8 lowercase alphanumerics
+        run.summary.update(wandb_run_id=wandb_id)
+    axes = run.summary.get("axes") or {}
+    shown = [o for o in run.summary.get("overrides") or []
+             if not o.startswith(("model=", "experiment=", "hydra", "logger"))]
+    return build_loggers(cfg.get("logger"), run.dir,
+                         name=" ".join([run.summary["model"]["name"], *shown]), group=cfg.name,
+                         tags=[f"{k}={v}" for k, v in axes.items() if v is not None][:64],
+                         config={**resolved, "provenance": run.summary.get("provenance")},
+                         wandb_id=wandb_id)
+
+
+def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
+    """Lightning's trainer with caitlab's callbacks (checkpoints, the summary, preemption,
+    the console) and the configured ones; returns it and the best-checkpoint callback."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from caitlab.training.callbacks import (
+        BestCheckpoint,
+        EpochLines,
+        SteadyProgressBar,
+        SummaryCallback,
+    )
+    from caitlab.training.preemption import AtomicCheckpointIO, GracefulStop
+
+    ckpts = run.dir / "checkpoints"
+    # Lightning's save_last only follows a new best; resuming needs every epoch's state.
+    latest = ModelCheckpoint(dirpath=ckpts, filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
+    best = BestCheckpoint(dirpath=ckpts, filename="best", monitor="val/top1", mode="max",
+                          save_top_k=1, enable_version_counter=False, latest=latest)
+    run.stopper = GracefulStop(ckpts / "last.ckpt")
+    # latest before best: best.ckpt links to the last.ckpt of the same epoch
+    callbacks = [latest, best, SummaryCallback(run.summary, run.wall_s), run.stopper]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+                  if c is not None and "_target_" in c]
+    # A bar is for a terminal: in a file (a pipe, a SLURM log) every redraw is lines of its
+    # own, so there the epoch lines stand in for it.
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+    callbacks.append(EpochLines(console=not bar))
+    if bar:
+        callbacks.append(SteadyProgressBar(leave=True))
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = instantiate(cfg.trainer, logger=run.loggers, callbacks=callbacks,
+                          enable_progress_bar=bar, plugins=plugins,
+                          default_root_dir=str(run.dir))
+    return trainer, best
