@@ -261,7 +261,7 @@ class _SweepAwareMixin:
                 log.info(f"\tskipping {' '.join(overrides)}: {reason} ({run_dir})")
                 skipped.append(_skipped(overrides, previous))
             elif reason is not None:
-                from caitlab.train import skipped_message
+                from caitlab.training.lifecycle import skipped_message
 
                 line = skipped_message(previous, run_dir)
                 log.warning(f"\tskipping {' '.join(overrides)}: {line}")
