@@ -19,7 +19,6 @@ from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STATES = ("pending", "running", "completed", "failed", "diverged", "interrupted")
 # States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
 # crashed config usually gives the same result.
 RETRY_ONLY = ("failed", "diverged")
