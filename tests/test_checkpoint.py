@@ -160,3 +160,24 @@ def test_pickled_code_is_not_executed(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil.pth is not a readable checkpoint: it holds a "
                                               r"Python object \(print\) that loading would run"):
         load_checkpoint(create_model("cait_tiny"), path)
+
+
+def test_checkpoint_of_a_compiled_run_loads(tmp_path):
+    """A ``compile=true`` run trains ``torch.compile(model)``, whose state dict names every
+    key ``_orig_mod.<key>``; its Lightning checkpoint must load for ``finetune_from`` and
+    caitlab-attention alike."""
+    from caitlab.analysis.attention_maps import load_model
+    from caitlab.training.module import ClassificationModule
+
+    torch.manual_seed(0)
+    trained = create_model("cait_tiny")
+    module = ClassificationModule(trained, num_classes=10)
+    module.model = torch.compile(module.model)  # as caitlab.train does; compiled lazily
+    state = module.state_dict()
+    assert "model._orig_mod.cls_token" in state
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "caitlab": {"model_config": trained.config}}, path)
+    torch.manual_seed(1)
+    for loaded in (load_checkpoint(create_model("cait_tiny"), path), load_model(path)[0]):
+        for key, value in trained.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key

@@ -32,12 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from caitlab.models import ImageTransformer, ModelConfigError
-from caitlab.models.checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    load_file,
-    unwrap_state_dict,
-)
+from caitlab.models.checkpoint import CheckpointError, load_file, load_state
 from caitlab.models.layers import Attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,12 +197,9 @@ def load_model(path: str | Path) -> tuple[ImageTransformer, Path]:
     except (ModelConfigError, TypeError) as err:
         raise AttentionError(f"{ckpt}: cannot rebuild the model from its config: {err}") from None
     try:
-        state = unwrap_state_dict(obj, str(ckpt))
-        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile
-        check_state_dict(state, model, str(ckpt))
+        load_state(model, obj, str(ckpt))
     except CheckpointError as err:
         raise AttentionError(str(err)) from None
-    model.load_state_dict(state, strict=True)
     return model.eval(), ckpt
 
 

@@ -3,7 +3,8 @@
 Accepted files: a bare state dict of timm's ``cait_*``, ``deit_*`` or ``vit_*`` models (or of
 ours), the official release format ``{"model": state_dict}`` (keys possibly prefixed with
 ``module.``), and Lightning checkpoints written by caitlab (``{"state_dict": ...}`` with keys
-under ``model.``). Everything is checked before a single tensor is copied.
+under ``model.``, then ``_orig_mod.`` for a ``compile=true`` run). Everything is checked
+before a single tensor is copied.
 """
 
 from __future__ import annotations
@@ -82,8 +83,19 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
             key = key[len(prefix):]
         elif prefix:
             continue  # e.g. the EMA copy or loss buffers beside the model
-        out[key.removeprefix("module.")] = value
+        out[_unwrapped_key(key)] = value
     return out
+
+
+# What wrappers put before every key: DistributedDataParallel (``module.``, also in the
+# official release) and torch.compile (``_orig_mod.``, a ``compile=true`` run's checkpoints).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped_key(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):  # wrappers nest: DDP around a compiled model
+        key = key.split(".", 1)[1]
+    return key
 
 
 def _grid(n: int) -> tuple[int, int] | None:
@@ -171,7 +183,13 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, sour
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Loads ``path`` into ``model`` in place, all or nothing; returns the model."""
-    state_dict = remap_state_dict(read_state_dict(path), model)
-    check_state_dict(state_dict, model, str(path))
+    return load_state(model, read_state_dict(path), str(path))
+
+
+def load_state(model: nn.Module, obj: object, source: str) -> nn.Module:
+    """Loads a checkpoint already read (``load_file``'s object, or a state dict) into
+    ``model`` in place, all or nothing; ``source`` names it in errors. Returns the model."""
+    state_dict = remap_state_dict(unwrap_state_dict(obj, source), model)
+    check_state_dict(state_dict, model, source)
     model.load_state_dict(state_dict, strict=True)
     return model
