@@ -10,7 +10,7 @@ from torch import nn
 
 # Paper Table 3 (CaiT) and DeiT Table 1, millions of parameters at 224 px and 1000 classes:
 # one table, shared with caitlab-bench --compare-paper.
-from caitlab.analysis.bench import PAPER_PARAMS_M
+from caitlab.analysis.paper import PAPER_PARAMS_M
 from caitlab.models import (
     ImageTransformer,
     ModelConfigError,

@@ -21,9 +21,7 @@ import sys
 from typing import Any
 
 from caitlab.analysis.model_source import BenchError, build
-
-# the tables are re-exported: tests/test_models.py imports them from here
-from caitlab.analysis.paper import PAPER_GMACS, PAPER_PARAMS_M, compare_paper  # noqa: F401
+from caitlab.analysis.paper import compare_paper
 from caitlab.analysis.timing import (
     PRECISIONS,
     compute_dtype,
