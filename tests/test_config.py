@@ -100,3 +100,32 @@ def test_signature_resolves_keys_that_point_outside_the_kept_ones():
         other = compose("train", ["data=cifar10", "paths.data_dir=/elsewhere"],
                         return_hydra_config=True)
         assert signature(cfg) != signature(other)
+
+
+def test_every_declared_axis_is_a_constructor_argument_and_its_group_switches_it():
+    """caitlab.models.axes declares each axis once: its keys are the model's arguments, its
+    group's options are the values the model takes, and every preset has the group, so that
+    ``model/<group>=<option>`` works whatever the model."""
+    import inspect
+
+    from caitlab.models import ATTENTIONS, CLASS_TOKEN_PLACEMENTS, RESIDUAL_SCALINGS
+    from caitlab.models import ImageTransformer as model
+    from caitlab.models.axes import ARCHITECTURE
+
+    arguments = set(inspect.signature(model).parameters) | {"model"}
+    groups = [a.group for a in ARCHITECTURE if a.group and a.group != "model"]
+    for axis in ARCHITECTURE:
+        assert set(axis.keys) <= arguments, axis
+    values = {"model/class_token": CLASS_TOKEN_PLACEMENTS, "model/residual": RESIDUAL_SCALINGS,
+              "model/attention": ATTENTIONS}
+    for group, expected in values.items():
+        assert set(_options(group)) == set(expected), group
+    for axis in (a for a in ARCHITECTURE if a.group in groups):
+        for option in _options(axis.group):  # each option sets the axis
+            body = OmegaConf.load(CONF / axis.group / f"{option}.yaml")
+            assert set(axis.keys) & set(body), (axis.group, option)
+    for preset in MODEL_PRESETS:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            choices = compose("train", [f"model={preset}"], return_hydra_config=True
+                              ).hydra.runtime.choices
+        assert set(groups) <= set(choices), preset
