@@ -224,3 +224,24 @@ def test_a_caitlab_axis_the_sweep_varies_is_a_column(tmp_path):
     plain = table_rows(group_variants(collect_runs(sweep))[:1])
     assert list(plain[0])[:8] == ["model", "class token", "CA layers", "residual", "eps",
                                   "depth", "width", "params (M)"]
+
+
+def test_a_declared_axis_is_a_column_a_label_and_a_sort_order(tmp_path, monkeypatch):
+    """The report reads its architecture columns from caitlab.models.axes: declaring an axis
+    there is all it takes."""
+    from caitlab.analysis.report import variant_label
+    from caitlab.models import axes
+
+    heads = axes.Axis("heads", ("num_heads",), label=lambda a: f"h{a['num_heads']}")
+    monkeypatch.setattr(axes, "ARCHITECTURE", (*axes.ARCHITECTURE, heads))
+    monkeypatch.setattr(axes, "ARCHITECTURE_KEYS", axes.ARCHITECTURE_KEYS | {"num_heads"})
+    sweep = tmp_path / "heads"
+    for sig, n in (("a", 8), ("b", 4)):
+        _summary(sweep, sig, {**VIT_AXES, "num_heads": n}, "caitlab.models.create_model")
+    variants = group_variants(collect_runs(sweep))
+    rows = table_rows(variants)
+    assert list(rows[0])[:8] == ["model", "class token", "CA layers", "residual", "eps",
+                                 "depth", "width", "heads"]
+    assert [r["heads"] for r in rows] == ["4", "8"] and "num_heads" not in rows[0]
+    assert sorted(variant_label(v) for v in variants) == ["vit_tiny input none d4 h4",
+                                                          "vit_tiny input none d4 h8"]
