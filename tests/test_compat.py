@@ -215,3 +215,13 @@ def test_apply_value_overrides_changes_adds_and_deletes_in_place():
     for bad in (["model.nope=1"], ["+seed=4"], ["~absent"]):
         with pytest.raises(ConfigCompositionException):
             compat.apply_value_overrides(parser.parse_overrides(bad), cfg)
+
+
+def test_take_indices_reads_forward_intermediates_indices_as_timm_does():
+    # an int: the last n blocks; a list: those blocks, negative from the end; None: all
+    assert compat.take_indices(12, 2) == ([10, 11], 11)
+    assert compat.take_indices(12, [0, -1]) == ([0, 11], 11)
+    assert compat.take_indices(12, [3, 5]) == ([3, 5], 5)
+    assert compat.take_indices(4, None) == ([0, 1, 2, 3], 3)
+    with pytest.raises(AssertionError):  # timm refuses a block the model does not have
+        compat.take_indices(4, [7])

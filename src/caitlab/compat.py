@@ -1,7 +1,7 @@
 """Every use of a library's internals, each where no public API serves, and why.
 
-Written for lightning 2.6, hydra-core 1.3 and omegaconf 2.3 (pyproject.toml bounds each to the
-versions tested). ``tests/test_compat.py`` has one test per function here, asserting the
+Written for lightning 2.6, hydra-core 1.3, omegaconf 2.3 and timm 1.0 (pyproject.toml bounds
+each to the versions tested). ``tests/test_compat.py`` has one test per function here, asserting the
 behaviour its caller relies on, so that a release that changes an internal fails there, by
 name, instead of silently changing training or submission. Everything else in caitlab uses
 the libraries' public contracts only.
@@ -113,6 +113,20 @@ def config_node(cfg: DictConfig, key: str) -> Any:
 
 
 # --- Hydra ---------------------------------------------------------------------------------
+
+# --- timm ----------------------------------------------------------------------------------
+
+def take_indices(num_blocks: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+    """timm's reading of ``forward_intermediates(indices=...)``: an int n takes the last n
+    blocks, a list takes those blocks (negative from the end), None takes every block; also
+    returns the last block needed.
+
+    timm's own models share it from ``timm.models._features``, which ``timm.models`` does not
+    export; reading it the same way keeps caitlab's ``forward_intermediates`` timm's contract."""
+    from timm.models._features import feature_take_indices
+
+    return feature_take_indices(num_blocks, indices)
+
 
 def __getattr__(name: str) -> Any:
     """``BasicSweeper`` and ``BasicSweeperConf``: Hydra's default sweeper, to be extended.

@@ -17,9 +17,9 @@ from typing import Literal
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models._features import feature_take_indices
 from torch import nn
 
+from caitlab import compat
 from caitlab.models.layers import (
     Block,
     ClassAttentionBlock,
@@ -418,7 +418,7 @@ class ImageTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NLC'")
-        take, last = feature_take_indices(len(self.blocks), indices)
+        take, last = compat.take_indices(len(self.blocks), indices)
         height, width = x.shape[-2:]
         x = self._embed(x)
         taken, prefixes = [], []
@@ -449,7 +449,7 @@ class ImageTransformer(nn.Module):
         reads them) and, as timm does, the final norm (``prune_norm``) and the head with
         the class-attention stage and its class token (``prune_head``). Returns the absolute
         indices. ``config`` keeps describing the model as it was built."""
-        take, last = feature_take_indices(len(self.blocks), indices)
+        take, last = compat.take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:last + 1]
         self.layer_tokens = self.layer_tokens[:last + 1]
         if prune_norm:
