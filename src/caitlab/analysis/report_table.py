@@ -12,19 +12,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from caitlab.analysis.report_runs import Variant, commits
-
-
-def _axes():
-    """caitlab.models.axes, imported where first used: importing the caitlab.models package
-    loads torch, and caitlab-sweep imports the report for its runs alone (stdlib only)."""
-    from caitlab.models import axes
-
-    return axes
+from caitlab.models import axes as declared  # stdlib only: the package loads torch lazily
 
 
 def cell(value: Any) -> str:
     """An axis value as the table shows it (as typed in an override: ``true``, ``1e-05``)."""
-    return _axes().text(value)
+    return declared.text(value)
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -51,7 +44,6 @@ def extra_axes(variants: list[Variant]) -> list[str]:
     ``model.mlp_ratio=2,4``), and every argument of a project's own model (``channels``,
     ``kernel_size``...; not the data's ``in_chans``/``num_classes``). What merely tells one of
     caitlab's models from another (vit_tiny's talking_heads=false) stays in the model name."""
-    declared = _axes()
     keys = list(dict.fromkeys(k for v in variants for k in v.axes
                               if k not in declared.ARCHITECTURE_KEYS))
     shown = []
@@ -72,14 +64,14 @@ def extra_axes(variants: list[Variant]) -> list[str]:
 def _arch_cells(variant: Variant) -> dict[str, str]:
     # the model column names a run without axes by its summary's model
     axes = {**variant.axes, "model": variant.model_name}
-    return {axis.column: axis.shown(axes) for axis in _axes().ARCHITECTURE}
+    return {axis.column: axis.shown(axes) for axis in declared.ARCHITECTURE}
 
 
 def _arch_columns(variants: list[Variant], cells: list[dict[str, str]]) -> list[str]:
     """The architecture columns some variant has an axis of, less those no variant uses
     (attention, token reorg: the tables of sweeps that do not vary them stay as they were)."""
     columns = []
-    for axis in _axes().ARCHITECTURE:
+    for axis in declared.ARCHITECTURE:
         has = axis.always or any(k in v.axes for v in variants for k in axis.keys)
         if has and not (axis.unused and all(c[axis.column] in axis.unused for c in cells)):
             columns.append(axis.column)
@@ -109,7 +101,6 @@ def _result_cells(variant: Variant) -> dict[str, str]:
 
 
 def _sort_key(variant: Variant, extra: Iterable[str] = ()) -> tuple:
-    declared = _axes()
     a = variant.axes
     return (*(axis.rank(a) for axis in declared.ARCHITECTURE if axis.sort),
             *(declared.rank(a.get(k)) for k in extra))
@@ -139,7 +130,7 @@ def variant_label(variant: Variant, extra: Iterable[str] = ()) -> str:
     """A short name for plots: the model and its architecture, plus ``key=value`` of each
     ``extra`` axis (:func:`extra_axes`) the variant has."""
     a = variant.axes
-    parts = [axis.part(a) for axis in _axes().ARCHITECTURE]
+    parts = [axis.part(a) for axis in declared.ARCHITECTURE]
     parts += [f"{k}={cell(a[k])}" for k in extra if k in a]
     return " ".join(p for p in parts if p)
 

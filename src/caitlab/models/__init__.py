@@ -1,37 +1,37 @@
 """The CaiT/ViT model family: ``create_model(name, **overrides)`` and its helpers.
 
 ``layers`` holds the building blocks, ``cait`` the ``ImageTransformer`` family and its
-argument checks, ``variants`` the named variants, ``checkpoint`` the loading of timm, official
-and caitlab checkpoints, ``cost`` parameters and MACs.
+argument checks, ``variants`` the named variants, ``axes`` the ablation axes, ``checkpoint``
+the loading of timm, official and caitlab checkpoints, ``cost`` parameters and MACs.
+
+The names below are imported on first use (PEP 562): ``caitlab.models.axes``, which the
+report and ``caitlab-sweep`` read, must not load torch.
 """
 
-from caitlab.models import variants as _variants  # noqa: F401  (registers the variants)
-from caitlab.models._registry import UnknownModelError, create_model, list_models
-from caitlab.models.cait import (
-    ATTENTIONS,
-    CLASS_TOKEN_PLACEMENTS,
-    DROP_PATH_SCHEDULES,
-    RESIDUAL_SCALINGS,
-    ImageTransformer,
-    ModelConfigError,
-    layerscale_eps_for_depth,
-)
-from caitlab.models.checkpoint import CheckpointError, load_checkpoint
-from caitlab.models.cost import count_macs, count_params
+from __future__ import annotations
 
-__all__ = [
-    "ATTENTIONS",
-    "CLASS_TOKEN_PLACEMENTS",
-    "DROP_PATH_SCHEDULES",
-    "RESIDUAL_SCALINGS",
-    "CheckpointError",
-    "ImageTransformer",
-    "ModelConfigError",
-    "UnknownModelError",
-    "count_macs",
-    "count_params",
-    "create_model",
-    "layerscale_eps_for_depth",
-    "list_models",
-    "load_checkpoint",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "UnknownModelError": "_registry", "create_model": "_registry", "list_models": "_registry",
+    "ATTENTIONS": "cait", "CLASS_TOKEN_PLACEMENTS": "cait", "DROP_PATH_SCHEDULES": "cait",
+    "RESIDUAL_SCALINGS": "cait", "ImageTransformer": "cait", "ModelConfigError": "cait",
+    "layerscale_eps_for_depth": "cait",
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
+    "count_macs": "cost", "count_params": "cost",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module("caitlab.models.variants")  # registers the named variants
+    value = getattr(importlib.import_module(f"caitlab.models.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
