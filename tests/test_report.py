@@ -245,3 +245,16 @@ def test_a_declared_axis_is_a_column_a_label_and_a_sort_order(tmp_path, monkeypa
     assert [r["heads"] for r in rows] == ["4", "8"] and "num_heads" not in rows[0]
     assert sorted(variant_label(v) for v in variants) == ["vit_tiny input none d4 h4",
                                                           "vit_tiny input none d4 h8"]
+
+
+def test_device_hours_add_up_per_variant_and_for_the_sweep(tmp_path, capsys):
+    s = tmp_path / "sweep"
+    _run(s, "a0", seed=0, device_hours=0.5)
+    _run(s, "a1", seed=1, device_hours=0.25)  # a0 and a1: one variant, two seeds
+    _run(s, "b0", depth=8, device_hours=2.0)
+    _run(s, "c0", depth=12)  # written before runs recorded device-hours
+    by = {r["depth"]: r for r in table_rows(group_variants(collect_runs(s)))}
+    assert by["4"]["device-h"] == "0.75" and by["8"]["device-h"] == "2"
+    assert by["12"]["device-h"] == ""
+    assert main([str(s)]) == 0
+    assert "4 runs, 3 variants, 2.75 device-hours" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def test_interrupt_resume_skip_wandb_and_no_secret_leaks(tmp_path):
 
     interrupt = ("+callbacks.stop._target_=helpers.InterruptAtEpochStart",
                  "+callbacks.stop.epoch=1")
+    t0 = time.time()
     first = caitlab_train(tmp_path, *overrides, *interrupt, env=env, check=False)
+    first_s = time.time() - t0
     assert first.returncode == 130, first.stderr[-2000:]
     assert "interrupted" in first.stderr and "run the same command again" in first.stderr
     run = _only_run(tmp_path)
@@ -53,9 +56,15 @@ def test_interrupt_resume_skip_wandb_and_no_secret_leaks(tmp_path):
     assert re.fullmatch(r"[a-z0-9]{8}", wandb_id)
 
     # same command without the interruption: callbacks are not part of the signature
+    t0 = time.time()
     caitlab_train(tmp_path, *overrides, env=env)
+    both_s = first_s + time.time() - t0
     assert _only_run(tmp_path) == run
     s2 = _summary(run)
+    # device-hours (one CPU device) add up over the attempts, within the processes' lifetimes
+    assert s2["device"] == "cpu" and s2["world_size"] == 1
+    assert 0 < s1["device_hours"] * 3600 < first_s
+    assert s1["device_hours"] < s2["device_hours"] and s2["device_hours"] * 3600 < both_s
     assert s2["status"] == "completed" and s2["attempts"] == 2 and s2["epochs"] == 2
     assert s2["wandb_run_id"] == wandb_id
     assert s2["resumed_from"].endswith("checkpoints/last.ckpt")

@@ -34,6 +34,7 @@ from caitlab.analysis.report_runs import (
 )
 from caitlab.analysis.report_table import (
     cell,
+    device_hours,
     extra_axes,
     table_rows,
     to_csv,
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, plots = build_report(runs, out_dir, args.by_commit)
     print(to_markdown(rows))
     code = commits(runs)
-    print(f"\n{len(runs)} runs, {len(rows)} variants, code {', '.join(code[:4])}; written: "
+    hours = device_hours(runs)
+    cost = "" if hours is None else f", {hours:.3g} device-hours"
+    print(f"\n{len(runs)} runs, {len(rows)} variants{cost}, code {', '.join(code[:4])}; written: "
           f"{out_dir / 'report.md'}, {out_dir / 'report.csv'}" + "".join(f", {p}" for p in plots))
     warning = mixed_code_warning(runs)
     if warning:

@@ -78,6 +78,18 @@ def _arch_columns(variants: list[Variant], cells: list[dict[str, str]]) -> list[
     return columns
 
 
+def device_hours(runs: Iterable[Any]) -> float | None:
+    """Device-hours of ``runs`` (wall x devices over every attempt: seeds and reruns count),
+    None when no run recorded them (runs written before caitlab did)."""
+    hours = [r.summary["device_hours"] for r in runs
+             if isinstance(r.summary.get("device_hours"), (int, float))]
+    return sum(hours) if hours else None
+
+
+def _hours(hours: float | None) -> str:
+    return "" if hours is None else f"{hours:.3g}"
+
+
 def _result_cells(variant: Variant) -> dict[str, str]:
     model = variant.runs[0].summary.get("model") or {}
     row = {"params (M)": _count(model.get("params"), 1e6),
@@ -91,6 +103,7 @@ def _result_cells(variant: Variant) -> dict[str, str]:
     row["epochs"] = str(max(epochs)) if epochs else ""
     walls = [r.summary["wall_s"] for r in variant.runs if r.summary.get("wall_s")]
     row["wall (s)"] = f"{statistics.mean(walls):.0f}" if walls else ""
+    row["device-h"] = _hours(device_hours(variant.runs))
     states: dict[str, int] = {}
     for r in variant.runs:
         states[r.state] = states.get(r.state, 0) + 1

@@ -22,8 +22,9 @@ log = logging.getLogger("caitlab")
 class SummaryCallback(Callback):
     """Keeps ``summary.json`` current at every validation, so sweeps can be read live."""
 
-    def __init__(self, summary: Summary, wall_s: Callable[[], float]) -> None:
-        self.summary, self.wall_s = summary, wall_s  # the run's clock, over all attempts
+    def __init__(self, summary: Summary, clock: Callable[[], dict[str, float]]) -> None:
+        # the run's clocks over all attempts (wall_s, device_hours: caitlab.training.lifecycle)
+        self.summary, self.clock = summary, clock
 
     # on_validation_end, not on_validation_epoch_end: the module logs the epoch's metrics in
     # its own on_validation_epoch_end, which Lightning calls after the callbacks'.
@@ -32,8 +33,7 @@ class SummaryCallback(Callback):
             return
         metrics = trainer.callback_metrics
         values: dict[str, Any] = {"epochs": trainer.current_epoch + 1,
-                                  "global_step": trainer.global_step,
-                                  "wall_s": self.wall_s()}
+                                  "global_step": trainer.global_step, **self.clock()}
         top1 = metrics.get("val/top1")
         if top1 is not None:
             top1 = float(top1)

@@ -162,6 +162,8 @@ class Run:
         self._lock: RunLock | None = None
         self._t0 = time.time()
         self._wall_before = 0.0
+        self._devices = 1  # the attempt's processes (GPUs, or CPU ranks) until trainer's known
+        self._device_h_before = 0.0
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Run:
@@ -223,6 +225,7 @@ class Run:
             raise UserError(str(err)) from None
         self.summary = Summary(self.dir, writable=self.rank_zero, initial=facts)
         self._t0, self._wall_before = time.time(), self.summary.get("wall_s", 0.0) or 0.0
+        self._device_h_before = self.summary.get("device_hours", 0.0) or 0.0
         code, diff = provenance()
         before, now = commit_of(self.summary.data), commit_of({"provenance": code})
         if self.resume_from and before and before != now:
@@ -243,9 +246,24 @@ class Run:
         """Seconds trained, summed over attempts."""
         return self._wall_before + time.time() - self._t0
 
+    def uses(self, world_size: int, device: str) -> None:
+        """The attempt's devices (``trainer.world_size`` of them, ``cuda`` or ``cpu``): what
+        its device-hours count."""
+        self._devices = world_size
+        self.summary.update(world_size=world_size, device=device)
+
+    def device_hours(self) -> float:
+        """Wall time x devices, summed over attempts (an attempt killed before it could write
+        its end, by SIGKILL or a node failure, is counted up to its last validation)."""
+        return self._device_h_before + (time.time() - self._t0) * self._devices / 3600
+
+    def clock(self) -> dict[str, float]:
+        """The run's clocks as the summary keeps them: ``wall_s`` and ``device_hours``."""
+        return {"wall_s": self.wall_s(), "device_hours": round(self.device_hours(), 6)}
+
     def end(self, status: str, **fields: Any) -> None:
-        """Writes the state the attempt ended in, with the wall clock."""
-        self.summary.update(status=status, wall_s=self.wall_s(), **fields)
+        """Writes the state the attempt ended in, with the run's clocks."""
+        self.summary.update(status=status, **self.clock(), **fields)
 
     def complete(self, test: Mapping[str, float]) -> dict[str, Any]:
         """The run's final result: the test metrics in the summary (and wandb's)."""

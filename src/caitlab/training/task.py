@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run.loggers = _loggers(cfg, run, resolved)
         module = parts.module(cfg)
         trainer, best = build_trainer(cfg, run)
-        run.summary.update(world_size=trainer.world_size)
+        run.uses(trainer.world_size, trainer.strategy.root_device.type)
         trainer.fit(module, datamodule=parts.datamodule,
                     ckpt_path=str(run.resume_from) if run.resume_from else None)
         if trainer.interrupted:
@@ -212,7 +212,7 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
                           save_top_k=1, enable_version_counter=False, latest=latest)
     run.stopper = GracefulStop(ckpts / "last.ckpt")
     # latest before best: best.ckpt links to the last.ckpt of the same epoch
-    callbacks = [latest, best, SummaryCallback(run.summary, run.wall_s), run.stopper]
+    callbacks = [latest, best, SummaryCallback(run.summary, run.clock), run.stopper]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()
                   if c is not None and "_target_" in c]
     # A bar is for a terminal: in a file (a pipe, a SLURM log) every redraw is lines of its
