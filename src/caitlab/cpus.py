@@ -14,12 +14,17 @@ import os
 from typing import Any
 
 
+def affinity_cores() -> list[int]:
+    """The cores this process may run on (its affinity mask), in order."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS): every core
+        return list(range(os.cpu_count() or 1))
+
+
 def available_cpus() -> int:
     """CPUs this process may run on: its affinity mask, at most ``SLURM_CPUS_PER_TASK``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks (macOS)
-        cpus = os.cpu_count() or 1
+    cpus = len(affinity_cores())
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
     if slurm.isdigit() and int(slurm) > 0:
         cpus = min(cpus, int(slurm))

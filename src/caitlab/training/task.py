@@ -58,6 +58,7 @@ class Parts:
     macs: int | None
     threads: int
     recipe: Any  # caitlab.config.TrainConfig, its warm-up fitted to the run's length
+    slot: dict[str, Any] | None = None  # a local sweep's share of the machine (sweeps.slots)
 
     def facts(self, cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> dict[str, Any]:
         """The summary's description of the run: identity, model, axes."""
@@ -86,6 +87,7 @@ class Parts:
                       "config": own},
             "seed": cfg.seed,
             "threads": self.threads,
+            **({"slot": self.slot} if self.slot else {}),
         }
 
     def module(self, cfg: DictConfig) -> Any:
@@ -119,12 +121,14 @@ def build(cfg: DictConfig, run: Run) -> Parts:
     from caitlab.data import DataConfigError
     from caitlab.errors import constructor_refusal
     from caitlab.models import CheckpointError, ModelConfigError, UnknownModelError, load_checkpoint
+    from caitlab.sweeps import slots
 
     user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
                    CheckpointError)
     try:
         tcfg = train_config(cfg)
         check_recipe_choice(job_overrides())
+        slot = slots.claim(cfg, run.dir)  # before CUDA starts: it sets the GPUs visible
         check_trainer(cfg.trainer, multirun=is_multirun(), under_slurm=SLURMEnvironment.detect(),
                       gpus_visible=torch.cuda.device_count(), cpus=os.cpu_count() or 1)
         threads = set_torch_threads(cfg)
@@ -146,7 +150,7 @@ def build(cfg: DictConfig, run: Run) -> Parts:
         if message is None:
             raise
         raise run.refuse(message) from None
-    return Parts(datamodule, model, name, macs, threads, tcfg)
+    return Parts(datamodule, model, name, macs, threads, tcfg, slot)
 
 
 def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> int | None:
