@@ -201,7 +201,8 @@ def test_slurm_without_partition_where_the_cluster_has_no_default(tmp_path, fork
 @pytest.mark.slurm
 def test_partition_check_reads_the_real_cluster(slurm_cluster, monkeypatch):
     from caitlab.config import ConfigError
-    from hydra_plugins.caitlab_launcher.launcher import check_partition, slurm_partitions
+    from caitlab.sweeps.slurm import slurm_partitions
+    from hydra_plugins.caitlab_launcher.launcher import check_partition
 
     monkeypatch.delenv("SBATCH_PARTITION", raising=False)
     names, default = slurm_partitions()

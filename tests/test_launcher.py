@@ -142,3 +142,54 @@ def _without_hydra(cfg) -> dict:
 class _Echo:
     def __call__(self, *args):
         return args
+
+
+class _Job:
+    """A submitted job as the launcher follows it: its id, and done after ``polls`` polls."""
+
+    def __init__(self, job_id: str, polls: int) -> None:
+        self.job_id, self.polls = job_id, polls
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+def _queues(monkeypatch, *answers):
+    """squeue answering ``answers`` ({job: reason} of pending jobs), one per poll."""
+    from caitlab.sweeps import slurm
+
+    left = list(answers)
+    monkeypatch.setattr(plugin, "FOLLOW_POLL_S", 0)
+    monkeypatch.setattr(slurm, "query_queue", lambda timeout=None: slurm.Queue(
+        {j: "PENDING" for j in left[0]}, dict(left.pop(0) if len(left) > 1 else left[0])))
+
+
+def test_waiting_launcher_says_when_a_jobs_reason_changes(tmp_path, monkeypatch, caplog):
+    _queues(monkeypatch, {"9_0": "Priority", "9_1": "Priority"}, {"9_0": "Priority"},
+            {"9_0": "Resources"}, {})
+    jobs = [_Job("9_0", 3), _Job("9_1", 1)]
+    with caplog.at_level("INFO", logger=plugin.__name__):
+        plugin.follow(jobs, [tmp_path / "a", tmp_path / "b"], tmp_path)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["job 9_0 (a) waits: Priority", "job 9_1 (b) waits: Priority",
+                    "job 9_0 (a) waits: Resources"]
+
+
+def test_waiting_launcher_stops_once_every_job_left_can_never_start(tmp_path, monkeypatch,
+                                                                      caplog):
+    from caitlab.config import ConfigError
+
+    _queues(monkeypatch, {"9_0": "Priority", "9_1": "InvalidAccount"},
+            {"9_1": "InvalidAccount"})
+    jobs = [_Job("9_0", 1), _Job("9_1", 99)]
+    with caplog.at_level("INFO", logger=plugin.__name__), \
+            pytest.raises(ConfigError) as err:
+        plugin.follow(jobs, [tmp_path / "a", tmp_path / "b"], tmp_path)
+    assert str(err.value) == (
+        "every job still queued can never start: 9_1 (InvalidAccount): SLURM does not know "
+        f"this account: change cluster.account; then caitlab-sweep cancel {tmp_path} and "
+        "launch again")
+    assert jobs[1].polls > 90  # it stopped at once, not when the job would have ended
+    assert "job 9_1 (b) waits: InvalidAccount: never starts: SLURM does not know this " \
+        "account: change cluster.account" in [r.getMessage() for r in caplog.records]

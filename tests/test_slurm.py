@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -125,3 +126,99 @@ def test_preempted_run_is_requeued_resumes_and_ends_with_the_same_weights(tmp_pa
     assert got["global_step"] == ref["global_step"]
     for key, value in ref["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), key
+
+
+HOLD = "+cluster.additional_parameters.begin=now+1hour"  # sbatch --begin: pending for an hour
+
+
+def _sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "caitlab.sweeps.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _status_rows(sweep_dir) -> dict[str, str]:
+    out = _sweep("status", str(sweep_dir)).stdout.splitlines()
+    return {line.split()[0]: line for line in out if line[:10] in _summaries(sweep_dir)}
+
+
+def _live_jobs(array: str) -> list[str]:
+    out = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", f"--jobs={array}"],
+                         capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_a_request_no_node_can_take_is_refused_before_submitting(tmp_path):
+    # the test cluster's one node has the host's CPUs (scripts/slurm/slurm.conf.in)
+    cpus = int(subprocess.run(["sinfo", "--noheader", "--Node", "--format=%c"],
+                              capture_output=True, text=True, check=True).stdout.split()[0])
+    proc = caitlab_train(tmp_path, "-m", *SLURM, *TINY, "cluster.cpus_per_task=64",
+                         "model.depth=1,2", "name=big", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert lines[-1] == (f"caitlab-train: error: cluster.cpus_per_task=64: partition debug's "
+                         f"nodes have at most {cpus} CPUs; set cluster.cpus_per_task={cpus} "
+                         "or lower")
+    assert not list(tmp_path.rglob("summary.json"))  # nothing submitted
+    assert "submitted" not in proc.stdout + proc.stderr
+
+
+def test_status_says_why_a_job_waits_and_cancel_ends_it(tmp_path):
+    caitlab_train(tmp_path, "-m", *SLURM, *TINY, "trainer=debug", "model.depth=1", HOLD,
+                  "hydra.launcher.wait=false", "name=held")
+    sweep_dir = tmp_path / "held"
+    (summary,) = _summaries(sweep_dir).values()
+    job = summary["slurm_job_id"]
+    row = _wait_for(lambda: next(iter(_status_rows(sweep_dir).values()), None), 30, "status")
+    assert row.split()[1:4] == ["pending", "(BeginTime)", job]
+    cancel = _sweep("cancel", str(sweep_dir))
+    assert cancel.returncode == 0, cancel.stderr
+    assert cancel.stdout.startswith(f"cancelled {summary['signature']} (job {job})")
+    assert not _live_jobs(job.split("_")[0])
+    assert next(iter(_status_rows(sweep_dir).values())).split()[1] == "cancelled"
+
+
+def test_a_run_cancelled_by_pattern_stops_the_other_completes_and_a_relaunch_resumes(tmp_path):
+    sweep = ("-m", *SLURM, *TINY, "model=vit_tiny", "trainer=debug", "seed=1,2", "name=steer")
+    caitlab_train(tmp_path, *sweep, "hydra.launcher.wait=false")
+    sweep_dir = tmp_path / "steer"
+    cancel = _sweep("cancel", str(sweep_dir), "seed=2")
+    assert cancel.returncode == 0, cancel.stderr
+    assert cancel.stdout.splitlines()[-1].startswith("1 of 1 matching runs cancelled")
+
+    def states():
+        return {next(o for o in s["overrides"] if o.startswith("seed=")): s["status"]
+                for s in _summaries(sweep_dir).values()}
+
+    _wait_for(lambda: states()["seed=1"] == "completed", 240, "the other run to complete")
+    assert states() == {"seed=1": "completed", "seed=2": "cancelled"}
+    status = _sweep("status", str(sweep_dir)).stdout.splitlines()
+    assert "2 runs: 1 completed, 1 cancelled" in status[-1]
+    again = caitlab_train(tmp_path, *sweep)
+    assert "1 to run, 1 already done" in again.stdout + again.stderr
+    assert states() == {"seed=1": "completed", "seed=2": "completed"}
+
+
+def test_a_relaunch_lists_runs_no_longer_in_the_sweep_and_cancels_them_on_request(tmp_path):
+    grid = ("-m", *SLURM, *TINY, "model=vit_tiny", "trainer=debug", HOLD, "name=grid",
+            "hydra.launcher.wait=false")
+    caitlab_train(tmp_path, *grid, "seed=1,2")
+    sweep_dir = tmp_path / "grid"
+    first = _summaries(sweep_dir)
+    sig = {next(o for o in s["overrides"] if o.startswith("seed=")): k for k, s in first.items()}
+    listed = caitlab_train(tmp_path, *grid, "seed=1")
+    out = listed.stdout + listed.stderr
+    assert f"1 runs of {sweep_dir} are no longer in the sweep:" in out
+    assert f"{sig['seed=2']} (pending): " in out
+    assert "hydra.launcher.cancel_removed=true cancels their SLURM jobs" in out
+    # the run still in the sweep has its job queued: not submitted twice
+    assert "0 to run, 1 already done" in out and "is still queued or running" in out
+    assert _summaries(sweep_dir) == first  # listing touches nothing
+    cancelled = caitlab_train(tmp_path, *grid, "seed=1", "hydra.launcher.cancel_removed=true")
+    assert f"cancelled {sig['seed=2']} (job {first[sig['seed=2']]['slurm_job_id']}): no " \
+        "longer in the sweep" in cancelled.stdout + cancelled.stderr
+    now = _summaries(sweep_dir)
+    assert now[sig["seed=2"]]["status"] == "cancelled"
+    assert now[sig["seed=1"]]["status"] == "pending"
+    assert _live_jobs(first[sig["seed=1"]]["slurm_job_id"]) == \
+        [first[sig["seed=1"]]["slurm_job_id"]]
+    assert _sweep("cancel", str(sweep_dir)).returncode == 0  # the held one too

@@ -15,6 +15,7 @@ import pytest
 from caitlab.analysis.report import collect_runs
 from caitlab.runs import write_json_atomic
 from caitlab.sweeps import cli as sweep
+from caitlab.sweeps import slurm
 
 SHARED = ["experiment=demo", "paths.output_dir=/data/outputs"]
 
@@ -135,8 +136,9 @@ def test_counts_line(sweep_dir):
     assert sweep.counts_line(one) == "1 run: 1 completed"
 
 
-def fake_squeue(monkeypatch, states=SQUEUE):
-    monkeypatch.setattr(sweep, "query_squeue", lambda timeout=None: dict(states))
+def fake_squeue(monkeypatch, states=SQUEUE, reasons=None):
+    monkeypatch.setattr(slurm, "query_queue",
+                        lambda timeout=None: slurm.Queue(dict(states), dict(reasons or {})))
 
 
 def test_status_table(sweep_dir, monkeypatch, capsys):
@@ -209,7 +211,7 @@ def test_query_squeue_with_a_fake_binary(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     assert sweep.squeue_states() == {"100": "RUNNING", "101_3": "PENDING"}
     args = args_file.read_text().split()
-    assert {"--noheader", "--format=%i|%T", "--states=all", "--array"} <= set(args)
+    assert {"--noheader", "--format=%i|%T|%r", "--states=all", "--array"} <= set(args)
 
 
 def test_query_squeue_failure_and_timeout(tmp_path, monkeypatch):
@@ -300,3 +302,132 @@ def test_log_reads_a_runs_job_output_and_train_log(tmp_path, capsys):
     assert sweep_main(["log", str(sweep), "zzz"]) == 2
     assert "no run 'zzz' in the sweep (signatures: abc1234567, abd7654321)" in \
         capsys.readouterr().err
+
+
+def test_squeue_reasons_and_the_ones_that_never_start():
+    queue = slurm.parse_squeue("1|PENDING|BeginTime\n2|RUNNING|None\n"
+                               "3_1|PENDING|ReqNodeNotAvail, UnavailableNodes:n1\n"
+                               "4|PENDING|QOSMaxCpuPerJobLimit\n5|PENDING|InvalidAccount\n"
+                               "6|PENDING|InvalidQOS\n7|PENDING|PartitionConfig\n")
+    assert queue.states["2"] == "RUNNING" and "2" not in queue.reasons  # only waiting jobs
+    assert queue.reasons["3_1"] == "ReqNodeNotAvail, UnavailableNodes:n1"
+    never = {job: slurm.never_starts(r) for job, r in queue.reasons.items()}
+    assert never["1"] is None and never["4"] is None  # waits its turn
+    assert "cluster.partition" in never["3_1"] and "cluster.partition" in never["7"]
+    assert "cluster.account" in never["5"] and "cluster.qos" in never["6"]
+
+
+def test_status_says_why_each_pending_job_waits(tmp_path, monkeypatch, capsys):
+    sweep_dir = make_sweep(tmp_path, {
+        "ccccccccc1": ({"status": "pending", "slurm_job_id": "5_0"}, ["seed=0"]),
+        "ccccccccc2": ({"status": "pending", "slurm_job_id": "5_1"}, ["seed=1"]),
+        "ccccccccc3": ({"status": "running", "slurm_job_id": "5_2"}, ["seed=2"]),
+    })
+    fake_squeue(monkeypatch, {"5_0": "PENDING", "5_1": "PENDING", "5_2": "RUNNING"},
+                {"5_0": "Priority", "5_1": "InvalidQOS"})
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out[1:4]}
+    assert rows["ccccccccc1"].split()[1:3] == ["pending", "(Priority)"]
+    assert rows["ccccccccc2"].split()[1:5] == ["pending", "(InvalidQOS:", "never", "starts)"]
+    assert rows["ccccccccc3"].split()[1] == "running"
+    assert out[4] == "3 runs: 1 running, 2 pending"
+    assert out[5:] == ["ccccccccc2: job 5_1 can never start (InvalidQOS): SLURM does not know "
+                       "this QOS, or it is not yours: change cluster.qos"]
+    assert sweep.main(["status", str(sweep_dir), "--json"]) == 0
+    data = {r["signature"]: r for r in json.loads(capsys.readouterr().out)}
+    assert data["ccccccccc1"]["reason"] == "Priority" and not data["ccccccccc1"]["never_starts"]
+    assert "cluster.qos" in data["ccccccccc2"]["never_starts"]
+
+
+def test_status_shows_device_hours_where_runs_recorded_them(tmp_path, monkeypatch, capsys):
+    fake_squeue(monkeypatch, {})
+    sweep_dir = make_sweep(tmp_path, {
+        "ddddddddd1": ({"status": "completed", "device_hours": 1.25}, ["seed=0"]),
+        "ddddddddd2": ({"status": "completed", "device_hours": 0.5}, ["seed=1"]),
+        "ddddddddd3": ({"status": "completed"}, ["seed=2"]),  # written before caitlab did
+    })
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[0].split()
+    assert header[-2:] == ["device-h", "overrides"]
+    column = out[0].index("device-h")
+    cells = {line.split()[0]: line[column:column + 8].strip() for line in out[1:4]}
+    assert cells == {"ddddddddd1": "1.25", "ddddddddd2": "0.5", "ddddddddd3": ""}
+    assert out[4] == "3 runs: 3 completed; 1.75 device-hours"
+
+
+def test_cancel_patterns_match_every_key_by_fnmatch():
+    overrides = ["model=cait_tiny", "model.depth=12", "+recipe.note=x", "seed=1"]
+    assert sweep.matches(overrides, [])
+    assert sweep.matches(overrides, ["model=cait_*", "model.depth=1?"])
+    assert sweep.matches(overrides, ["recipe.note=x"])  # + and ~ are not part of the key
+    assert not sweep.matches(overrides, ["model=cait_*", "seed=0"])
+    assert not sweep.matches(overrides, ["model.depth=1"])  # the whole value
+    assert not sweep.matches(overrides, ["lr=*"])  # no such override
+
+
+def test_cancel_scancels_the_matching_live_jobs_and_marks_them(tmp_path, monkeypatch, capsys):
+    sweep_dir = make_sweep(tmp_path, {
+        "eeeeeeeee1": ({"status": "pending", "slurm_job_id": "5_0"}, ["model.depth=1"]),
+        "eeeeeeeee2": ({"status": "running", "slurm_job_id": "5_1"}, ["model.depth=2"]),
+        "eeeeeeeee3": ({"status": "completed", "slurm_job_id": "5_2"}, ["model.depth=2"]),
+    })
+    bin_dir, done = tmp_path / "bin", tmp_path / "scancelled"
+    bin_dir.mkdir()
+    (bin_dir / "scancel").write_text(f'#!/bin/sh\necho "$@" > {done}\n')
+    write_fake_squeue(bin_dir, f'if [ -f {done} ]; then printf "5_1|CANCELLED|None\\n"; '
+                      'else printf "5_0|PENDING|Priority\\n5_1|RUNNING|None\\n"; fi\n')
+    (bin_dir / "scancel").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert sweep.main(["cancel", str(sweep_dir), "model.depth=2"]) == 0
+    assert done.read_text().split() == ["5_1"]  # the completed run's job is not touched
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cancelled eeeeeeeee2 (job 5_1)")
+    assert out[1] == ("1 of 2 matching runs cancelled (the others have no live job); "
+                      "re-launching the sweep resumes them")
+    states = {r.folder.name: r.summary["status"] for r in collect_runs(sweep_dir)}
+    assert states == {"eeeeeeeee1": "pending", "eeeeeeeee2": "cancelled",
+                      "eeeeeeeee3": "completed"}
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    assert "1 cancelled" in capsys.readouterr().out.splitlines()[-1]
+    assert sweep.main(["cancel", str(sweep_dir), "model.depth=3"]) == 2
+    assert "no run of" in capsys.readouterr().err
+
+
+def test_request_refusal_reads_the_partitions_nodes(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # two kinds of node: 4 CPUs + 2 GPUs, 8 CPUs without GPU
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf '4|16000|gpu:a100:2(S:0-1)\\n"
+                                   "8|64000|(null)\\n'\n")
+    (bin_dir / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert slurm.request_refusal({"cpus_per_task": 8}, "p") is None
+    assert slurm.request_refusal({"cpus_per_task": 2, "tasks_per_node": 2,
+                                  "gpus_per_node": 2, "mem_gb": 15}, "p") is None
+    assert slurm.request_refusal({"cpus_per_task": 9}, "p") == (
+        "cluster.cpus_per_task=9: partition p's nodes have at most 8 CPUs; "
+        "set cluster.cpus_per_task=8 or lower")
+    assert slurm.request_refusal({"cpus_per_task": 3, "tasks_per_node": 4}, "p") == (
+        "cluster.cpus_per_task=3 x trainer.devices=4 tasks: partition p's nodes have at most "
+        "8 CPUs; set cluster.cpus_per_task=2 or lower")
+    assert slurm.request_refusal({"mem_gb": 100}, "p") == (
+        "cluster.mem_gb=100: partition p's nodes have at most 62 GB of memory; "
+        "set cluster.mem_gb=62 or lower")
+    assert slurm.request_refusal({"gpus_per_node": 4}, "p") == (
+        "trainer.devices=4: partition p's nodes have at most 2 GPUs; "
+        "set trainer.devices=2 or lower")
+    # each fits some node, no node fits both
+    assert slurm.request_refusal({"cpus_per_task": 8, "gpus_per_node": 1}, "p").startswith(
+        "no node of partition p has cluster.cpus_per_task=8")
+
+
+def test_runs_in_a_code_snapshot_are_not_the_sweeps(sweep_dir, monkeypatch, capsys):
+    # a submission's code snapshot (caitlab.sweeps.snapshot) holds the checkout's test fixtures
+    fixture = sweep_dir / ".submitit" / "code-abc" / "code" / "tests" / "fixtures" / "f0f0f0f0f0"
+    write_json_atomic(fixture / "summary.json", {"status": "completed", "overrides": ["seed=2"]})
+    fake_squeue(monkeypatch)
+    assert sweep.main(["status", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "f0f0f0f0f0" not in out and out.splitlines()[-1].startswith("7 runs:")

@@ -13,38 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caitlab.analysis.report import Run, collect_runs
+from caitlab.analysis.report import Run, collect_runs, device_hours
+from caitlab.sweeps import slurm
+from caitlab.sweeps.slurm import (
+    SLURM_ENDED,
+    SLURM_QUEUED,
+    SQUEUE_TIMEOUT_S,
+    SqueueUnavailable,
+    query_squeue,
+    squeue_states,
+)
 
-SQUEUE_CMD = ("squeue", "--noheader", "--format=%i|%T", "--states=all", "--array")
-SQUEUE_TIMEOUT_S = 5.0
+__all__ = ["SqueueUnavailable", "query_squeue", "squeue_states", "main"]
 
-# SLURM job states after which the job's processes are gone for good (squeue keeps such jobs
-# for MinJobAge seconds). Every other state (PENDING, RUNNING, COMPLETING, SUSPENDED,
-# REQUEUED, CONFIGURING...) means the job may still write its run folder.
-SLURM_ENDED = frozenset({
-    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-    "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT",
-})
-# Job states of a job waiting to (re)start.
-SLURM_QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
-                          "SPECIAL_EXIT"})
 # Summary states a job still has to move on from; the others are final for this attempt.
 ACTIVE = ("pending", "running")
 # Order of the counts line; states not listed here (unknown values) come last.
-STATE_ORDER = ("completed", "running", "pending", "interrupted", "lost", "failed", "diverged",
-               "unreadable")
-
-
-class SqueueUnavailable(RuntimeError):
-    """squeue is not installed, did not answer in time, or failed."""
+STATE_ORDER = ("completed", "running", "pending", "interrupted", "cancelled", "lost", "failed",
+               "diverged", "unreadable")
 
 
 @dataclass
@@ -64,49 +56,15 @@ class RunStatus:
     overrides: list[str] = field(default_factory=list)  # the ones that vary in the sweep
     error: str | None = None
     updated_at: str | None = None
+    reason: str | None = None  # squeue's reason why the job waits (BeginTime, Resources...)
+    never_starts: str | None = None  # where that reason means never: what to change
+    device_hours: float | None = None  # wall x devices over every attempt
 
     @property
     def metric_text(self) -> str:
         if self.metric is None:
             return ""
         return f"{self.metric * 100:.2f} ({self.metric_name.split('/')[0]})"
-
-
-# --- squeue -----------------------------------------------------------------------------------
-
-def parse_squeue(text: str) -> dict[str, str]:
-    """``id|STATE`` lines -> {job id: state}; array tasks appear as ``1234_5``."""
-    states: dict[str, str] = {}
-    for line in text.splitlines():
-        job, sep, state = line.strip().partition("|")
-        if sep and job:
-            states[job.strip()] = state.strip().upper()
-    return states
-
-
-def query_squeue(timeout: float = SQUEUE_TIMEOUT_S) -> dict[str, str]:
-    """All jobs squeue knows (one ``squeue`` call); raises SqueueUnavailable with the reason."""
-    if shutil.which(SQUEUE_CMD[0]) is None:
-        raise SqueueUnavailable("squeue not found on PATH")
-    try:
-        proc = subprocess.run(SQUEUE_CMD, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise SqueueUnavailable(f"no answer in {timeout:g}s") from None
-    except OSError as err:
-        raise SqueueUnavailable(str(err)) from None
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise SqueueUnavailable(lines[-1] if lines else f"exit code {proc.returncode}")
-    return parse_squeue(proc.stdout)
-
-
-def squeue_states(timeout: float = SQUEUE_TIMEOUT_S) -> dict[str, str] | None:
-    """Like query_squeue, but None when squeue is unavailable (never raises for that)."""
-    try:
-        return query_squeue(timeout)
-    except SqueueUnavailable:
-        return None
 
 
 # --- reconcile (pure) -------------------------------------------------------------------------
@@ -155,8 +113,19 @@ def _overrides(summary: dict[str, Any]) -> list[str]:
     return [str(o) for o in value] if isinstance(value, list) else [str(value)]
 
 
-def run_states(runs: list[Run], squeue: dict[str, str] | None) -> list[RunStatus]:
-    """One RunStatus per run folder, reconciled with ``squeue`` ({job id: state} or None)."""
+def _waiting(status: RunStatus, reasons: dict[str, str] | None) -> None:
+    """Adds squeue's reason to a waiting run's label, and where it means never, what to change."""
+    reason = (reasons or {}).get(status.slurm_job_id or "")
+    if status.state != "pending" or status.slurm_state not in SLURM_QUEUED or not reason:
+        return
+    status.reason, status.never_starts = reason, slurm.never_starts(reason)
+    status.label += f" ({reason}{': never starts' if status.never_starts else ''})"
+
+
+def run_states(runs: list[Run], squeue: dict[str, str] | None,
+               reasons: dict[str, str] | None = None) -> list[RunStatus]:
+    """One RunStatus per run folder, reconciled with ``squeue`` ({job id: state} or None);
+    ``reasons``: squeue's {job id: why it waits}."""
     overrides = varying_overrides([_overrides(run.summary) for run in runs])
     statuses = []
     for run, shown in zip(runs, overrides, strict=True):
@@ -165,6 +134,7 @@ def run_states(runs: list[Run], squeue: dict[str, str] | None) -> list[RunStatus
         completed = s.get("status") == "completed" and s.get("test/top1") is not None
         metric_name = "test/top1" if completed else "val/top1"
         job = s.get("slurm_job_id")
+        hours = s.get("device_hours")
         statuses.append(RunStatus(
             signature=str(s.get("signature") or run.folder.name),
             state=state,
@@ -181,23 +151,38 @@ def run_states(runs: list[Run], squeue: dict[str, str] | None) -> list[RunStatus
             overrides=shown,
             error=s.get("error"),
             updated_at=s.get("updated_at"),
+            device_hours=hours if isinstance(hours, (int, float)) else None,
         ))
+        _waiting(statuses[-1], reasons)
     return statuses
 
 
-def counts_line(statuses: list[RunStatus]) -> str:
+def counts_line(statuses: list[RunStatus], hours: float | None = None) -> str:
+    """How many runs are in each state; with ``hours``, the sweep's device-hours."""
     counts = Counter(s.state for s in statuses)
     order = [k for k in STATE_ORDER if k in counts] + sorted(set(counts) - set(STATE_ORDER))
     noun = "run" if len(statuses) == 1 else "runs"
-    return f"{len(statuses)} {noun}: " + ", ".join(f"{counts[k]} {k}" for k in order)
+    line = f"{len(statuses)} {noun}: " + ", ".join(f"{counts[k]} {k}" for k in order)
+    return line if hours is None else f"{line}; {hours:.3g} device-hours"
+
+
+def never_starts_lines(statuses: list[RunStatus]) -> list[str]:
+    """One line per run whose job can never start: its reason and the key to change."""
+    return [f"{s.signature}: job {s.slurm_job_id} can never start ({s.reason}): "
+            f"{s.never_starts}" for s in statuses if s.never_starts]
 
 
 def format_table(statuses: list[RunStatus]) -> str:
-    header = ("signature", "state", "job", "slurm", "epochs", "top1 %", "attempts", "overrides")
+    """The status table; a device-h column where any run recorded its device-hours."""
+    costs = any(s.device_hours is not None for s in statuses)
+    header = ("signature", "state", "job", "slurm", "epochs", "top1 %", "attempts",
+              *(("device-h",) if costs else ()), "overrides")
     rows = [header] + [(
         s.signature, s.label, s.slurm_job_id or "-", s.slurm_state or "-",
         "" if s.epochs is None else str(s.epochs), s.metric_text,
-        "" if s.attempts is None else str(s.attempts), " ".join(s.overrides),
+        "" if s.attempts is None else str(s.attempts),
+        *(("" if s.device_hours is None else f"{s.device_hours:.3g}",) if costs else ()),
+        " ".join(s.overrides),
     ) for s in statuses]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(
@@ -209,6 +194,15 @@ def format_table(statuses: list[RunStatus]) -> str:
 
 # --- CLI --------------------------------------------------------------------------------------
 
+def sweep_runs(sweep_dir: Path) -> list[Run]:
+    """The sweep's run folders: not those below its hidden folders (``.submitit`` holds the
+    code snapshot of a submission, whose tests/fixtures have run folders of their own)."""
+    if not sweep_dir.is_dir():
+        return []
+    return [r for r in collect_runs(sweep_dir)
+            if not any(p.startswith(".") for p in r.folder.relative_to(sweep_dir).parts)]
+
+
 def _error(message: str) -> int:
     print(f"caitlab-sweep: error: {message}", file=sys.stderr)
     return 2
@@ -218,18 +212,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     sweep_dir: Path = args.sweep_dir
     if not sweep_dir.is_dir():
         return _error(f"{sweep_dir} is not a folder")
-    runs = collect_runs(sweep_dir)
+    runs = sweep_runs(sweep_dir)
     if not runs:
         return _error(f"no runs (summary.json) under {sweep_dir}")
     from caitlab.sweeps.snapshot import clean
 
     clean(sweep_dir)  # code snapshots of submissions whose runs have all finished
-    note = None
+    note, queue = None, None
     try:
-        squeue = query_squeue(args.squeue_timeout)
+        queue = slurm.query_queue(args.squeue_timeout)
     except SqueueUnavailable as err:
-        squeue, note = None, f"(squeue unavailable: {err})"
-    statuses = run_states(runs, squeue)
+        note = f"(squeue unavailable: {err})"
+    statuses = run_states(runs, queue and queue.states, queue and queue.reasons)
     if args.json:
         if note:
             print(note, file=sys.stderr)
@@ -238,7 +232,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if note:
         print(note)
     print(format_table(statuses))
-    print(counts_line(statuses))
+    print(counts_line(statuses, device_hours(runs)))
+    for line in never_starts_lines(statuses):
+        print(line)
     return 0
 
 
@@ -301,7 +297,7 @@ def log_files(sweep_dir: Path, run: Run, err: bool) -> list[Path]:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    runs = collect_runs(args.sweep_dir) if args.sweep_dir.is_dir() else []
+    runs = sweep_runs(args.sweep_dir)
     if not runs:
         return _error(f"no runs (summary.json) under {args.sweep_dir}")
     run = find_run(runs, args.run)
@@ -314,6 +310,47 @@ def cmd_log(args: argparse.Namespace) -> int:
         lines = path.read_text(errors="replace").splitlines()
         print(f"==> {path} <==")
         print("\n".join(lines[-args.tail:] if args.tail else lines))
+    return 0
+
+
+def matches(overrides: list[str], patterns: list[str]) -> bool:
+    """Whether, for every ``KEY=VALUE`` pattern, the run has an override of KEY whose value
+    matches VALUE (fnmatch: ``model.depth=1*``, ``model=cait_*``)."""
+    from fnmatch import fnmatchcase
+
+    given = {}
+    for line in overrides:
+        key, _, value = line.partition("=")
+        given[key.lstrip("+~")] = value
+    for pattern in patterns:
+        key, _, value = pattern.partition("=")
+        if key.lstrip("+~") not in given or not fnmatchcase(given[key.lstrip("+~")], value):
+            return False
+    return True
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    runs = sweep_runs(args.sweep_dir)
+    if not runs:
+        return _error(f"no runs (summary.json) under {args.sweep_dir}")
+    bad = [p for p in args.patterns if "=" not in p]
+    if bad:
+        return _error(f"{bad[0]!r}: a pattern is KEY=VALUE (model.depth=2, model=cait_*)")
+    chosen = [r for r in runs if matches(_overrides(r.summary), args.patterns)]
+    if not chosen:
+        return _error(f"no run of {args.sweep_dir} has the overrides {' '.join(args.patterns)}")
+    try:
+        queue = slurm.query_queue(args.squeue_timeout)
+        done = slurm.cancel_runs([(r.folder, r.summary) for r in chosen], queue)
+    except SqueueUnavailable as err:
+        return _error(f"SLURM cannot be asked: {err}")
+    shown = dict(zip((r.folder for r in runs),
+                     varying_overrides([_overrides(r.summary) for r in runs]), strict=True))
+    for folder, job in done:
+        print(f"cancelled {folder.name} (job {job})  {' '.join(shown[folder])}")
+    print(f"{len(done)} of {len(chosen)} matching runs cancelled"
+          + ("" if len(done) == len(chosen) else " (the others have no live job)")
+          + ("; re-launching the sweep resumes them" if done else ""))
     return 0
 
 
@@ -339,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="last N lines of each file (0: all; default 20)")
     logs.add_argument("--err", action="store_true", help="the job's stderr, not its stdout")
     logs.set_defaults(func=cmd_log)
+    cancel = sub.add_parser("cancel", help="scancel a sweep's live jobs, or those of the runs "
+                            "whose overrides match every KEY=VALUE")
+    cancel.add_argument("sweep_dir", type=Path, help="a sweep folder (outputs/<name>)")
+    cancel.add_argument("patterns", nargs="*", metavar="KEY=VALUE",
+                        help="only the runs with these overrides (fnmatch on the value)")
+    cancel.add_argument("--squeue-timeout", type=float, default=SQUEUE_TIMEOUT_S, metavar="S",
+                        help=f"seconds to wait for squeue (default {SQUEUE_TIMEOUT_S:g})")
+    cancel.set_defaults(func=cmd_cancel)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -22,7 +22,6 @@ import copy
 import logging
 import os
 import pickle
-import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from caitlab.runs import (
     read_summary,
     skip_reason,
 )
+from caitlab.sweeps import slurm
 
 log = logging.getLogger(__name__)
 
@@ -191,28 +191,15 @@ def _changes(previous: list[Any] | None, values: list[Any]) -> list[Any] | None:
     return changed
 
 
-def slurm_partitions() -> tuple[list[str], str | None] | None:
-    """The cluster's partitions and its default one (``sinfo`` marks it with ``*``); None
-    when ``sinfo`` cannot say (no SLURM client here: submitit's own error will tell)."""
-    try:
-        out = subprocess.run(["sinfo", "--all", "--noheader", "--format=%P"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    names = out.stdout.split()
-    if out.returncode != 0 or not names:
-        return None
-    default = next((n.rstrip("*") for n in names if n.endswith("*")), None)
-    return list(dict.fromkeys(n.rstrip("*") for n in names)), default
-
-
 def check_partition(params: dict[str, Any]) -> None:
     """A job array is refused as a whole by sbatch when its partition is unknown, or unset
-    on a cluster without a default partition: say so before submitting, naming the key."""
+    on a cluster without a default partition, and sits in the queue for ever when no node of
+    the partition has the CPUs, memory or GPUs a job asks: say so before submitting, naming
+    the key (and what the partition offers)."""
     extra = params.get("additional_parameters") or {}
     partition = params.get("partition") or extra.get("partition") or \
         os.environ.get("SBATCH_PARTITION")  # sbatch's own default, when set
-    found = slurm_partitions()
+    found = slurm.slurm_partitions()
     if found is None:
         return
     names, default = found
@@ -220,11 +207,14 @@ def check_partition(params: dict[str, Any]) -> None:
         if default is None:
             raise ConfigError(f"cluster.partition=null is not allowed: this SLURM cluster has "
                               f"no default partition; set one of {', '.join(names)}")
-        return
+        partition = default
     unknown = [p for p in str(partition).split(",") if p.strip() not in names]
     if unknown:
         raise ConfigError(f"cluster.partition={partition!r} is not allowed: this SLURM cluster "
                           f"has no partition {', '.join(unknown)}; use one of {', '.join(names)}")
+    refusal = slurm.request_refusal(params, str(partition))
+    if refusal:
+        raise ConfigError(refusal)
 
 
 class _SweepAwareMixin:
@@ -232,11 +222,14 @@ class _SweepAwareMixin:
 
     cluster: str  # submitit's executor: "slurm" or "local"
 
-    def __init__(self, wait: bool = True, snapshot: bool = True, **params: Any) -> None:
+    def __init__(self, wait: bool = True, snapshot: bool = True, cancel_removed: bool = False,
+                 **params: Any) -> None:
         super().__init__(**params)
         self.wait = wait
         self.snapshot = snapshot
+        self.cancel_removed = cancel_removed  # runs no longer in the sweep: cancel their jobs
         self._sweep_plan: SweepPlan | None = None
+        self._squeue: slurm.Queue | None = None  # squeue's answer, once per launch
 
     @property
     def sweep_plan(self) -> "SweepPlan":
@@ -247,7 +240,7 @@ class _SweepAwareMixin:
 
     def __getstate__(self) -> dict[str, Any]:
         # what a job unpickles: the plan's compositions are only needed here, at submission
-        return {**self.__dict__, "_sweep_plan": None}
+        return {**self.__dict__, "_sweep_plan": None, "_squeue": None}
 
     def _plan(self, job_overrides) -> tuple[list[tuple[int, list[str], Path]], list[JobReturn]]:
         todo, skipped = [], []
@@ -266,9 +259,21 @@ class _SweepAwareMixin:
                 line = skipped_message(previous, run_dir)
                 log.warning(f"\tskipping {' '.join(overrides)}: {line}")
                 skipped.append(_skipped(overrides, previous, failed=line))
+            elif (job := self._live_job(previous)) is not None:
+                log.info(f"\tskipping {' '.join(overrides)}: its job {job} is still queued "
+                         "or running")
+                skipped.append(_skipped(overrides, previous))
             else:
                 todo.append((idx, overrides, run_dir))
         return todo, skipped
+
+    def _live_job(self, previous: dict[str, Any]) -> str | None:
+        """The run's SLURM job where it is still queued or running: a re-launch must not
+        submit a second job for the same folder."""
+        if previous.get("status") not in slurm.LIVE_SUMMARY:
+            return None
+        queue = self._queue()
+        return None if queue is None else slurm.live_job(previous, queue)
 
     def launch(self, job_overrides, initial_job_idx: int):
         """hydra-submitit-launcher's ``launch`` for the runs the sweep still needs, as one
@@ -279,10 +284,35 @@ class _SweepAwareMixin:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         snapshot.clean(sweep_dir)  # those of finished sweeps
         todo, skipped = self._plan(job_overrides)
+        self._removed(sweep_dir, job_overrides)
         log.info(f"caitlab sweep: {len(todo)} to run, {len(skipped)} already done "
                  f"({sweep_dir})")
         if not todo:
             return skipped
+        jobs, code = self._submit_array(sweep_dir, todo, initial_job_idx)
+        for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
+            summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
+                                        "name": self.config.get("name")})
+            if summary.get("status") in (None, "pending", "interrupted", "cancelled",
+                                         *RETRY_ONLY):
+                summary.update(status="pending", slurm_job_id=str(job.job_id))
+        log.info(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}")
+        if not self.wait:
+            log.info("not waiting (hydra.launcher.wait=false): follow it with "
+                     f"caitlab-sweep status {sweep_dir}")
+            return skipped + [_skipped(o, {}) for _, o, _ in todo]
+        if self.cluster == "slurm":
+            follow(jobs, [run_dir for *_, run_dir in todo], sweep_dir)
+        returns = [_result(job, overrides, run_dir)
+                   for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True)]
+        snapshot.remove(code)  # every job has ended: no requeue can need it
+        return skipped + returns
+
+    def _submit_array(self, sweep_dir: Path, todo: list[tuple[int, list[str], Path]],
+                      initial_job_idx: int) -> tuple[list[Any], Path | None]:
+        """(the jobs of ``todo``'s array, submitted; the code snapshot they run)."""
+        from caitlab.sweeps import snapshot
+
         executor, folder = self._executor()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:  # as upstream: the sweep folder's permissions
@@ -294,24 +324,45 @@ class _SweepAwareMixin:
             log.info(f"jobs run the code as submitted, copied to {code}")
         try:
             with snapshot.on_path(code):
-                jobs = self._submit(executor, folder, todo, initial_job_idx)
+                return self._submit(executor, folder, todo, initial_job_idx), code
         except BaseException:
             snapshot.remove(code)
             raise
-        for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
-            summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
-                                        "name": self.config.get("name")})
-            if summary.get("status") in (None, "pending", "interrupted", *RETRY_ONLY):
-                summary.update(status="pending", slurm_job_id=str(job.job_id))
-        log.info(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}")
-        if not self.wait:
-            log.info("not waiting (hydra.launcher.wait=false): follow it with "
-                     f"caitlab-sweep status {sweep_dir}")
-            return skipped + [_skipped(o, {}) for _, o, _ in todo]
-        returns = [_result(job, overrides, run_dir)
-                   for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True)]
-        snapshot.remove(code)  # every job has ended: no requeue can need it
-        return skipped + returns
+
+    def _queue(self) -> "slurm.Queue | None":
+        """squeue's answer, asked once per launch; None off SLURM or when it cannot say."""
+        if self.cluster != "slurm":
+            return None
+        if self._squeue is None:
+            try:
+                self._squeue = slurm.query_queue(30)
+            except slurm.SqueueUnavailable as err:
+                log.warning(f"squeue unavailable ({err}): jobs still queued are not seen")
+                self._squeue = slurm.Queue()
+        return self._squeue
+
+    def _removed(self, sweep_dir: Path, job_overrides) -> None:
+        """Lists the runs of the sweep folder no longer in the sweep; with
+        ``cancel_removed=true``, cancels their live jobs (as Dora's grids do). Only where the
+        sweep is one batch: with ``max_batch_size`` a batch is not the whole grid."""
+        if OmegaConf.select(self.config, "hydra.sweeper.max_batch_size") or \
+                not sweep_dir.is_dir():
+            return
+        wanted = {self.sweep_plan.run_dir(list(o)).name for o in job_overrides}
+        removed = [(p.parent, s) for p in sorted(sweep_dir.glob("*/summary.json"))
+                   if p.parent.name not in wanted and (s := read_summary(p.parent))]
+        if not removed:
+            return
+        log.warning(f"{len(removed)} runs of {sweep_dir} are no longer in the sweep:")
+        for folder, s in removed:
+            log.warning(f"\t{folder.name} ({s.get('status')}): "
+                        f"{' '.join(map(str, s.get('overrides') or []))}")
+        queue = self._queue()
+        if not self.cancel_removed or queue is None:
+            log.warning("\thydra.launcher.cancel_removed=true cancels their SLURM jobs")
+            return
+        for folder, job in slurm.cancel_runs(removed, queue):
+            log.warning(f"\tcancelled {folder.name} (job {job}): no longer in the sweep")
 
     def _executor(self) -> tuple[Any, str]:
         """(submitit's executor with the launcher's parameters, as upstream's ``launch`` builds
@@ -356,6 +407,39 @@ class _SweepAwareMixin:
         with open(shared, "wb") as f:
             cloudpickle.dump((self, Singleton.get_state()), f)
         return executor.map_array(ArrayTask(str(shared)), *zip(*job_params, strict=True))
+
+
+FOLLOW_POLL_S = 2.0  # how often a waiting launcher asks SLURM why its jobs wait
+
+
+def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> None:
+    """Waits for every job of the array to end, logging a job's pending reason each time it
+    changes; raises ConfigError, naming what to change, once every job still queued can never
+    start (they stay queued: ``caitlab-sweep cancel`` or a fix of the partition ends it)."""
+    import time
+
+    said: dict[str, str | None] = {}
+    while left := [(job, d) for job, d in zip(jobs, run_dirs, strict=True) if not job.done()]:
+        try:
+            queue = slurm.query_queue()
+        except slurm.SqueueUnavailable:
+            time.sleep(FOLLOW_POLL_S)
+            continue
+        for job, run_dir in left:
+            reason = queue.reason(str(job.job_id))
+            if reason != said.get(job.job_id) and (reason or job.job_id in said):
+                never = slurm.never_starts(reason)
+                log.info(f"job {job.job_id} ({run_dir.name}) "
+                         + (f"waits: {reason}" + (f": never starts: {never}" if never else "")
+                            if reason else "waits no more"))
+            said[job.job_id] = reason
+        blocked = [(job, slurm.never_starts(said[job.job_id])) for job, _ in left]
+        if all(never for _, never in blocked):
+            jobs_text = ", ".join(f"{job.job_id} ({said[job.job_id]})" for job, _ in blocked)
+            raise ConfigError(f"every job still queued can never start: {jobs_text}: "
+                              f"{blocked[0][1]}; then caitlab-sweep cancel {sweep_dir} and "
+                              "launch again")
+        time.sleep(FOLLOW_POLL_S)
 
 
 def _result(job: Any, overrides: list[str], run_dir: Path) -> JobReturn:
@@ -427,6 +511,7 @@ class SlurmConf(hsl_config.SlurmQueueConf):
     _target_: str = "hydra_plugins.caitlab_launcher.launcher.SlurmLauncher"
     wait: bool = True
     snapshot: bool = True
+    cancel_removed: bool = False  # re-launch: cancel the live jobs of runs no longer in the grid
     # untyped so they can interpolate `cluster.*` (a typed List/Dict field cannot)
     setup: Any = None
     additional_parameters: Any = None
@@ -437,6 +522,7 @@ class LocalConf(hsl_config.LocalQueueConf):
     _target_: str = "hydra_plugins.caitlab_launcher.launcher.LocalLauncher"
     wait: bool = True
     snapshot: bool = True
+    cancel_removed: bool = False  # re-launch: cancel the live jobs of runs no longer in the grid
 
 
 def register_configs() -> None:
