@@ -222,3 +222,31 @@ def test_a_relaunch_lists_runs_no_longer_in_the_sweep_and_cancels_them_on_reques
     assert _live_jobs(first[sig["seed=1"]]["slurm_job_id"]) == \
         [first[sig["seed=1"]]["slurm_job_id"]]
     assert _sweep("cancel", str(sweep_dir)).returncode == 0  # the held one too
+
+
+def test_a_waiting_launcher_stops_when_its_jobs_can_never_start(tmp_path):
+    from conftest import clean_env
+
+    cmd = [sys.executable, "-m", "caitlab.train", "-m", f"paths.output_dir={tmp_path}", *SLURM,
+           *TINY, "trainer=debug", HOLD, "name=stuck"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        job = _wait_for(lambda: (s := _summaries(tmp_path / "stuck")) and
+                        next(iter(s.values())).get("slurm_job_id"), 60, "the submission")
+        # a request SLURM can no longer place: the job waits for PartitionConfig for ever
+        # (scontrol says so, and exits 1, for each update of it)
+        for change in ("NumCPUs=64", "StartTime=now"):
+            subprocess.run(["scontrol", "update", f"JobId={job}", change], capture_output=True)
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+        subprocess.run(["scancel", job.split("_")[0]])
+    assert launcher.returncode == 2, out[-3000:]
+    assert f"job {job} (" in out and "waits: PartitionConfig: never starts: the partition " \
+        "cannot take this request" in out
+    assert out.rstrip().splitlines()[-1] == (
+        f"caitlab-train: error: every job still queued can never start: {job} "
+        "(PartitionConfig): the partition cannot take this request: change cluster.partition, "
+        "or ask less (cluster.cpus_per_task, cluster.mem_gb, trainer.devices); then "
+        f"caitlab-sweep cancel {tmp_path / 'stuck'} and launch again")
