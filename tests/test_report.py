@@ -258,3 +258,11 @@ def test_device_hours_add_up_per_variant_and_for_the_sweep(tmp_path, capsys):
     assert by["12"]["device-h"] == ""
     assert main([str(s)]) == 0
     assert "4 runs, 3 variants, 2.75 device-hours" in capsys.readouterr().out
+
+
+def test_run_folders_inside_a_code_snapshot_are_not_the_sweeps(tmp_path):
+    # a submission's code snapshot (.submitit/code-*) holds the checkout's test fixtures
+    s = tmp_path / "sweep"
+    _run(s, "a0")
+    _run(s / ".submitit" / "code-1" / "code" / "tests" / "fixtures", "zz")
+    assert [r.folder.name for r in collect_runs(s)] == ["a0"]

@@ -86,9 +86,13 @@ def _read_curve(metrics_csv: Path) -> list[tuple[int, float]]:
 
 
 def collect_runs(sweep_dir: Path) -> list[Run]:
-    """Every run folder below ``sweep_dir`` (one with a summary.json), sorted by path."""
+    """Every run folder below ``sweep_dir`` (one with a summary.json), sorted by path; none
+    below a hidden folder (``.submitit`` holds a submission's code snapshot, whose
+    tests/fixtures have run folders of their own)."""
     runs = []
     for path in sorted(Path(sweep_dir).rglob("summary.json")):
+        if any(part.startswith(".") for part in path.relative_to(sweep_dir).parts):
+            continue
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -195,12 +195,8 @@ def format_table(statuses: list[RunStatus]) -> str:
 # --- CLI --------------------------------------------------------------------------------------
 
 def sweep_runs(sweep_dir: Path) -> list[Run]:
-    """The sweep's run folders: not those below its hidden folders (``.submitit`` holds the
-    code snapshot of a submission, whose tests/fixtures have run folders of their own)."""
-    if not sweep_dir.is_dir():
-        return []
-    return [r for r in collect_runs(sweep_dir)
-            if not any(p.startswith(".") for p in r.folder.relative_to(sweep_dir).parts)]
+    """The sweep's run folders (none for a folder that does not exist)."""
+    return collect_runs(sweep_dir) if sweep_dir.is_dir() else []
 
 
 def _error(message: str) -> int:

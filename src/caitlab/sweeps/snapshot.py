@@ -35,7 +35,7 @@ from caitlab.runs import read_summary
 
 PREFIX = "code-"
 RUNS_FILE = "runs.json"  # beside the code: the run folders whose jobs use it
-FINAL = ("completed", "failed", "diverged")
+FINAL = ("completed", "failed", "diverged", "cancelled")
 
 
 def checkout_root() -> Path | None:
