@@ -284,7 +284,8 @@ print(any("/src" in p or p.endswith("tests") for p in sys.path))
     assert summary_path.parent.name == summary["signature"]
     assert sorted(p.name for p in empty.iterdir()) == ["outputs"]  # nothing else written here
     status = _run([str(bin_dir / "caitlab-sweep"), "status", "outputs/default"], empty, env)
-    assert status.stdout.strip().endswith("1 run: 1 completed")
+    counts = status.stdout.strip().splitlines()[-1]
+    assert counts.startswith("1 run: 1 completed; ") and counts.endswith(" device-hours")
     maps = _run([str(bin_dir / "caitlab-attention"), str(summary_path.parent), "--digits", "0",
                  "--out", "maps"], empty, env)
     assert (empty / "maps" / "attention_digit0.png").stat().st_size > 1000, maps.stdout
