@@ -62,6 +62,8 @@ class Parts:
 
     def facts(self, cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> dict[str, Any]:
         """The summary's description of the run: identity, model, axes."""
+        from hydra.core.hydra_config import HydraConfig
+
         from caitlab.identity import run_delta, variant_of
         from caitlab.models import count_params
         from caitlab.models.axes import ablation_axes
@@ -72,8 +74,6 @@ class Parts:
         axes = ablation_axes({**(resolved.get("model") or {}),
                               **(own if isinstance(own, dict) else {})}, self.model_name)
         delta = run_delta(cfg)
-        from hydra.core.hydra_config import HydraConfig
-
         return {
             # the folder's name: the signature, or the previous rule's for a folder it wrote
             "signature": run.dir.name if HydraConfig.initialized() else signature(cfg),
@@ -138,8 +138,9 @@ def build(cfg: DictConfig, run: Run) -> Parts:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
         name = cfg.model.get("name", type(model).__name__)
-        macs = model_macs(model, datamodule, cfg.data, name)  # a model that cannot take the
-        if cfg.get("finetune_from"):                            # data's images stops here
+        # before the run folder exists: a model that cannot take the data's images stops here
+        macs = model_macs(model, datamodule, cfg.data, name)
+        if cfg.get("finetune_from"):
             load_checkpoint(model, cfg.finetune_from)  # all or nothing, names the bad keys
     except Exception as err:
         # Hydra's instantiate wraps constructor errors; the user's mistake is the cause.
