@@ -283,6 +283,7 @@ class _SweepAwareMixin:
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         snapshot.clean(sweep_dir)  # those of finished sweeps
+        self._squeue = None  # a batch sees the queue as it is now, not as an earlier batch did
         todo, skipped = self._plan(job_overrides)
         self._removed(sweep_dir, job_overrides)
         log.info(f"caitlab sweep: {len(todo)} to run, {len(skipped)} already done "
