@@ -97,7 +97,8 @@ class _FakeWandbRun:
         self._history = list(history)
 
     def scan_history(self, keys=None):
-        return iter(self._history)
+        # as wandb's: only the rows that have every key asked for
+        return iter([r for r in self._history if all(k in r for k in keys or ())])
 
 
 class _FakeApi:
@@ -129,16 +130,28 @@ def test_report_from_wandb_runs_matches_the_folder_path(sweep):
 
 
 def test_wandb_summary_run_gets_the_table_and_plots(sweep):
+    _run(sweep, "f0", residual="layerscale", top1=0.91)  # vit_tiny d4: layerscale vs none
     # as a user runs it, in a process of its own: wandb's service and settings are
     # per-process state that the other tests of this process leave behind
     proc = subprocess.run([sys.executable, "-m", "caitlab.analysis.report", str(sweep), "--wandb"],
                           capture_output=True, text=True, timeout=300,
                           env=clean_env(WANDB_MODE="offline", WANDB_SILENT="true"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "table and plots logged to run" in proc.stdout
+    assert "table, verdicts and plots logged to run" in proc.stdout
     (record,) = list((sweep / "wandb").glob("offline-run-*/run-*.wandb"))
     data = record.read_bytes()
     assert b"comparison" in data and b"table-file" in data and b"image-file" in data
+    # the verdicts and numbers the report printed, in the summary run's tables
+    tables = {p.name.split("_")[0]: json.loads(p.read_text())
+              for p in (sweep / "wandb").glob("offline-run-*/files/media/table/*.table.json")}
+    assert set(tables) == {"comparison", "verdicts"}
+    columns = tables["comparison"]["columns"]
+    assert {"test_top1_mean", "test_top1_ci_low", "delta", "p"} <= set(columns)
+    means = sorted(r[columns.index("test_top1_mean")] for r in tables["comparison"]["data"]
+                   if r[columns.index("test_top1_mean")] is not None)
+    assert means == pytest.approx([91.0, 91.0, 93.0, 95.0])  # a0+a1 (90, 92), f0, c0, b0
+    lines = [r[0] for r in tables["verdicts"]["data"]]
+    assert lines and all(line in proc.stdout for line in lines)
 
 
 # --- axes from the config, whatever the model ------------------------------------------------

@@ -1,27 +1,39 @@
-"""``caitlab-report``: a sweep -> which variant wins, by how much, at what cost.
+"""``caitlab-report``: a sweep -> which variant wins, by how much, at what cost, and whether
+it is more than noise.
 
 Reads a sweep folder (every ``summary.json`` and ``metrics.csv`` below it) or a wandb project
 (``--wandb-project``, through ``wandb.Api().runs``), and writes next to the sweep, and prints:
 
-- a table (Markdown and CSV), one row per variant; runs that differ only by seed are grouped
-  into mean ± std with their count; runs in progress, failed or diverged keep their state;
-- plots (PNG): test top-1 vs depth with one line per residual scaling (paper Table 1 as a
-  picture), top-1 vs MACs and vs images/s with ViT-like and CaiT-like variants as two marker
-  families, and the validation curve of every run;
-- with ``--wandb``, the table as a ``wandb.Table`` and the plots as images in a summary run of
-  the group.
+- a table, one row per variant: runs that differ only by seed are grouped into
+  mean ± std (n); each variant's difference to a baseline (``--baseline KEY=VALUE``; by
+  default the grid's first value of each varied key) in points of top-1 with its 95% CI and
+  p-value, paired by seed where the seeds pair; runs in progress, failed or diverged keep
+  their state. ``report.md`` as text, ``report.csv`` and ``report.json`` as numbers;
+- a verdict per question (one key changed, the others held): ``layerscale vs none
+  (cait_tiny, digits): +1.4 pts [0.6, 2.2], p=0.01, 5 seeds -> better``;
+- plots (PNG): top-1 vs depth by residual scaling (paper Table 1 as a picture), top-1 vs MACs
+  and vs images/s with the Pareto front, the validation curves as mean and band per variant;
+- ``report.html``: all of it in one self-contained page;
+- with ``--wandb``, the table, verdicts and plots in a summary run of the group.
 
-The runs and variants are :mod:`report_runs`, the table :mod:`report_table` (its architecture
-columns read from :mod:`caitlab.models.axes`), the plots :mod:`report_plots`. Stdlib only at
-import: caitlab-sweep reads runs through it.
+The runs and variants are :mod:`report_runs`, the grid, baseline and verdicts
+:mod:`report_answers` (their statistics :mod:`caitlab.analysis.stats`), the table
+:mod:`report_table` (its architecture columns read from :mod:`caitlab.models.axes`), the plots
+:mod:`report_plots`, the page :mod:`report_html`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from caitlab.analysis.report_answers import Answers, answers, few_seeds_note, metric_name
+from caitlab.analysis.report_html import to_html
 from caitlab.analysis.report_plots import write_plots
 from caitlab.analysis.report_runs import (
     Run,
@@ -34,25 +46,113 @@ from caitlab.analysis.report_runs import (
 )
 from caitlab.analysis.report_table import (
     cell,
+    data_rows,
     device_hours,
     extra_axes,
+    ordered,
     table_rows,
     to_csv,
     to_markdown,
     variant_label,
 )
+from caitlab.analysis.stats import MIN_SEEDS, THROUGHPUT_RULE
 
-__all__ = ["Run", "Variant", "build_report", "cell", "collect_runs", "commits", "extra_axes",
-           "group_variants", "log_to_wandb", "main", "mixed_code_warning", "runs_from_wandb",
-           "table_rows", "to_csv", "to_markdown", "variant_label", "write_plots"]
+__all__ = ["Report", "Run", "Variant", "answers", "build_report", "cell", "collect_runs",
+           "commits", "data_rows", "extra_axes", "group_variants", "log_to_wandb", "main",
+           "mixed_code_warning", "runs_from_wandb", "table_rows", "to_csv", "to_markdown",
+           "variant_label", "write_plots"]
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    rows: list[dict[str, str]]          # the table as shown (report.md)
+    data: list[dict[str, Any]]          # the table as numbers (report.csv, report.json)
+    answers: Answers
+    notes: list[str]
+    plots: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def verdicts(self) -> list[str]:
+        return [v.line() for v in self.answers.verdicts]
+
+    def markdown(self) -> str:
+        text = to_markdown(self.rows)
+        if self.notes:
+            text += "\n\n" + "\n".join(f"- {n}" for n in self.notes)
+        if self.verdicts:
+            text += (f"\n\nVerdicts ({metric_name(self.answers.metric)}, 95% CI):\n"
+                     + "\n".join(f"- {v}" for v in self.verdicts))
+        return text
+
+    def as_json(self, source: str) -> dict[str, Any]:
+        a = self.answers
+        return {"source": source, "metric": a.metric, "baseline": a.baseline,
+                "varied": a.grid.keys, "notes": self.notes,
+                "verdicts": [{"line": v.line(), "question": v.question(), "key": v.key,
+                              "value": v.value, "baseline": v.base, "context": v.context,
+                              "data": v.data, "outcome": v.difference.outcome,
+                              "macs_ratio": v.macs_ratio,
+                              **asdict(v.difference)} for v in a.verdicts],
+                "rows": self.data}
+
+
+def _notes(answers: Answers) -> list[str]:
+    notes = []
+    if answers.baseline_variant is not None:
+        notes.append(
+            f"Δ top-1: each variant's {metric_name(answers.metric)} minus the baseline's "
+            f"({answers.baseline_text()}), in points, with its 95% CI; p: the test's p-value "
+            f"(a paired t-test over the seeds both ran, Welch's where fewer than {MIN_SEEDS} "
+            "pair).")
+    elif answers.baseline:
+        notes.append(f"the baseline ({answers.baseline_text()}) has no completed runs: "
+                     "no differences; choose another with --baseline KEY=VALUE")
+    notes.append(f"img/s: the {THROUGHPUT_RULE}, then the median over seeds.")
+    few = few_seeds_note(answers)
+    if few:
+        notes.append(few)
+    return notes
+
+
+def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
+                 baseline: Iterable[str] = (), sweep_dir: Path | None = None,
+                 title: str | None = None) -> Report:
+    """The table, answers and plots of ``runs``, written into ``out_dir`` (report.md,
+    report.csv, report.json, report.html, plots/)."""
+    from caitlab.runs import write_text_atomic
+
+    variants = ordered(group_variants(runs, by_commit))
+    answers_ = answers(variants, sweep_dir, baseline)
+    rows, data = table_rows(variants, answers_), data_rows(variants, answers_)
+    if len(commits(runs)) < 2 and not by_commit:  # one version of the code: said once, below
+        for row in rows:
+            row.pop("code")
+    report = Report(rows, data, answers_, _notes(answers_))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.plots = write_plots(variants, out_dir / "plots", answers_)
+    title = title or f"caitlab report: {out_dir.name}"
+    files = {"report.md": report.markdown() + "\n", "report.csv": to_csv(data),
+             "report.json": json.dumps(report.as_json(str(sweep_dir or out_dir)), indent=1,
+                                       default=str) + "\n",
+             "report.html": to_html(title, rows, report.verdicts, report.notes,
+                                    report.plots)}
+    for name, text in files.items():
+        write_text_atomic(out_dir / name, text)
+    report.files = [out_dir / name for name in files]
+    return report
 
 
 # --- wandb summary run -------------------------------------------------------------------------
 
 
-def log_to_wandb(rows: list[dict[str, str]], plots: list[Path], *, project: str,
-                 group: str, entity: str | None = None, out_dir: Path | None = None) -> str:
-    """The table and plots in one summary run of the sweep's group; returns its id."""
+def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None = None,
+                 out_dir: Path | None = None) -> str:
+    """The table (as numbers), the verdicts and the plots in one summary run of the sweep's
+    group; returns its id."""
     import wandb
 
     from caitlab.training.tracking import wandb_mode
@@ -61,10 +161,16 @@ def log_to_wandb(rows: list[dict[str, str]], plots: list[Path], *, project: str,
                      name=f"report {group}", mode=wandb_mode(),
                      dir=str(out_dir) if out_dir else None, reinit="finish_previous")
     try:
-        cols = list(rows[0]) if rows else []
+        cols = list(report.data[0]) if report.data else []
+        verdicts = report.as_json("")["verdicts"]
+        vcols = ["line", "outcome", "delta", "low", "high", "p", "test", "n", "macs_ratio"]
         run.log({"comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols]
-                                                                 for r in rows]),
-                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+                                                                 for r in report.data]),
+                 "verdicts": wandb.Table(columns=vcols,
+                                         data=[[v[c] for c in vcols] for v in verdicts]),
+                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in report.plots}})
+        run.summary["verdicts"] = report.verdicts
+        run.summary["baseline"] = report.answers.baseline_text()
         return run.id
     finally:
         run.finish()
@@ -73,27 +179,16 @@ def log_to_wandb(rows: list[dict[str, str]], plots: list[Path], *, project: str,
 # --- command line ------------------------------------------------------------------------------
 
 
-def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False
-                 ) -> tuple[list[dict[str, str]], list[Path]]:
-    from caitlab.runs import write_text_atomic
-
-    variants = group_variants(runs, by_commit)
-    rows = table_rows(variants)
-    if len(commits(runs)) < 2 and not by_commit:  # one version of the code: said once, below
-        for row in rows:
-            row.pop("code")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "report.md", to_markdown(rows) + "\n")
-    write_text_atomic(out_dir / "report.csv", to_csv(rows))
-    plots = write_plots(runs, variants, out_dir / "plots")
-    return rows, plots
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caitlab-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, nargs="?",
                         help="a sweep/experiment folder (outputs/<name>)")
+    parser.add_argument("--baseline", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE",
+                        help="the variant every other is compared with, by the values of the "
+                             "keys the sweep varies (default: the first value of each in the "
+                             "grid), e.g. --baseline model=vit_tiny residual=none")
     parser.add_argument("--wandb-project", help="read runs from wandb: entity/project")
     parser.add_argument("--group", help="with --wandb-project: the sweep's wandb group")
     parser.add_argument("--tag", action="append", default=[], help="with --wandb-project")
@@ -101,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by-commit", action="store_true",
                         help="one row per variant and version of the code (git commit)")
     parser.add_argument("--wandb", action="store_true",
-                        help="also log the table and plots to a wandb summary run")
+                        help="also log the table, verdicts and plots to a wandb summary run")
     args = parser.parse_args(argv)
 
     def fail(message: str) -> int:
@@ -125,21 +220,27 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         return fail(f"no runs in {source}")
 
-    rows, plots = build_report(runs, out_dir, args.by_commit)
-    print(to_markdown(rows))
+    from caitlab.errors import UserError
+
+    try:
+        report = build_report(runs, out_dir, args.by_commit, args.baseline, args.sweep_dir,
+                              title=f"caitlab report: {source}")
+    except UserError as err:
+        return fail(str(err))
+    print(report.markdown())
     code = commits(runs)
     hours = device_hours(runs)
     cost = "" if hours is None else f", {hours:.3g} device-hours"
-    print(f"\n{len(runs)} runs, {len(rows)} variants{cost}, code {', '.join(code[:4])}; written: "
-          f"{out_dir / 'report.md'}, {out_dir / 'report.csv'}" + "".join(f", {p}" for p in plots))
+    print(f"\n{len(runs)} runs, {len(report.rows)} variants{cost}, code {', '.join(code[:4])}; "
+          "written: " + ", ".join(str(p) for p in [*report.files, *report.plots]))
     warning = mixed_code_warning(runs)
     if warning:
         print(warning, file=sys.stderr)
     if args.wandb:
         group = args.group or (runs[0].summary.get("name") or out_dir.name)
         project = (args.wandb_project or "caitlab").split("/")[-1]
-        run_id = log_to_wandb(rows, plots, project=project, group=group, out_dir=out_dir)
-        print(f"wandb: table and plots logged to run {run_id} (group {group})")
+        run_id = log_to_wandb(report, project=project, group=group, out_dir=out_dir)
+        print(f"wandb: table, verdicts and plots logged to run {run_id} (group {group})")
     return 0
 
 

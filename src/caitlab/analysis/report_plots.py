@@ -1,16 +1,28 @@
-"""The report's plots (PNG): test top-1 vs depth by residual scaling, top-1 vs MACs and vs
-images/s with ViT-like and CaiT-like variants as two marker families, and the validation curve
-of every run."""
+"""The report's plots (PNG), drawn to be printed: test top-1 vs depth by residual scaling,
+top-1 vs MACs and vs images/s with the Pareto front drawn and its members ringed, and the
+validation curves as one mean line and band per variant. Every top-1 point carries its 95%
+interval over seeds (where there are enough seeds for one).
+
+Nothing is written on the points themselves: each variant has a colour and its family's
+marker (ViT-like o, CaiT-like ^, a project's own s), named in a legend outside the axes, so
+that labels can neither overlap nor leave the figure however close the points lie; matplotlib's
+constrained layout makes the room for it.
+"""
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from caitlab.analysis.report_runs import Run, Variant
+from caitlab.analysis.report_answers import Answers, by_seed, metric_name
+from caitlab.analysis.report_runs import Variant
 from caitlab.analysis.report_table import extra_axes, variant_label
+from caitlab.analysis.stats import MIN_SEEDS, Estimate, estimate
+
+MARKERS = {"ViT": "o", "CaiT": "^", "own": "s"}
+BARS = f"bars: 95% CI over seeds (with {MIN_SEEDS}+ seeds)"
 
 
 def _pyplot():
@@ -22,147 +34,212 @@ def _pyplot():
     return plt
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values) if values else math.nan
-
-
-def plot_top1_vs_depth(variants: list[Variant], path: Path) -> Path | None:
-    """One line per residual scaling: the paper's Table 1 as a picture."""
-    points: dict[str, list[tuple[int, float, float]]] = {}
-    for v in variants:
-        top1 = [x * 100 for x in v.values("test/top1")]
-        if top1 and v.axes.get("depth") is not None:
-            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            # a project's own model (no residual axis) gets a line of its own
-            points.setdefault(str(v.axes.get("residual") or v.model_name), []).append(
-                (v.axes["depth"], _mean(top1), std))
-    if not points or len({d for pts in points.values() for d, _, _ in pts}) < 2:
-        return None
+def _colors(variants: list[Variant]) -> dict[str, Any]:
+    """A colour per variant, stable across the plots of one report."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for residual, pts in sorted(points.items()):
-        pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o", capsize=3, label=residual)
-    ax.set_xlabel("depth (self-attention layers)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("top-1 vs depth by residual scaling")
-    ax.grid(alpha=0.3)
-    ax.legend(title="residual")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    return {v.key: cmap(i % cmap.N) for i, v in enumerate(variants)}
 
 
-def _cost(variant: Variant, cost: str) -> float | None:
-    """The variant's MACs (in M: drawn in G or M, whichever reads) or its mean images/s."""
-    if cost == "macs":
-        x = (variant.runs[0].summary.get("model") or {}).get("macs")
-        x = None if x is None else x / 1e6
+def _figure(n_labels: int, longest: int, height: float = 4.2):
+    """A figure wide enough for its legend beside the axes."""
+    plt = _pyplot()
+    width = 5.5 + (0.075 * longest + 0.5 if n_labels else 0)
+    return plt.subplots(figsize=(width, height), layout="constrained")
+
+
+def _point(ax, x: float, e: Estimate, **style) -> None:
+    """The mean with its interval as an error bar (none below MIN_SEEDS seeds)."""
+    yerr = None if e.low is None else [[e.mean - e.low], [e.high - e.mean]]
+    ax.errorbar([x], [e.mean], yerr=yerr, capsize=3, linestyle="none", markersize=7, **style)
+
+
+def _legend(fig, ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small",
+                   frameon=False)
+
+
+def _readable_axis(axis, values: list[float]) -> None:
+    """A log scale where the values span more than 4x, with plain-number ticks at 1-2-5
+    (matplotlib's default labels minor ticks too on a short log axis, and they collide)."""
+    from matplotlib import ticker
+
+    if min(values) > 0 and max(values) > 4 * min(values):
+        axis.set_scale("log")
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_locator(ticker.LogLocator(subs="auto"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+        axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     else:
-        x = _mean([s["images_per_s"] for s in variant.completed() if s.get("images_per_s")])
-    return None if x is None or math.isnan(x) else x
+        axis.set_major_locator(ticker.MaxNLocator(nbins=6))
 
 
-def _scatter_families(ax, variants: list[Variant], cost: str, extra: Iterable[str]) -> int:
-    """ViT, CaiT and a project's own models as three marker families; the points drawn."""
-    drawn = 0
-    for family, marker in (("ViT", "o"), ("CaiT", "^"), ("own", "s")):
-        xs, ys, labels = [], [], []
-        for v in variants:
-            top1 = v.values("test/top1")
-            x = _cost(v, cost) if v.family == family and top1 else None
-            if x is not None:
-                xs.append(x)
-                ys.append(_mean(top1) * 100)
-                labels.append(variant_label(v, extra))
-        if xs:
-            drawn += len(xs)
-            ax.scatter(xs, ys, marker=marker, s=60,
-                       label="own models" if family == "own" else family)
-            for x, y, label in zip(xs, ys, labels, strict=True):
-                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    return drawn
+def _dodged(xs: list[float], step: float = 0.012) -> list[float]:
+    """A factor per point that spreads points of one cost (within 0.5%) a little apart, so
+    that their markers and bars do not hide each other; the figure says costs are dodged."""
+    factors = [1.0] * len(xs)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        key = next((j for j in groups if abs(xs[j] - x) <= 0.005 * max(abs(x), 1e-12)), i)
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        for rank, i in enumerate(members):
+            factors[i] = 1.0 + step * (rank - (len(members) - 1) / 2)
+    return factors
 
 
-def _macs_axis(ax) -> None:
-    """MMACs or GMACs as the costs read; a log axis only where the costs span a range."""
-    xs = [x for c in ax.collections for x in c.get_offsets()[:, 0]]
-    giga = max(xs) >= 1000
-    if giga:  # the points were drawn in MMACs
-        for c in ax.collections:
-            c.set_offsets(c.get_offsets() / [1000, 1])
-        for t in ax.texts:
-            t.xy = (t.xy[0] / 1000, t.xy[1])
-        xs = [x / 1000 for x in xs]
-    ax.set_xlabel(f"{'G' if giga else 'M'}MACs per image")
-    if max(xs) > 4 * min(xs):
-        ax.set_xscale("log")
-
-
-def _labels_inside(ax) -> None:
-    """Labels of points on the right run leftwards, inside the axes."""
-    lo, hi = ax.get_xlim()
-    mid = math.sqrt(lo * hi) if ax.get_xscale() == "log" else (lo + hi) / 2
-    for t in ax.texts:
-        if t.xy[0] > mid:
-            t.set_horizontalalignment("right")
-            t.xyann = (-3, 3)
-
-
-def plot_top1_vs_cost(variants: list[Variant], path: Path, cost: str,
-                      extra: Iterable[str] = ()) -> Path | None:
-    """Top-1 against MACs (``cost='macs'``) or images/s (``'images_per_s'``), ViT vs CaiT
-    (vs a project's own models); points labelled by :func:`variant_label` with ``extra``."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if not _scatter_families(ax, variants, cost, extra):
-        plt.close(fig)
-        return None
-    ax.set_xlabel("training images/s")
-    if cost == "macs":
-        _macs_axis(ax)
-    ax.margins(x=0.2, y=0.1)
-    _labels_inside(ax)
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"top-1 vs {'MACs' if cost == 'macs' else 'throughput'}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
-def plot_val_curves(runs: list[Run], path: Path, extra: Iterable[str] = ()) -> Path | None:
-    curves = [r for r in runs if r.curve]
+def figure_top1_vs_depth(variants: list[Variant], metric: str = "test/top1"):
+    """One line per residual scaling: the paper's Table 1 as a picture; None where the
+    sweep has fewer than two depths."""
+    points: dict[str, list[tuple[int, Estimate]]] = {}
+    several = len({v.model_name for v in variants}) > 1
+    for v in variants:
+        e = estimate(list(by_seed(v, metric).values()))
+        if e is not None and v.axes.get("depth") is not None:
+            # a line per model and residual scaling; a project's own model (no residual
+            # axis) gets a line of its own
+            residual = v.axes.get("residual")
+            line = " ".join(p for p in (v.model_name if several or not residual else "",
+                                        str(residual or "")) if p)
+            points.setdefault(line, []).append((v.axes["depth"], e))
+    if not points or len({d for pts in points.values() for d, _ in pts}) < 2:
+        return None
+    fig, ax = _figure(len(points), max(len(k) for k in points))
+    depths = [d for pts in points.values() for d, _ in pts]
+    step = 0.012 * (max(depths) - min(depths))  # lines dodged apart, so bars do not hide
+    for i, (name, pts) in enumerate(sorted(points.items())):
+        pts.sort(key=lambda p: p[0])
+        off = step * (i - (len(points) - 1) / 2)
+        line, = ax.plot([d + off for d, _ in pts], [e.mean for _, e in pts], marker="o",
+                        label=name)
+        for d, e in pts:
+            _point(ax, d + off, e, color=line.get_color())
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("depth (self-attention layers)")
+    ax.set_ylabel(f"{metric_name(metric)} (%)")
+    ax.set_title(f"top-1 vs depth by residual scaling\n{BARS}", fontsize="medium")
+    ax.grid(alpha=0.3)
+    _legend(fig, ax)
+    return fig
+
+
+def _front_line(ax, pts: list[tuple[float, float]], lower_is_cheaper: bool) -> None:
+    """The Pareto front as a staircase: from the cheapest member, accuracy holds until the
+    next member buys more of it."""
+    pts = sorted(pts, reverse=not lower_is_cheaper)
+    xs, ys = [], []
+    for x, y in pts:
+        if xs:
+            xs.append(x)
+            ys.append(ys[-1])
+        xs.append(x)
+        ys.append(y)
+    ax.plot(xs, ys, linestyle="--", color="0.35", linewidth=1, zorder=1,
+            label="Pareto front")
+    ax.scatter([x for x, _ in pts], [y for _, y in pts], s=220, facecolors="none",
+               edgecolors="0.2", linewidths=1.2, zorder=3)
+
+
+def figure_top1_vs_cost(variants: list[Variant], cost: str, answers: Answers | None = None,
+                        extra: Iterable[str] = ()):
+    """Top-1 against MACs (``cost='macs'``) or training images/s (``'images_per_s'``): a
+    point per variant with its interval, ViT-like and CaiT-like as two marker families, the
+    Pareto front drawn. None where no variant has both."""
+    metric = answers.metric if answers else "test/top1"
+    drawn = []
+    for v in variants:
+        x, e = getattr(v, cost), estimate(list(by_seed(v, metric).values()))
+        if x is not None and e is not None:
+            drawn.append((v, x, e))
+    if not drawn:
+        return None
+    scale, unit = 1.0, "training images/s"
+    if cost == "macs":
+        giga = max(x for _, x, _ in drawn) >= 1e9
+        scale, unit = (1e9, "GMACs per image") if giga else (1e6, "MMACs per image")
+    labels = [variant_label(v, extra) for v, _, _ in drawn]
+    fig, ax = _figure(len(drawn), max(len(s) for s in labels) + 4)
+    colors = _colors([v for v, _, _ in drawn])
+    shift = _dodged([x for _, x, _ in drawn])
+    for (v, x, e), label, k in zip(drawn, labels, shift, strict=True):
+        _point(ax, x * k / scale, e, color=colors[v.key], marker=MARKERS[v.family],
+               label=label)
+    front = (answers.fronts.get(cost) if answers else None) or set()
+    members = [(x * k / scale, e.mean) for (v, x, e), k in zip(drawn, shift, strict=True)
+               if v.key in front]
+    if len(members) > 1 or (members and len(drawn) > 1):
+        _front_line(ax, members, lower_is_cheaper=cost == "macs")
+    _readable_axis(ax.xaxis, [x / scale for _, x, _ in drawn])
+    ax.margins(x=0.08, y=0.12)
+    ax.set_xlabel(unit)
+    ax.set_ylabel(f"{metric_name(metric)} (%)")
+    what = "MACs" if cost == "macs" else "throughput"
+    ax.set_title(f"top-1 vs {what}; ringed: on the Pareto front\n{BARS}", fontsize="medium")
+    ax.grid(alpha=0.3)
+    _legend(fig, ax)
+    return fig
+
+
+def figure_val_curves(variants: list[Variant], extra: Iterable[str] = ()):
+    """A mean line per variant over its seeds' validation curves, with a band of ± one
+    standard deviation where it has two seeds or more."""
+    curves = [(v, [r.curve for r in v.runs if r.curve]) for v in variants]
+    curves = [(v, c) for v, c in curves if c]
     if not curves:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in curves:
-        ax.plot([e + 1 for e, _ in run.curve], [t * 100 for _, t in run.curve],
-                label=f"{variant_label(Variant('', [run]), extra)} ({run.name[:6]})",
-                linewidth=1.2)
+    labels = [variant_label(v, extra) + (f" (n={len(c)})" if len(c) > 1 else "")
+              for v, c in curves]
+    fig, ax = _figure(len(curves), max(len(s) for s in labels), height=4.5)
+    colors = _colors([v for v, _ in curves])
+    for (v, runs_curves), label in zip(curves, labels, strict=True):
+        per_epoch: dict[int, list[float]] = {}
+        for curve in runs_curves:
+            for epoch, top1 in curve:
+                per_epoch.setdefault(epoch + 1, []).append(100 * top1)
+        epochs = sorted(per_epoch)
+        mean = [statistics.fmean(per_epoch[e]) for e in epochs]
+        ax.plot(epochs, mean, color=colors[v.key], linewidth=1.4, label=label)
+        if len(runs_curves) > 1:
+            std = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0
+                   for e in epochs]
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)],
+                            color=colors[v.key], alpha=0.18, linewidth=0)
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
-    ax.set_title("validation curves")
+    ax.set_title("validation curves: mean over seeds, band ± 1 std", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _legend(fig, ax)
+    return fig
 
 
-def write_plots(runs: list[Run], variants: list[Variant], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def figures(variants: list[Variant], answers: Answers | None = None) -> dict[str, Any]:
+    """name -> matplotlib figure, for the plots this sweep has something to show in."""
     extra = extra_axes(variants)
-    made = [
-        plot_top1_vs_depth(variants, out_dir / "top1_vs_depth.png"),
-        plot_top1_vs_cost(variants, out_dir / "top1_vs_macs.png", "macs", extra),
-        plot_top1_vs_cost(variants, out_dir / "top1_vs_throughput.png", "images_per_s", extra),
-        plot_val_curves(runs, out_dir / "val_curves.png", extra),
-    ]
-    return [p for p in made if p is not None]
+    metric = answers.metric if answers else "test/top1"
+    made = {"top1_vs_depth": figure_top1_vs_depth(variants, metric),
+            "top1_vs_macs": figure_top1_vs_cost(variants, "macs", answers, extra),
+            "top1_vs_throughput": figure_top1_vs_cost(variants, "images_per_s", answers,
+                                                      extra),
+            "val_curves": figure_val_curves(variants, extra)}
+    return {name: fig for name, fig in made.items() if fig is not None}
+
+
+def write_plots(variants: list[Variant], out_dir: Path,
+                answers: Answers | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [_save(fig, out_dir / f"{name}.png")
+            for name, fig in figures(variants, answers).items()]

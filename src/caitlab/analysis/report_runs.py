@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caitlab.analysis.stats import throughput
 from caitlab.provenance import commit_of
 
 # wandb run states for runs whose summary never got a caitlab status
@@ -23,6 +25,17 @@ class Run:
     summary: dict[str, Any]
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/top1)
     folder: Path | None = None  # the run folder, for runs read from disk
+    by_epoch_ips: dict[int, float] = field(default_factory=dict)  # epoch -> training img/s
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Training throughput by :data:`caitlab.analysis.stats.THROUGHPUT_RULE`, from the
+        epochs' own figures where the run logged them (a summary written before caitlab took
+        the median holds the last epoch's)."""
+        if self.by_epoch_ips:
+            return throughput(self.by_epoch_ips)
+        value = self.summary.get("images_per_s")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
     @property
     def status(self) -> str:
@@ -55,6 +68,18 @@ class Variant:
         return [s[metric] for s in self.completed() if s.get(metric) is not None]
 
     @property
+    def images_per_s(self) -> float | None:
+        """The median of its completed runs' throughput (:attr:`Run.images_per_s`)."""
+        ips = [r.images_per_s for r in self.runs
+               if r.status == "completed" and r.images_per_s is not None]
+        return statistics.median(ips) if ips else None
+
+    @property
+    def macs(self) -> float | None:
+        macs = (self.runs[0].summary.get("model") or {}).get("macs")
+        return float(macs) if isinstance(macs, (int, float)) and macs > 0 else None
+
+    @property
     def model_name(self) -> str:
         model = self.runs[0].summary.get("model") or {}
         return str(self.axes.get("model", model.get("name", "")))
@@ -74,15 +99,25 @@ class Variant:
         return "CaiT" if self.axes.get("class_token") == "class_attention" else "ViT"
 
 
-def _read_curve(metrics_csv: Path) -> list[tuple[int, float]]:
-    if not metrics_csv.is_file():
-        return []
+IPS = "perf/images_per_s"
+
+
+def _read_metrics(metrics_csv: Path) -> tuple[list[tuple[int, float]], dict[int, float]]:
+    """(epoch, val/top1) per epoch, and epoch -> training images/s."""
     curve: dict[int, float] = {}
+    ips: dict[int, float] = {}
+    if not metrics_csv.is_file():
+        return [], ips
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("val/top1") and row.get("epoch"):
-                curve[int(float(row["epoch"]))] = float(row["val/top1"])
-    return sorted(curve.items())
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            if row.get("val/top1"):
+                curve[epoch] = float(row["val/top1"])
+            if row.get(IPS):
+                ips[epoch] = float(row[IPS])
+    return sorted(curve.items()), ips
 
 
 def collect_runs(sweep_dir: Path) -> list[Run]:
@@ -97,8 +132,9 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
             summary = {"status": "unreadable"}
-        runs.append(Run(path.parent.name, summary, _read_curve(path.parent / "metrics.csv"),
-                        folder=path.parent))
+        curve, ips = _read_metrics(path.parent / "metrics.csv")
+        runs.append(Run(path.parent.name, summary, curve, folder=path.parent,
+                        by_epoch_ips=ips))
     return runs
 
 
@@ -118,11 +154,14 @@ def runs_from_wandb(api: Any, path: str, group: str | None = None,
             config = dict(wrun.config)
             config.pop("seed", None)
             summary["variant"] = json.dumps(config, sort_keys=True, default=str)
-        curve = {}
-        for row in wrun.scan_history(keys=["epoch", "val/top1"]):
-            if row.get("val/top1") is not None and row.get("epoch") is not None:
-                curve[int(row["epoch"])] = float(row["val/top1"])
-        runs.append(Run(getattr(wrun, "name", wrun.id), summary, sorted(curve.items())))
+        # one scan per key: scan_history keeps only the rows that have every key asked for,
+        # and the epoch's val/top1 and images/s are logged at different steps
+        curve, ips = ({int(row["epoch"]): float(row[key])
+                       for row in wrun.scan_history(keys=["epoch", key])
+                       if row.get(key) is not None and row.get("epoch") is not None}
+                      for key in ("val/top1", IPS))
+        runs.append(Run(getattr(wrun, "name", wrun.id), summary, sorted(curve.items()),
+                        by_epoch_ips=ips))
     return runs
 
 

@@ -11,23 +11,15 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from caitlab.analysis.report_answers import Answers, format_p
 from caitlab.analysis.report_runs import Variant, commits
+from caitlab.analysis.stats import MIN_SEEDS, Estimate, estimate
 from caitlab.models import axes as declared  # stdlib only: the package loads torch lazily
 
 
 def cell(value: Any) -> str:
     """An axis value as the table shows it (as typed in an override: ``true``, ``1e-05``)."""
     return declared.text(value)
-
-
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    if not values:
-        return ""
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return (f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-            f" (n={len(values)})")
 
 
 def _count(n: float | None, unit: float, digits: int = 2) -> str:
@@ -90,26 +82,87 @@ def _hours(hours: float | None) -> str:
     return "" if hours is None else f"{hours:.3g}"
 
 
-def _result_cells(variant: Variant) -> dict[str, str]:
+def _estimate_fields(prefix: str, e: Estimate | None, interval: bool) -> dict[str, Any]:
+    fields = {f"{prefix}_mean": e and e.mean, f"{prefix}_std": e and e.std,
+              f"{prefix}_n": e.n if e else 0}
+    if interval:
+        fields.update({f"{prefix}_ci_low": e and e.low, f"{prefix}_ci_high": e and e.high})
+    return fields
+
+
+def result_numbers(variant: Variant, answers: Answers | None = None) -> dict[str, Any]:
+    """The variant's results as numbers (None where unknown): cost, accuracy in points with
+    its spread and interval over seeds, its difference to the baseline, and its state."""
     model = variant.runs[0].summary.get("model") or {}
-    row = {"params (M)": _count(model.get("params"), 1e6),
-           "GMACs": _count(model.get("macs"), 1e9, 3)}
-    ips = [s["images_per_s"] for s in variant.completed() if s.get("images_per_s")]
-    row["img/s"] = f"{statistics.mean(ips):.0f}" if ips else ""
-    row["val top-1 (best)"] = mean_std(variant.values("val/top1_best"))
-    row["test top-1"] = mean_std(variant.values("test/top1"))
-    row["test top-5"] = mean_std(variant.values("test/top5"))
+    row: dict[str, Any] = {"params": model.get("params"), "macs": variant.macs,
+                           "images_per_s": variant.images_per_s}
+    for prefix, metric, full in (("val_top1_best", "val/top1_best", False),
+                                 ("test_top1", "test/top1", True),
+                                 ("test_top5", "test/top5", False)):
+        row.update(_estimate_fields(prefix, estimate([100 * x for x in variant.values(metric)]),
+                                    full))
+    if answers is not None and answers.baseline_variant is not None:
+        d = answers.differences.get(variant.key)
+        row.update({"delta_of": answers.metric, "delta": d and d.delta,
+                    "delta_ci_low": d and d.low, "delta_ci_high": d and d.high,
+                    "p": d and d.p,
+                    "comparison": "baseline" if variant is answers.baseline_variant
+                    else (d.test if d else None)})
+    if answers is not None and answers.fronts:
+        for cost in ("macs", "images_per_s"):
+            row[f"pareto_{cost}"] = variant.key in answers.fronts.get(cost, ())
     epochs = [r.summary["epochs"] for r in variant.runs if r.summary.get("epochs")]
-    row["epochs"] = str(max(epochs)) if epochs else ""
     walls = [r.summary["wall_s"] for r in variant.runs if r.summary.get("wall_s")]
-    row["wall (s)"] = f"{statistics.mean(walls):.0f}" if walls else ""
-    row["device-h"] = _hours(device_hours(variant.runs))
     states: dict[str, int] = {}
     for r in variant.runs:
         states[r.state] = states.get(r.state, 0) + 1
-    row["state"] = ", ".join(s if n == 1 else f"{n} {s}" for s, n in sorted(states.items()))
-    row["runs"] = str(len(variant.runs))
-    row["code"] = ", ".join(commits(variant.runs))
+    row.update({"epochs": max(epochs) if epochs else None,
+                "wall_s": statistics.fmean(walls) if walls else None,
+                "device_hours": device_hours(variant.runs),
+                "state": ", ".join(s if n == 1 else f"{n} {s}"
+                                   for s, n in sorted(states.items())),
+                "runs": len(variant.runs), "code": ", ".join(commits(variant.runs))})
+    return row
+
+
+def _spread(n: dict[str, Any], prefix: str) -> str:
+    """``mean ± std (n=k)`` in points; the mean alone for one run."""
+    mean, std = n[f"{prefix}_mean"], n[f"{prefix}_std"]
+    if mean is None:
+        return ""
+    if std is None:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f} (n={n[f'{prefix}_n']})"
+
+
+def delta_cell(n: dict[str, Any]) -> str:
+    if n.get("comparison") == "baseline":
+        return "baseline"
+    if n.get("delta") is None:
+        return ""
+    if n["delta_ci_low"] is None:
+        return f"{n['delta']:+.2f} (n<{MIN_SEEDS})"
+    return f"{n['delta']:+.2f} [{n['delta_ci_low']:+.2f}, {n['delta_ci_high']:+.2f}]"
+
+
+def _result_cells(variant: Variant, answers: Answers | None = None) -> dict[str, str]:
+    n = result_numbers(variant, answers)
+    row = {"params (M)": _count(n["params"], 1e6), "GMACs": _count(n["macs"], 1e9, 3),
+           "img/s": "" if n["images_per_s"] is None else f"{n['images_per_s']:.0f}",
+           "test top-1": _spread(n, "test_top1")}
+    if "delta_of" in n:  # the answer beside the accuracy it is about
+        row["Δ top-1 [95% CI]"] = delta_cell(n)
+        row["p"] = format_p(n["p"]).removeprefix("p=")
+    if "pareto_macs" in n:
+        row["Pareto"] = ", ".join(name for cost, name in (("macs", "MACs"),
+                                                          ("images_per_s", "img/s"))
+                                  if n.get(f"pareto_{cost}"))
+    row.update({"test top-5": _spread(n, "test_top5"),
+                "val top-1 (best)": _spread(n, "val_top1_best"),
+                "epochs": "" if n["epochs"] is None else str(n["epochs"]),
+                "wall (s)": "" if n["wall_s"] is None else f"{n['wall_s']:.0f}",
+                "device-h": _hours(n["device_hours"]), "state": n["state"],
+                "runs": str(n["runs"]), "code": n["code"]})
     return row
 
 
@@ -119,24 +172,41 @@ def _sort_key(variant: Variant, extra: Iterable[str] = ()) -> tuple:
             *(declared.rank(a.get(k)) for k in extra))
 
 
-def table_rows(variants: list[Variant]) -> list[dict[str, str]]:
+def ordered(variants: list[Variant]) -> list[Variant]:
+    """The table's order: by the architecture axes' ranks, then the extra axes'."""
+    extra = extra_axes(variants)
+    return sorted(variants, key=lambda v: _sort_key(v, extra))
+
+
+def _description(variants: list[Variant]) -> list[tuple[Variant, dict[str, str]]]:
+    """Each variant (in the table's order) with its architecture and extra-axis cells."""
+    extra = extra_axes(variants)
+    ordered_ = ordered(variants)
+    arch = [_arch_cells(v) for v in ordered_]
+    columns = _arch_columns(ordered_, arch)
+    # a project's axis named like one of caitlab's columns (its own "width") keeps its meaning
+    headers = {key: f"model.{key}" if key in columns else key for key in extra}
+    out = []
+    for variant, cells in zip(ordered_, arch, strict=True):
+        row = {c: cells[c] for c in columns}
+        row.update({headers[k]: cell(variant.axes.get(k)) for k in extra})
+        out.append((variant, row))
+    return out
+
+
+def data_rows(variants: list[Variant], answers: Answers | None = None) -> list[dict[str, Any]]:
+    """The table as data (``report.csv``, ``report.json``): the description columns, then
+    every result in a column of its own, as a number."""
+    return [{**row, **result_numbers(v, answers)} for v, row in _description(variants)]
+
+
+def table_rows(variants: list[Variant], answers: Answers | None = None
+               ) -> list[dict[str, str]]:
     """One row per variant. Columns: caitlab's architecture columns (those some run's model
     has an axis of; attention and token reorg only when used), every other model-config axis
     the runs differ in or that a project's own model takes (:func:`extra_axes`), then cost,
-    accuracy and state."""
-    extra = extra_axes(variants)
-    ordered = sorted(variants, key=lambda v: _sort_key(v, extra))
-    arch = [_arch_cells(v) for v in ordered]
-    columns = _arch_columns(ordered, arch)
-    # a project's axis named like one of caitlab's columns (its own "width") keeps its meaning
-    headers = {key: f"model.{key}" if key in columns else key for key in extra}
-    rows = []
-    for variant, cells in zip(ordered, arch, strict=True):
-        row = {c: cells[c] for c in columns}
-        row.update({headers[k]: cell(variant.axes.get(k)) for k in extra})
-        row.update(_result_cells(variant))
-        rows.append(row)
-    return rows
+    accuracy and state; with ``answers``, each variant's difference to the baseline."""
+    return [{**row, **_result_cells(v, answers)} for v, row in _description(variants)]
 
 
 def variant_label(variant: Variant, extra: Iterable[str] = ()) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from caitlab import compat
+from caitlab.analysis.stats import THROUGHPUT_RULE, throughput
 from caitlab.console import say
 from caitlab.runs import Summary
 
@@ -42,7 +43,13 @@ class SummaryCallback(Callback):
             values["val/top1_best"] = top1 if best is None else max(best, top1)
         # validation runs before on_train_epoch_end: read the epoch's throughput directly
         if getattr(pl_module, "images_per_s", None) is not None:
-            values["images_per_s"] = pl_module.images_per_s
+            # every epoch's figure is kept (across resumes too); the run is credited with
+            # their median after the first, which pays for warm-up
+            by_epoch = dict(self.summary.get("images_per_s_by_epoch") or {})
+            by_epoch[str(trainer.current_epoch)] = pl_module.images_per_s
+            values["images_per_s_by_epoch"] = by_epoch
+            values["images_per_s"] = throughput({int(e): v for e, v in by_epoch.items()})
+            values["images_per_s_rule"] = THROUGHPUT_RULE
         self.summary.update(**values)
 
 

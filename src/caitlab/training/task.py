@@ -81,6 +81,9 @@ class Parts:
             "delta": redact(delta),  # what makes the run differ from the defaults
             "name": cfg.name,
             "overrides": redact(job_overrides()),
+            # the data's config choice (``digits``): what the report's verdicts name
+            "data": (HydraConfig.get().runtime.choices.get("data")
+                     if HydraConfig.initialized() else None),
             "axes": axes,
             "model": {"name": self.model_name, "target": cfg.model.get("_target_"),
                       "params": count_params(self.model), "macs": self.macs,

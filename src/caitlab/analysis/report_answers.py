@@ -1,0 +1,343 @@
+"""The report's answers: what the sweep varied (its grid), the baseline every variant is
+compared with, each variant's difference to it, and a verdict per question: one axis changed,
+everything else held where the grid has both.
+
+The grid is read from the runs' own overrides (``model=cait_tiny model/residual=layerscale``:
+what the researcher asked for, as typed), its order from the sweep's ``multirun.yaml``; runs
+that do not record overrides fall back to their architecture axes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caitlab.analysis.report_runs import Run, Variant
+from caitlab.analysis.stats import MIN_SEEDS, Difference, difference, estimate, pareto_front
+from caitlab.models import axes as declared
+
+METRICS = ("test/top1", "val/top1_best")  # the first that some run has is the answer's
+
+
+def metric_of(variants: Iterable[Variant]) -> str:
+    variants = list(variants)
+    for metric in METRICS:
+        if any(v.values(metric) for v in variants):
+            return metric
+    return METRICS[0]
+
+
+def metric_name(metric: str) -> str:
+    return {"test/top1": "test top-1", "val/top1_best": "best val top-1"}.get(metric, metric)
+
+
+def by_seed(variant: Variant, metric: str) -> dict[Any, float]:
+    """Seed -> the metric in points (top-1 100 = every image right), completed runs only."""
+    out = {}
+    for run in variant.runs:
+        value = run.summary.get(metric)
+        if run.status == "completed" and isinstance(value, (int, float)):
+            out[run.summary.get("seed", run.name)] = 100.0 * value
+    return out
+
+
+# --- the grid: what the sweep varied --------------------------------------------------------
+
+
+def _override_settings(run: Run) -> dict[str, str] | None:
+    from caitlab.identity import DEFAULT_EXCLUDE, excluded
+
+    overrides = run.summary.get("overrides")
+    if not isinstance(overrides, list):
+        return None
+    out = {}
+    for line in overrides:
+        key, sep, value = str(line).lstrip("+").partition("=")
+        if sep and not key.startswith("~") and key != "seed" \
+                and not excluded(key.replace("/", "."), DEFAULT_EXCLUDE):
+            out[key] = value
+    return out
+
+
+def _axis_settings(variant: Variant) -> dict[str, str]:
+    return {k: declared.text(v) for k, v in variant.axes.items()}
+
+
+def settings(variant: Variant) -> dict[str, str]:
+    """What the variant's runs were asked for, seed aside: the overrides all its runs share
+    (falling back to its axes for runs that do not record their overrides)."""
+    found = [_override_settings(r) for r in variant.runs]
+    if not found or any(s is None for s in found):
+        return _axis_settings(variant)
+    first = found[0]
+    return {k: v for k, v in first.items() if all(s.get(k) == v for s in found[1:])}
+
+
+@dataclass
+class Grid:
+    keys: list[str]                       # the varied keys, in the order the grid names them
+    values: dict[str, list[str]]          # key -> its values, grid order first
+    points: dict[str, dict[str, str]]     # variant key -> its value of every varied key
+    by_overrides: bool = True             # keys are overrides (else architecture axes)
+
+    def first(self) -> dict[str, str]:
+        return {k: self.values[k][0] for k in self.keys}
+
+
+DEFAULT = "(default)"  # the value of a key a variant did not set
+
+
+def _sweep_order(sweep_dir: Path | None) -> dict[str, list[str]]:
+    """key -> values in the order the sweep's last launch listed them (``multirun.yaml``'s
+    sweep overrides and sweeper params)."""
+    path = None if sweep_dir is None else Path(sweep_dir) / "multirun.yaml"
+    if path is None or not path.is_file():
+        return {}
+    try:
+        import yaml
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+        lines = list((hydra.get("overrides") or {}).get("task") or [])
+        params = (hydra.get("sweeper") or {}).get("params") or {}
+        lines += [f"{k}={v}" for k, v in params.items()]
+        order: dict[str, list[str]] = {}
+        for o in OverridesParser.create().parse_overrides(lines):
+            if o.is_sweep_override():
+                order.setdefault(o.key_or_group, list(o.sweep_string_iterator()))
+        return order
+    except Exception:  # an unreadable or foreign multirun.yaml: the table's order serves
+        return {}
+
+
+def grid(variants: list[Variant], sweep_dir: Path | None = None) -> Grid:
+    """``variants`` in the table's order; the keys whose values differ between them."""
+    per = {v.key: settings(v) for v in variants}
+    keys = list(dict.fromkeys(k for s in per.values() for k in s))
+    varied = [k for k in keys if len({s.get(k, DEFAULT) for s in per.values()}) > 1]
+    by_overrides = all(_override_settings(r) is not None for v in variants for r in v.runs)
+    if not by_overrides:
+        varied = _independent(variants, varied)
+    order = _sweep_order(sweep_dir)
+    varied.sort(key=lambda k: list(order).index(k) if k in order else len(order))
+    values = {}
+    for k in varied:
+        seen = list(dict.fromkeys(per[v.key].get(k, DEFAULT) for v in variants))
+        listed = [x for x in order.get(k, []) if x in seen]
+        values[k] = listed + [x for x in seen if x not in listed]
+    points = {key: {k: s.get(k, DEFAULT) for k in varied} for key, s in per.items()}
+    return Grid(varied, values, points, by_overrides)
+
+
+def _independent(variants: list[Variant], keys: list[str]) -> list[str]:
+    """Of the axes that differ, those not fixed by an earlier one: vit_tiny's
+    talking_heads=false comes with choosing vit_tiny, layerscale_init with residual=layerscale;
+    neither is a question of its own."""
+    points = [_axis_settings(v) for v in variants]
+    kept: list[str] = []
+    for k in keys:
+        fixed = False
+        for j in kept:
+            seen: dict[str, str] = {}
+            if all(seen.setdefault(p.get(j, DEFAULT), p.get(k, DEFAULT)) == p.get(k, DEFAULT)
+                   for p in points):
+                fixed = True
+                break
+        if not fixed:
+            kept.append(k)
+    return kept
+
+
+# --- the baseline ---------------------------------------------------------------------------
+
+
+def _match_key(given: str, keys: list[str]) -> str:
+    from caitlab.errors import UserError  # caitlab.errors loads OmegaConf: not for caitlab-sweep
+
+    if given in keys:
+        return given
+    short = [k for k in keys if k.replace("/", ".").split(".")[-1] == given]
+    if len(short) == 1:
+        return short[0]
+    close = difflib.get_close_matches(given, keys + [k.replace("/", ".").split(".")[-1]
+                                                     for k in keys], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise UserError(f"--baseline {given}: not a key the sweep varies "
+                    f"({', '.join(keys) or 'none'}){hint}")
+
+
+def choose_baseline(g: Grid, given: Iterable[str] = ()) -> dict[str, str]:
+    """The grid's first value of each varied key, with ``given`` (``KEY=VALUE``; KEY may be
+    the last part of the key, ``residual`` for ``model/residual``) put over it."""
+    from caitlab.errors import UserError
+
+    chosen = g.first()
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--baseline {item}: expected KEY=VALUE, e.g. "
+                            f"{g.keys[0] if g.keys else 'model'}=vit_tiny")
+        key = _match_key(key, g.keys)
+        if value not in g.values[key]:
+            close = difflib.get_close_matches(value, g.values[key], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"--baseline {key}={value}: not a value of the sweep "
+                            f"({', '.join(g.values[key])}){hint}")
+        chosen[key] = value
+    return chosen
+
+
+# --- comparisons and verdicts ---------------------------------------------------------------
+
+
+def shown(key: str, value: str) -> str:
+    """A value as a verdict names it: a config choice by its name (``layerscale``,
+    ``cait_tiny``), any other value with its key (``embed_dim=64``, ``compile=true``)."""
+    choice = key in ("model", "data") or "/" in key or (
+        "." not in key and not _scalar(value))
+    return value if choice else f"{key.replace('/', '.').split('.')[-1]}={value}"
+
+
+def _scalar(value: str) -> bool:
+    if value.lower() in ("true", "false", "null", DEFAULT):
+        return True
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class Verdict:
+    key: str
+    value: str
+    base: str
+    context: dict[str, str]
+    data: str | None
+    difference: Difference
+    macs_ratio: float | None = None
+
+    def question(self) -> str:
+        where = [shown(k, v) for k, v in self.context.items()]
+        where += [self.data] if self.data else []
+        return (f"{shown(self.key, self.value)} vs {shown(self.key, self.base)}"
+                + (f" ({', '.join(where)})" if where else ""))
+
+    def line(self) -> str:
+        d = self.difference
+        parts = [f"{d.delta:+.1f} pts"]
+        if d.low is not None:
+            parts[0] += f" [{d.low:.1f}, {d.high:.1f}]"
+            parts.append(format_p(d.p))
+        parts.append(d.seeds())
+        text = f"{self.question()}: {', '.join(parts)} -> {d.outcome}"
+        if self.macs_ratio is not None and abs(self.macs_ratio - 1) >= 0.005:
+            text += f", at {self.macs_ratio:.2f}x the MACs"
+        return text
+
+
+def format_p(p: float | None) -> str:
+    if p is None:
+        return ""
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+@dataclass
+class Answers:
+    metric: str
+    grid: Grid
+    baseline: dict[str, str]
+    baseline_variant: Variant | None
+    differences: dict[str, Difference] = field(default_factory=dict)  # variant key -> diff
+    verdicts: list[Verdict] = field(default_factory=list)
+    # cost ("macs", "images_per_s") -> the keys of the variants on its Pareto front
+    fronts: dict[str, set[str]] = field(default_factory=dict)
+
+    def baseline_text(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.baseline.items())
+
+
+def _data_name(variant: Variant) -> str | None:
+    """The data the variant trained on: its summary's ``data`` (the config choice) or, for
+    runs written before summaries said, its config's datamodule class (``digits`` for
+    ``caitlab.data.DigitsDataModule``)."""
+    run = variant.runs[0]
+    if run.summary.get("data"):
+        return str(run.summary["data"])
+    if run.folder is None or not (run.folder / "config.yaml").is_file():
+        return None
+    try:
+        import yaml
+
+        target = ((yaml.safe_load((run.folder / "config.yaml").read_text()) or {})
+                  .get("data") or {}).get("_target_", "")
+    except Exception:  # noqa: BLE001 - a name for a verdict; the run's numbers still count
+        return None
+    name = str(target).rsplit(".", 1)[-1].removesuffix("DataModule")
+    return name.lower() or None
+
+
+def answers(variants: list[Variant], sweep_dir: Path | None = None,
+            given: Iterable[str] = ()) -> Answers:
+    """``variants`` in the table's order."""
+    metric = metric_of(variants)
+    g = grid(variants, sweep_dir)
+    base = choose_baseline(g, given) if g.keys else {}
+    at = {tuple(sorted(g.points[v.key].items())): v for v in variants}
+    base_variant = at.get(tuple(sorted(base.items()))) if base else None
+    result = Answers(metric, g, base, base_variant)
+    seeds = {v.key: by_seed(v, metric) for v in variants}
+    if base_variant is not None:
+        for v in variants:
+            d = difference(seeds[v.key], seeds[base_variant.key]) if v is not base_variant \
+                else None
+            if d is not None:
+                result.differences[v.key] = d
+    result.fronts = fronts(variants, seeds)
+    data = {v.key: _data_name(v) for v in variants}
+    single_data = len(set(data.values())) == 1
+    for key in g.keys:
+        for v in variants:
+            point = g.points[v.key]
+            if point[key] == base[key]:
+                continue
+            partner = at.get(tuple(sorted({**point, key: base[key]}.items())))
+            d = None if partner is None else difference(seeds[v.key], seeds[partner.key])
+            if d is None:
+                continue
+            mv, mb = v.macs, partner.macs
+            result.verdicts.append(Verdict(
+                key, point[key], base[key], {k: x for k, x in point.items() if k != key},
+                data[v.key] if single_data or data[v.key] == data[partner.key] else None,
+                d, mv / mb if mv and mb else None))
+    return result
+
+
+def fronts(variants: list[Variant], seeds: dict[str, dict[Any, float]]) -> dict[str, set[str]]:
+    """The Pareto fronts of mean accuracy against MACs (fewer is better) and against training
+    images/s (more is better), over the variants with completed runs and that cost."""
+    out = {}
+    for cost, cheaper in (("macs", "lower"), ("images_per_s", "higher")):
+        points = {v.key: (getattr(v, cost), statistics.fmean(seeds[v.key].values()))
+                  for v in variants if seeds[v.key] and getattr(v, cost) is not None}
+        if len(points) > 1:
+            out[cost] = pareto_front(points, cheaper)
+    return out
+
+
+def variant_estimate(variant: Variant, metric: str):
+    """The variant's mean and interval of ``metric`` over seeds, in points."""
+    return estimate(list(by_seed(variant, metric).values()))
+
+
+def few_seeds_note(answers_: Answers) -> str | None:
+    if any(d.low is None for d in answers_.differences.values()) or any(
+            v.difference.low is None for v in answers_.verdicts):
+        return (f"intervals and p-values need {MIN_SEEDS} seeds or more on each side: rerun "
+                "with e.g. seed=0,1,2,3,4")
+    return None
