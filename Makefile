@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint slurm clean
+.PHONY: setup demo test lint slurm browser clean
 
 setup:
 	@if ! [ -x "$(UV)" ]; then \
@@ -29,7 +29,18 @@ slurm:
 	@if [ "$$(id -u)" = 0 ]; then scripts/slurm/start.sh; \
 	else echo "not root: local SLURM cluster not started, slurm tests will be skipped"; fi
 
-test: setup lint slurm
+# Debian's Chromium, in which the tests open report.html. It needs root; without it that
+# test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the report page's browser test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+	    { apt-get update -q >/dev/null && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	else echo "no chromium and not root: the report page's browser test will be skipped"; fi
+
+test: setup lint slurm browser
 	$(PY) -m pytest
 
 clean:

@@ -104,15 +104,15 @@ def _run(name: str, commit: str | None, variant: str = "v1", top1: float = 0.9) 
 def test_report_warns_about_mixed_code_and_splits_by_commit(tmp_path):
     same = [_run("a", "1" * 40), _run("b", "1" * 40)]
     assert mixed_code_warning(same) is None
-    rows, _ = build_report(same, tmp_path / "one")
+    rows = build_report(same, tmp_path / "one").rows
     assert len(rows) == 1 and "code" not in rows[0]
     mixed = [_run("a", "1" * 40), _run("b", "2" * 40, top1=0.5), _run("c", None)]
     warning = mixed_code_warning(mixed)
     assert "3 versions of the code" in warning and "1111111111" in warning \
         and "unknown" in warning
-    rows, _ = build_report(mixed, tmp_path / "mixed")
+    rows = build_report(mixed, tmp_path / "mixed").rows
     assert len(rows) == 1 and rows[0]["code"].count(",") == 2
-    rows, _ = build_report(mixed, tmp_path / "split", by_commit=True)
+    rows = build_report(mixed, tmp_path / "split", by_commit=True).rows
     assert sorted(r["code"] for r in rows) == ["1111111111", "2222222222", "unknown"]
     assert sorted(r["test top-1"] for r in rows) == ["50.00", "90.00", "90.00"]
 

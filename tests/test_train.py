@@ -70,6 +70,14 @@ def test_interrupt_resume_skip_wandb_and_no_secret_leaks(tmp_path):
     assert s2["resumed_from"].endswith("checkpoints/last.ckpt")
     # the second attempt continued at the next epoch: one row per epoch, the first kept
     assert _epochs_in_metrics(run) == [0, 1]
+    # every epoch's throughput is kept across the attempts, as metrics.csv logged it; the run
+    # is credited with the median of the epochs after the first (the first pays warm-up)
+    with open(run / "metrics.csv", newline="") as f:
+        logged = {r["epoch"]: float(r["perf/images_per_s"]) for r in csv.DictReader(f)
+                  if r.get("perf/images_per_s")}
+    assert s2["images_per_s_by_epoch"] == pytest.approx(logged) and set(logged) == {"0", "1"}
+    assert s2["images_per_s"] == pytest.approx(logged["1"])
+    assert s2["data"] == "digits"
     # both attempts logged into the same wandb run
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(wandb_id) for p in offline)
