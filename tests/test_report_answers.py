@@ -342,3 +342,14 @@ def test_report_html_renders_in_chromium_with_its_table_and_plots(demo, tmp_path
     blue = ((abs(pixels[..., 0] - 0x1F / 255) < 0.05) & (abs(pixels[..., 1] - 0x77 / 255) < 0.05)
             & (abs(pixels[..., 2] - 0xB4 / 255) < 0.05)).sum()
     assert blue > 500
+
+
+def test_a_baseline_for_a_sweep_that_varies_only_the_seed_is_refused(tmp_path, capsys):
+    sweep = tmp_path / "seeds"
+    for seed, top1 in enumerate((90.0, 91.0, 92.0)):
+        _write_run(sweep, "vit_tiny", "none", seed, top1)
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| 91.00 ± 1.00 (n=3) |" in out and "Verdicts" not in out and "Δ" not in out
+    assert main([str(sweep), "--baseline", "model=vit_tiny"]) == 2
+    assert "differ in nothing but the seed" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from caitlab.analysis.report_runs import Run, Variant
-from caitlab.analysis.stats import MIN_SEEDS, Difference, difference, estimate, pareto_front
+from caitlab.analysis.stats import MIN_SEEDS, Difference, difference, pareto_front
 from caitlab.models import axes as declared
 
 METRICS = ("test/top1", "val/top1_best")  # the first that some run has is the answer's
@@ -287,6 +287,12 @@ def answers(variants: list[Variant], sweep_dir: Path | None = None,
     """``variants`` in the table's order."""
     metric = metric_of(variants)
     g = grid(variants, sweep_dir)
+    given = list(given)
+    if given and not g.keys:
+        from caitlab.errors import UserError
+
+        raise UserError(f"--baseline {' '.join(given)}: the runs differ in nothing but the "
+                        "seed, so there is nothing to compare")
     base = choose_baseline(g, given) if g.keys else {}
     at = {tuple(sorted(g.points[v.key].items())): v for v in variants}
     base_variant = at.get(tuple(sorted(base.items()))) if base else None
@@ -299,8 +305,18 @@ def answers(variants: list[Variant], sweep_dir: Path | None = None,
             if d is not None:
                 result.differences[v.key] = d
     result.fronts = fronts(variants, seeds)
+    result.verdicts = _verdicts(g, base, variants, seeds)
+    return result
+
+
+def _verdicts(g: Grid, base: dict[str, str], variants: list[Variant],
+              seeds: dict[str, dict[Any, float]]) -> list[Verdict]:
+    """For each varied key, each variant off the baseline's value of it against its partner:
+    the variant with that key at the baseline's value and every other key as it is."""
+    at = {tuple(sorted(g.points[v.key].items())): v for v in variants}
     data = {v.key: _data_name(v) for v in variants}
     single_data = len(set(data.values())) == 1
+    out = []
     for key in g.keys:
         for v in variants:
             point = g.points[v.key]
@@ -311,11 +327,11 @@ def answers(variants: list[Variant], sweep_dir: Path | None = None,
             if d is None:
                 continue
             mv, mb = v.macs, partner.macs
-            result.verdicts.append(Verdict(
+            out.append(Verdict(
                 key, point[key], base[key], {k: x for k, x in point.items() if k != key},
                 data[v.key] if single_data or data[v.key] == data[partner.key] else None,
                 d, mv / mb if mv and mb else None))
-    return result
+    return out
 
 
 def fronts(variants: list[Variant], seeds: dict[str, dict[Any, float]]) -> dict[str, set[str]]:
@@ -328,11 +344,6 @@ def fronts(variants: list[Variant], seeds: dict[str, dict[Any, float]]) -> dict[
         if len(points) > 1:
             out[cost] = pareto_front(points, cheaper)
     return out
-
-
-def variant_estimate(variant: Variant, metric: str):
-    """The variant's mean and interval of ``metric`` over seeds, in points."""
-    return estimate(list(by_seed(variant, metric).values()))
 
 
 def few_seeds_note(answers_: Answers) -> str | None:
