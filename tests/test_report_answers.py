@@ -283,14 +283,7 @@ def test_plots_have_intervals_a_front_and_text_that_never_collides(demo, tmp_pat
     figs = figures(variants, answers(variants, demo))
     assert set(figs) == {"top1_vs_macs", "top1_vs_throughput", "val_curves"}
     for name, fig in figs.items():
-        texts = _texts(fig)
-        bounds = fig.bbox
-        for text, box in texts:
-            assert bounds.x0 - 1 <= box.x0 and box.x1 <= bounds.x1 + 1, (name, text)
-            assert bounds.y0 - 1 <= box.y0 and box.y1 <= bounds.y1 + 1, (name, text)
-        for i, (a, box_a) in enumerate(texts):
-            for b, box_b in texts[i + 1:]:
-                assert not box_a.overlaps(box_b), (name, a, b)
+        _assert_legible(name, fig)
     ax = figs["top1_vs_macs"].axes[0]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 5 and all(c.has_yerr for c in bars)
@@ -302,6 +295,36 @@ def test_plots_have_intervals_a_front_and_text_that_never_collides(demo, tmp_pat
     assert "vit_tiny input none d4 (n=3)" in curves  # named by variant, not by hash
     ticks = figs["val_curves"].axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
+
+
+def _assert_legible(name, fig):
+    texts = _texts(fig)
+    bounds = fig.bbox
+    for text, box in texts:
+        assert bounds.x0 - 1 <= box.x0 and box.x1 <= bounds.x1 + 1, (name, text)
+        assert bounds.y0 - 1 <= box.y0 and box.y1 <= bounds.y1 + 1, (name, text)
+    for i, (a, box_a) in enumerate(texts):
+        for b, box_b in texts[i + 1:]:
+            assert not box_a.overlaps(box_b), (name, a, b)
+    return texts
+
+
+def test_costs_spanning_decades_get_a_log_axis_with_plain_ticks(tmp_path):
+    from caitlab.analysis.report_plots import figures
+
+    sweep = tmp_path / "wide"
+    for (model, residual), macs in zip(DEMO, (6e5, 2.4e6, 9e6, 3.1e7), strict=True):
+        for seed, top1 in enumerate(DEMO[(model, residual)]):
+            _write_run(sweep, model, residual, seed, top1, macs=int(macs))
+    variants = _variants(sweep)
+    fig = figures(variants, answers(variants, sweep))["top1_vs_macs"]
+    texts = _assert_legible("top1_vs_macs", fig)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "MMACs per image"
+    low, high = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+    assert shown == ["0.5", "1", "2", "5", "10", "20"]
+    assert all(any(t == s for t, _ in texts) for s in shown)
 
 
 # --- the page, in a real browser ---------------------------------------------------------------

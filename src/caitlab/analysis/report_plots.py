@@ -61,24 +61,24 @@ def _legend(fig, ax) -> None:
                    frameon=False)
 
 
-def _readable_axis(axis, values: list[float]) -> None:
-    """A log scale where the values span more than 4x, with plain-number ticks at 1-2-5
+def _readable_x(ax, values: list[float]) -> None:
+    """A log x scale where the values span more than 4x, with plain-number ticks at 1-2-5
     (matplotlib's default labels minor ticks too on a short log axis, and they collide)."""
     from matplotlib import ticker
 
     if min(values) > 0 and max(values) > 4 * min(values):
-        axis.set_scale("log")
-        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        axis.set_minor_locator(ticker.LogLocator(subs="auto"))
-        axis.set_minor_formatter(ticker.NullFormatter())
-        axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_locator(ticker.LogLocator(subs="auto"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     else:
-        axis.set_major_locator(ticker.MaxNLocator(nbins=6))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
 
 
 def _dodged(xs: list[float], step: float = 0.012) -> list[float]:
     """A factor per point that spreads points of one cost (within 0.5%) a little apart, so
-    that their markers and bars do not hide each other; the figure says costs are dodged."""
+    that their markers and bars do not hide each other."""
     factors = [1.0] * len(xs)
     groups: dict[int, list[int]] = {}
     for i, x in enumerate(xs):
@@ -179,7 +179,7 @@ def figure_top1_vs_cost(variants: list[Variant], cost: str, answers: Answers | N
                if v.key in front]
     if len(members) > 1 or (members and len(drawn) > 1):
         _front_line(ax, members, lower_is_cheaper=cost == "macs")
-    _readable_axis(ax.xaxis, [x / scale for _, x, _ in drawn])
+    _readable_x(ax, [x / scale for _, x, _ in drawn])
     ax.margins(x=0.08, y=0.12)
     ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric_name(metric)} (%)")
