@@ -57,6 +57,27 @@ def test_timm_deit_weights_give_equal_logits(tmp_path, timm_deit):
     assert _logits_diff(ours, timm_deit) < 1e-5
 
 
+def test_timm_distilled_deit_gives_equal_logits_from_both_heads(tmp_path):
+    ref = _perturbed_timm("deit_tiny_distilled_patch16_224")
+    path = tmp_path / "deit_distilled.pth"
+    torch.save(ref.state_dict(), path)
+    ours = load_checkpoint(create_model("deit_tiny_distilled_patch16_224"), path)
+    assert _logits_diff(ours, ref) < 1e-5  # eval: the mean of the two heads
+    # in a distilled training each head on its own
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    ref.set_distilled_training(True)
+    ours.set_distilled_training(True)
+    ref.train(), ours.train()  # no dropout or drop-path in the tiny DeiT: deterministic
+    with torch.no_grad():
+        (cls, dist), (ref_cls, ref_dist) = ours(x), ref(x)
+    assert (cls - ref_cls).abs().max() < 1e-5 and (dist - ref_dist).abs().max() < 1e-5
+    assert (cls - dist).abs().max() > 1e-3  # two heads, not one twice
+    ours.eval()
+    with torch.no_grad():
+        heads = ours.forward_heads(x)
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(heads, (cls, dist), strict=True))
+
+
 def test_timm_vit_with_layerscale_loads(tmp_path):
     ref = _perturbed_timm("vit_tiny_patch16_224", init_values=1e-5)
     path = tmp_path / "vit.pth"

@@ -115,6 +115,8 @@ ARCHITECTURE = (
          cell=_token_reorg, unused=("",), order=lambda a: -(a.get("keep_rate") or 1.0),
          label=lambda a: f"keep {a['keep_rate']:g}" if _token_reorg(a) else "",
          applies=lambda a: bool(a.get("reorg_layers"))),
+    Axis("dist token", ("distillation_token",), group="model/dist_token",
+         unused=("", "false"), label=lambda a: "dist" if a.get("distillation_token") else ""),
 )
 ARCHITECTURE_KEYS = frozenset(key for axis in ARCHITECTURE for key in axis.keys)
 # The input's, not the model's choice (caitlab passes the data's)

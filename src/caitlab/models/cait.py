@@ -180,6 +180,17 @@ def _token_reorganisation(a: dict) -> tuple[float, tuple[int, ...]]:
     return 1.0, ()
 
 
+def _check_distillation(a: dict, keep_rate: float) -> None:
+    if not a["distillation_token"]:
+        return
+    _check(a["class_token"] != "none",
+           "distillation_token=true needs a class token: with class_token=none there is no "
+           "token for it to sit beside")
+    _check(keep_rate == 1.0,
+           f"distillation_token=true cannot be combined with keep_rate={keep_rate} (EViT token "
+           "reorganisation): EViT ranks and fuses the tokens after a single class token")
+
+
 def _checked_config(a: dict) -> dict:
     """The constructor's arguments ``a`` checked (``ModelConfigError`` names the first bad
     one) and resolved: everything needed to rebuild the model, which is also what it is
@@ -189,6 +200,7 @@ def _checked_config(a: dict) -> dict:
     eps = _layerscale_eps(a["layerscale_init"], a["depth"])
     _check_choice("attention", a["attention"], ATTENTIONS)
     keep_rate, layers = _token_reorganisation(a)
+    _check_distillation(a, keep_rate)
     class_token = a["class_token"]
     return dict(
         img_size=list(img), patch_size=list(patch), in_chans=a["in_chans"],
@@ -202,7 +214,7 @@ def _checked_config(a: dict) -> dict:
         drop_rate=a["drop_rate"], pos_drop_rate=a["pos_drop_rate"],
         attn_drop_rate=a["attn_drop_rate"], proj_drop_rate=a["proj_drop_rate"],
         drop_path_rate=a["drop_path_rate"], drop_path_schedule=a["drop_path_schedule"],
-        norm_eps=a["norm_eps"],
+        norm_eps=a["norm_eps"], distillation_token=bool(a["distillation_token"]),
     )
 
 
@@ -210,8 +222,10 @@ def _layer_tokens(num_patches: int, cfg: dict) -> list[int]:
     """Tokens each SA layer attends over: the class token joins at ``insert_layer`` (0 for
     input), and a reorganising layer hands fewer tokens to the next one."""
     tokens, n = [], num_patches
+    prefix = 2 if cfg["distillation_token"] else 1
     for i in range(cfg["depth"]):
-        n += 1 if cfg["class_token"] in ("input", "insert") and i == cfg["insert_layer"] else 0
+        joins = cfg["class_token"] in ("input", "insert") and i == cfg["insert_layer"]
+        n += prefix if joins else 0
         tokens.append(n)
         n = reorganised_length(n, cfg["keep_rate"]) if i in cfg["reorg_layers"] else n
     return tokens
@@ -251,6 +265,11 @@ class ImageTransformer(nn.Module):
             of 12 scaled to ``depth``), keeping ``keep_rate`` of the tokens there; off at
             ``keep_rate=1`` (the default) or with no layers. Needs a class token in
             self-attention (``input``/``insert``).
+        distillation_token: DeiT's distillation token beside the class token, with a head of
+            its own (``head_dist``): it joins where the class token does (``input``,
+            ``insert``) or goes through the class-attention stage with it
+            (``class_attention``, each a query over ``[cls, dist, patches]``). In training
+            with ``distilled_training`` the model returns both heads' logits, else their mean.
     """
 
     def __init__(
@@ -280,6 +299,7 @@ class ImageTransformer(nn.Module):
         attention: str = "standard",
         keep_rate: float = 1.0,
         reorg_layers: tuple[int, ...] | list[int] | str = "auto",
+        distillation_token: bool = False,
     ) -> None:
         super().__init__()
         # every parameter by its name (super() puts __class__ among the locals)
@@ -310,6 +330,17 @@ class ImageTransformer(nn.Module):
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+
+        # made and drawn after everything else: the rest of the model is what the same seed
+        # gives without it
+        self.dist_token = self.head_dist = None
+        self.distilled_training = False  # set by a training with a teacher (timm's name)
+        if cfg["distillation_token"]:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0
+                              else nn.Identity())
+            trunc_normal_(self.dist_token, std=0.02)
+            self.head_dist.apply(self._init_weights)
 
     def _self_attention_stage(self, cfg: dict) -> nn.ModuleList:
         dpr = _drop_path_rates(cfg)
@@ -346,14 +377,22 @@ class ImageTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         # timm's param_groups_weight_decay also exempts every 1-d parameter (norms, biases,
         # LayerScale/ReZero gammas); these two are the n-d ones to exempt.
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return both heads' logits ``(cls, dist)`` (timm's switch)."""
+        self.distilled_training = enable
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 0 if self.cls_token is None else 1
+        """The class token and, where there is one, the distillation token."""
+        return (self.cls_token is not None) + (self.dist_token is not None)
 
     def _cls(self, batch: int) -> torch.Tensor:
-        return self.cls_token.expand(batch, -1, -1)
+        """The class token, then the distillation token where there is one: (B, 1 or 2, C)."""
+        if self.dist_token is None:
+            return self.cls_token.expand(batch, -1, -1)
+        return torch.cat((self.cls_token, self.dist_token), dim=1).expand(batch, -1, -1)
 
     @property
     def _joins_at(self) -> int | None:
@@ -426,7 +465,8 @@ class ImageTransformer(nn.Module):
             x = block(self._enter(x, i))
             if i in take:
                 y = self.norm(x) if norm else x
-                n_prefix = 1 if self._joins_at is not None and i >= self._joins_at else 0
+                joined = self._joins_at is not None and i >= self._joins_at
+                n_prefix = self.num_prefix_tokens if joined else 0
                 prefixes.append(y[:, :n_prefix])
                 y = y[:, n_prefix:]
                 taken.append(self._on_grid(y, (height, width), i) if output_fmt == "NCHW" else y)
@@ -457,9 +497,11 @@ class ImageTransformer(nn.Module):
         if prune_head:
             if self.ca_blocks:
                 self.ca_blocks = nn.ModuleList()
-                self.cls_token = None
+                self.cls_token = self.dist_token = None
             self.num_classes = 0
             self.head = nn.Identity()
+            if self.head_dist is not None:
+                self.head_dist = nn.Identity()
         return take
 
     def forward_attention(
@@ -486,17 +528,48 @@ class ImageTransformer(nn.Module):
                 continue
             x, row = block(x, return_class_row=True)
             if i in watched:
-                attention.append(ClassTokenAttention(f"sa.{i}", row, positions))
+                attention.append(ClassTokenAttention(f"sa.{i}", self._no_dist(row),
+                                                     positions))
             positions = follow_tokens(positions, row, block.keep_rate)
         ca: list[torch.Tensor] = []
         x = self.forward_cls(x, ca)
-        attention += [ClassTokenAttention(f"ca.{j}", w, positions) for j, w in enumerate(ca)]
+        attention += [ClassTokenAttention(f"ca.{j}", self._no_dist(w), positions)
+                      for j, w in enumerate(ca)]
         return x, attention
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def _no_dist(self, weights: torch.Tensor) -> torch.Tensor:
+        """The class token's weights over ``[cls, patches]``: the distillation token's
+        column, where there is one, left out (so that ``positions`` index the rest)."""
+        if self.dist_token is None:
+            return weights
+        return torch.cat((weights[..., :1], weights[..., 2:]), dim=-1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.dist_token is not None and self.head_dist is not None:
+            return self._distilled_head(x, pre_logits)
         x = x.mean(dim=1) if self.cls_token is None else x[:, 0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    def _distilled_head(self, x: torch.Tensor, pre_logits: bool
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """DeiT's two heads: the class token's and the distillation token's; their mean (the
+        prediction), or both in a distilled training."""
+        x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return (x + x_dist) / 2
+        x, x_dist = self.head(x), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return x, x_dist
+        return (x + x_dist) / 2
+
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads' logits ``(cls, dist)`` whatever the mode: what evaluation logs."""
+        if self.dist_token is None:
+            raise ValueError("distillation_token=false: the model has one head")
+        x = self.forward_features(x)
+        return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -118,11 +118,13 @@ def remap_state_dict(
     target = getattr(model, "pos_embed", None)
     if pos is not None and target is not None and pos.ndim == 3:
         n = pos.shape[1]
-        if _grid(n) is None and _grid(n - 1) is not None and "cls_token" in out:
-            # timm ViT/DeiT embed the class token's position too; it is a constant added to
-            # the class token, so folding it in gives the same function.
-            out["cls_token"] = out["cls_token"] + pos[:, :1]
-            pos = pos[:, 1:]
+        tokens = [t for t in ("cls_token", "dist_token") if t in out]
+        if _grid(n) is None and tokens and _grid(n - len(tokens)) is not None:
+            # timm ViT/DeiT embed the class (and distillation) token's position too; it is a
+            # constant added to the token, so folding it in gives the same function.
+            for i, token in enumerate(tokens):
+                out[token] = out[token] + pos[:, i:i + 1]
+            pos = pos[:, len(tokens):]
         grid = tuple(model.grid_size)
         src = _grid(pos.shape[1])
         if src is not None and src != grid and pos.shape[-1] == target.shape[-1]:

@@ -153,7 +153,8 @@ class Attention(nn.Module):
 class ClassAttention(nn.Module):
     """CaiT's class attention: the class token is the only query; keys/values are all tokens.
 
-    Cost is linear in the number of tokens, since no patch token is ever a query.
+    Cost is linear in the number of tokens, since no patch token is ever a query. With a
+    distillation token the first ``queries`` tokens (class, distillation) each query.
     """
 
     def __init__(
@@ -185,14 +186,14 @@ class ClassAttention(nn.Module):
         k = self._heads(self.k(x))
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int = 1) -> torch.Tensor:
         b, _, c = x.shape
-        q = self._heads(self.q(x[:, :1]))
+        q = self._heads(self.q(x[:, :queries]))
         k, v = self._heads(self.k(x)), self._heads(self.v(x))
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
         )
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, c)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, queries, c)))
 
 
 def kept_tokens(num_tokens: int, keep_rate: float) -> int:
@@ -342,6 +343,6 @@ class ClassAttentionBlock(nn.Module):
         """The new ``cls``; with ``return_attention``, also the class query's weights over
         ``[cls, patches]``, (batch, heads, tokens): see ``ClassAttention.attention_map``."""
         u = self.norm1(torch.cat((cls, patches), dim=1))
-        out = cls + self.ls1(self.attn(u))
+        out = cls + self.ls1(self.attn(u, queries=cls.shape[1]))
         out = out + self.ls2(self.mlp(self.norm2(out)))
         return (out, self.attn.attention_map(u)) if return_attention else out

@@ -113,6 +113,24 @@ def deit_base_patch16_224(**kwargs):
     return _deit(768, 12, kwargs)
 
 
+# DeiT's distilled models (its Table 5, the "⚗" rows): a distillation token and second head.
+
+
+@register_model
+def deit_tiny_distilled_patch16_224(**kwargs):
+    return _deit(192, 3, {"distillation_token": True, **kwargs})
+
+
+@register_model
+def deit_small_distilled_patch16_224(**kwargs):
+    return _deit(384, 6, {"distillation_token": True, **kwargs})
+
+
+@register_model
+def deit_base_distilled_patch16_224(**kwargs):
+    return _deit(768, 12, {"distillation_token": True, **kwargs})
+
+
 # Small members of the family for CPU runs on the digits data (8x8 images, patch 2).
 
 
