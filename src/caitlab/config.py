@@ -86,6 +86,42 @@ class RecipeConfig:
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
 
+DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+@dataclass
+class DistillationConfig:
+    """DeiT's distillation from a frozen teacher (:mod:`caitlab.training.distillation`):
+    ``type`` none, soft (KL at temperature ``tau``) or hard (the teacher's argmax), weighted
+    ``alpha`` against the recipe's loss. ``teacher``: a caitlab run folder or checkpoint, or
+    a timm model name with its weights in the local file ``teacher_weights`` (and
+    ``teacher_kwargs`` for ``timm.create_model``)."""
+
+    type: str = "none"
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_kwargs: dict | None = None
+
+    def validate(self) -> None:
+        if self.type not in DISTILLATION_TYPES:
+            close = difflib.get_close_matches(str(self.type), DISTILLATION_TYPES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"distillation.type={self.type!r} is not allowed: must be one of "
+                              f"{', '.join(DISTILLATION_TYPES)}{hint}")
+        _require(0 <= self.alpha <= 1, "distillation.alpha", self.alpha, "in [0, 1]")
+        _require(self.tau > 0, "distillation.tau", self.tau, "> 0")
+        if self.type != "none" and not self.teacher:
+            raise ConfigError(f"distillation.type={self.type} needs distillation.teacher: a "
+                              "caitlab run folder or checkpoint, or a timm model name with "
+                              "distillation.teacher_weights")
+
+    @property
+    def active(self) -> bool:
+        return self.type != "none"
+
+
 @dataclass
 class EmaConfig:
     enabled: bool = False
@@ -102,6 +138,7 @@ class TrainConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     compile: bool = False
 
 
@@ -180,6 +217,7 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         sched=to_dataclass(SchedConfig, cfg.get("sched"), "sched"),
         recipe=to_dataclass(RecipeConfig, cfg.get("recipe"), "recipe"),
         ema=to_dataclass(EmaConfig, cfg.get("ema"), "ema"),
+        distillation=to_dataclass(DistillationConfig, cfg.get("distillation"), "distillation"),
         compile=_coerce(cfg.get("compile", False), bool, "compile"),
     )
 

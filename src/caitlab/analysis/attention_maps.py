@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caitlab.models import ImageTransformer, ModelConfigError
-from caitlab.models.checkpoint import CheckpointError, load_file, load_state
+from caitlab.models import ImageTransformer
+from caitlab.models.checkpoint import CheckpointError, load_run_model, run_folder
 from caitlab.models.layers import Attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -152,55 +152,13 @@ def upsample_maps(
 # --- loading -------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or a run folder's ``checkpoints/best.ckpt`` (else
-    ``last.ckpt``)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for sub in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "best.ckpt", "last.ckpt"):
-            if (path / sub).is_file():
-                return path / sub
-        raise AttentionError(f"no checkpoints/best.ckpt or checkpoints/last.ckpt in {path}")
-    raise AttentionError(f"checkpoint not found: {path}")
-
-
-def run_folder(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-
-
-def model_from_config(config: dict) -> ImageTransformer:
-    """Rebuilds an ``ImageTransformer`` from its ``config`` (as saved in caitlab checkpoints)."""
-    cfg = dict(config)
-    for key in ("img_size", "patch_size"):
-        if isinstance(cfg.get(key), list):
-            cfg[key] = tuple(cfg[key])
-    if cfg.get("layerscale_init") is None:  # saved as None when residual != layerscale
-        cfg.pop("layerscale_init", None)
-    return ImageTransformer(**cfg)
-
-
 def load_model(path: str | Path) -> tuple[ImageTransformer, Path]:
-    """The model of a caitlab checkpoint (file or run folder), in eval mode, and the file."""
-    ckpt = resolve_checkpoint(path)
+    """The model of a caitlab checkpoint (file or run folder), in eval mode, and the file:
+    :func:`caitlab.models.checkpoint.load_run_model`, its failures as this tool's."""
     try:
-        obj = load_file(ckpt)
+        return load_run_model(path)
     except CheckpointError as err:
         raise AttentionError(str(err)) from None
-    config = obj.get("caitlab", {}).get("model_config") if isinstance(obj, dict) else None
-    if not isinstance(config, dict):
-        raise AttentionError(f"{ckpt} is not a caitlab checkpoint (no caitlab.model_config "
-                             "to rebuild the model from)")
-    try:
-        model = model_from_config(config)
-    except (ModelConfigError, TypeError) as err:
-        raise AttentionError(f"{ckpt}: cannot rebuild the model from its config: {err}") from None
-    try:
-        load_state(model, obj, str(ckpt))
-    except CheckpointError as err:
-        raise AttentionError(str(err)) from None
-    return model.eval(), ckpt
 
 
 # The data modules of caitlab's data= options, by the class name config.yaml records.

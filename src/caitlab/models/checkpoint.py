@@ -195,3 +195,57 @@ def load_state(model: nn.Module, obj: object, source: str) -> nn.Module:
     check_state_dict(state_dict, model, source)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+# --- a caitlab run's model -------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run folder's ``checkpoints/best.ckpt`` (else
+    ``last.ckpt``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for sub in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "best.ckpt", "last.ckpt"):
+            if (path / sub).is_file():
+                return path / sub
+        raise CheckpointError(f"no checkpoints/best.ckpt or checkpoints/last.ckpt in {path}")
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def run_folder(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def model_from_config(config: dict) -> nn.Module:
+    """Rebuilds an ``ImageTransformer`` from its ``config`` (as saved in caitlab checkpoints)."""
+    from caitlab.models.cait import ImageTransformer
+
+    cfg = dict(config)
+    for key in ("img_size", "patch_size"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = tuple(cfg[key])
+    if cfg.get("layerscale_init") is None:  # saved as None when residual != layerscale
+        cfg.pop("layerscale_init", None)
+    return ImageTransformer(**cfg)
+
+
+def load_run_model(path: str | Path) -> tuple[nn.Module, Path]:
+    """The model of a caitlab checkpoint (file, or a run folder's best), rebuilt from the
+    config the checkpoint carries, in eval mode; and the file read."""
+    from caitlab.models.cait import ModelConfigError
+
+    ckpt = resolve_checkpoint(path)
+    obj = load_file(ckpt)
+    config = obj.get("caitlab", {}).get("model_config") if isinstance(obj, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{ckpt} is not a caitlab checkpoint (no caitlab.model_config "
+                              "to rebuild the model from)")
+    try:
+        model = model_from_config(config)
+    except (ModelConfigError, TypeError) as err:
+        raise CheckpointError(f"{ckpt}: cannot rebuild the model from its config: {err}"
+                              ) from None
+    load_state(model, obj, str(ckpt))
+    return model.eval(), ckpt

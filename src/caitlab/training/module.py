@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab import compat
 from caitlab.config import TrainConfig
+from caitlab.training.distillation import DistillationLoss
 from caitlab.training.preemption import rng_state, set_rng_state
 
 
@@ -45,9 +46,13 @@ def _accuracy(num_classes: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
+def _has_dist_token(model: nn.Module) -> bool:
+    return getattr(model, "dist_token", None) is not None
+
+
 class ClassificationModule(L.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, cfg: TrainConfig | None = None,
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, teacher: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg or TrainConfig()
@@ -62,6 +67,16 @@ class ClassificationModule(L.LightningModule):
         )
         self.train_loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
             label_smoothing=recipe.label_smoothing)
+        d = self.cfg.distillation
+        self.distill = DistillationLoss(self._base_loss, d.type, d.alpha, d.tau)
+        # the teacher is no submodule: checkpoints, the optimizer, EMA and train() leave it be
+        self.__dict__["teacher"] = teacher
+        if teacher is not None and _has_dist_token(model):
+            model.set_distilled_training(True)  # before torch.compile sees the model
+        self.head_metrics = nn.ModuleDict(
+            {f"{stage}_{head}": _accuracy(num_classes)["top1"].clone()
+             for stage in ("val", "test") for head in ("cls", "dist")}
+        ) if _has_dist_token(model) else None
         self.train_metrics = _accuracy(num_classes).clone(prefix="train/")
         self.val_metrics = _accuracy(num_classes).clone(prefix="val/")
         self.test_metrics = _accuracy(num_classes).clone(prefix="test/")
@@ -90,11 +105,13 @@ class ClassificationModule(L.LightningModule):
         # timm's Mixup pairs each image with its mirror in the batch: it needs an even batch.
         if self.mixup is not None and x.shape[0] % 2 == 0:
             x, targets = self.mixup(x, y)
-        logits = self.model(x)
-        if targets.ndim == 2 or self.mixup is None:
-            loss = self.train_loss(logits, targets)
-        else:
-            loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.recipe.label_smoothing)
+        outputs = self.model(x)  # (cls, dist) logits in a distilled training with the token
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+        loss = self.distill(outputs, targets, teacher_logits)
+        logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
         if not torch.isfinite(loss):
             self.nonfinite_steps += 1
             if self.nonfinite_steps > self.cfg.recipe.max_nonfinite_steps:
@@ -111,17 +128,47 @@ class ClassificationModule(L.LightningModule):
         self._epoch_images += x.shape[0]
         return loss
 
+    def _base_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The recipe's loss: soft targets after mixup; hard labels (smoothed) where an odd
+        batch was left unmixed."""
+        if targets.ndim == 2 or self.mixup is None:
+            return self.train_loss(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.recipe.label_smoothing)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:  # the student's device and dtype (bf16-true included)
+            dtype = next(self.model.parameters()).dtype
+            self.teacher.to(device=self.device, dtype=dtype)
+
+    on_test_start = on_fit_start  # a test-only run (trainer.test) needs it there too
+
     def _logs_this_step(self) -> bool:
         # Lightning's own rule (log_every_n_steps, counted in optimizer steps), so every
         # value logged here is one the loggers write.
         trainer = compat.attached_trainer(self)
         return trainer is not None and compat.logs_this_step(trainer)
 
-    def _eval_step(self, batch, metrics: MetricCollection, loss_mean: MeanMetric) -> None:
+    def _eval_step(self, batch, metrics: MetricCollection, loss_mean: MeanMetric,
+                   stage: str) -> None:
         x, y = batch
-        logits = self._eval_model()(x)
+        model = self._eval_model()
+        if self.head_metrics is not None:  # DeiT: the heads' mean predicts; each is logged
+            cls, dist = model.forward_heads(x)
+            logits = (cls + dist) / 2
+            self.head_metrics[f"{stage}_cls"].update(cls, y)
+            self.head_metrics[f"{stage}_dist"].update(dist, y)
+        else:
+            logits = model(x)
         metrics.update(logits, y)
         loss_mean.update(F.cross_entropy(logits, y), weight=x.shape[0])
+
+    def _log_heads(self, stage: str) -> None:
+        if self.head_metrics is None:
+            return
+        for head in ("cls", "dist"):
+            metric = self.head_metrics[f"{stage}_{head}"]
+            self.log(f"{stage}/top1_{head}", metric.compute(), sync_dist=True)
+            metric.reset()
 
     def _log_epoch(self, metrics: MetricCollection, loss_mean: MeanMetric, loss_name: str,
                    prog_bar: bool = False) -> None:
@@ -135,17 +182,19 @@ class ClassificationModule(L.LightningModule):
         loss_mean.reset()
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, self.val_loss_mean)
+        self._eval_step(batch, self.val_metrics, self.val_loss_mean, "val")
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss_mean.update_count:
+            self._log_heads("val")
             self._log_epoch(self.val_metrics, self.val_loss_mean, "val/loss", prog_bar=True)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, self.test_loss_mean)
+        self._eval_step(batch, self.test_metrics, self.test_loss_mean, "test")
 
     def on_test_epoch_end(self) -> None:
         if self.test_loss_mean.update_count:
+            self._log_heads("test")
             self._log_epoch(self.test_metrics, self.test_loss_mean, "test/loss")
 
     # --- throughput: training images per second of training-step time ---------------------

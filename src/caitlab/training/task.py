@@ -59,6 +59,7 @@ class Parts:
     threads: int
     recipe: Any  # caitlab.config.TrainConfig, its warm-up fitted to the run's length
     slot: dict[str, Any] | None = None  # a local sweep's share of the machine (sweeps.slots)
+    teacher: Any = None  # the frozen teacher of a distilled run (training.distillation)
 
     def facts(self, cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> dict[str, Any]:
         """The summary's description of the run: identity, model, axes."""
@@ -89,9 +90,17 @@ class Parts:
                       "params": count_params(self.model), "macs": self.macs,
                       "config": own},
             "seed": cfg.seed,
+            **({"teacher": self._teacher_facts()} if self.teacher is not None else {}),
             "threads": self.threads,
             **({"slot": self.slot} if self.slot else {}),
         }
+
+    def _teacher_facts(self) -> dict[str, Any]:
+        from caitlab.models import count_params
+
+        d = self.recipe.distillation
+        return {"source": str(d.teacher), "type": d.type, "alpha": d.alpha, "tau": d.tau,
+                "params": count_params(self.teacher)}
 
     def module(self, cfg: DictConfig) -> Any:
         import torch
@@ -99,7 +108,8 @@ class Parts:
         from caitlab.training.module import ClassificationModule
 
         module = ClassificationModule(self.model, num_classes=cfg.data.num_classes,
-                                      cfg=self.recipe, batch_size=cfg.data.batch_size)
+                                      cfg=self.recipe, batch_size=cfg.data.batch_size,
+                                      teacher=self.teacher)
         if self.recipe.compile:
             module.model = torch.compile(module.model)
         return module
@@ -145,6 +155,7 @@ def build(cfg: DictConfig, run: Run) -> Parts:
         macs = model_macs(model, datamodule, cfg.data, name)
         if cfg.get("finetune_from"):
             load_checkpoint(model, cfg.finetune_from)  # all or nothing, names the bad keys
+        teacher = _teacher(tcfg, model, datamodule, cfg.data)
     except Exception as err:
         # Hydra's instantiate wraps constructor errors; the user's mistake is the cause.
         cause: BaseException | None = err
@@ -154,7 +165,18 @@ def build(cfg: DictConfig, run: Run) -> Parts:
         if message is None:
             raise
         raise run.refuse(message) from None
-    return Parts(datamodule, model, name, macs, threads, tcfg, slot)
+    return Parts(datamodule, model, name, macs, threads, tcfg, slot, teacher)
+
+
+def _teacher(tcfg: Any, model: Any, datamodule: Any, data_cfg: Any) -> Any:
+    """A distilled run's teacher, checked against the data's images and classes."""
+    if not tcfg.distillation.active:
+        return None
+    from caitlab.training.distillation import load_teacher
+
+    size = (getattr(datamodule, "img_size", None) or data_cfg.get("img_size")
+            or (getattr(model, "config", None) or {}).get("img_size"))
+    return load_teacher(tcfg.distillation, data_cfg.in_chans, data_cfg.num_classes, size)
 
 
 def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> int | None:
