@@ -239,3 +239,29 @@ def test_training_with_a_teacher_leaves_it_out_of_the_state_and_logs_both_heads(
     # the teacher did not learn and stayed in eval mode
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
     assert not teacher.training
+
+
+@pytest.mark.slow
+def test_caitlab_train_distils_from_a_run_checkpoint(tmp_path):
+    import csv
+    import json
+
+    from conftest import caitlab_train
+
+    _caitlab_checkpoint(tmp_path / "teacher.ckpt")
+    caitlab_train(tmp_path, "model=vit_tiny", "model.embed_dim=16", "model.depth=1",
+                  "model/dist_token=on", "distillation=hard",
+                  f"distillation.teacher={tmp_path / 'teacher.ckpt'}", "trainer=debug",
+                  "logger=csv", "name=student")
+    (run,) = [p.parent for p in (tmp_path / "student").glob("*/summary.json")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["teacher"] == {"source": str(tmp_path / "teacher.ckpt"), "type": "hard",
+                                  "alpha": 0.5, "tau": 1.0, "params": 7362}  # cait_tiny at 16 wide
+    assert summary["axes"]["distillation_token"] is True
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("val/top1_dist") for r in rows) and any(r.get("test/top1_cls")
+                                                            for r in rows)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.startswith("teacher") for k in state) and "model.dist_token" in state
