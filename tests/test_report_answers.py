@@ -109,21 +109,24 @@ def test_pareto_front():
 
 
 def _write_run(sweep: Path, model: str, residual: str, seed: int, top1: float,
-               macs: int = 1_000_000, ips: tuple[float, ...] = (45.0, 2000.0, 2100.0)) -> None:
-    sig = f"{model}-{residual}-{seed}"
+               macs: int = 1_000_000, ips: tuple[float, ...] = (45.0, 2000.0, 2100.0),
+               more: tuple[str, ...] = (), **extra) -> None:
+    """A completed run's folder; ``more``: overrides beyond model and residual, ``extra``:
+    summary fields."""
+    sig = "-".join((model, residual, *more, str(seed))).replace("=", "_")
     cait = model == "cait_tiny"
     axes = {"model": model, "class_token": "class_attention" if cait else "input",
             "ca_depth": 2 if cait else 0, "insert_layer": 0, "residual": residual,
             "layerscale_init": 0.1 if residual == "layerscale" else None, "depth": 4,
             "embed_dim": 64, "talking_heads": cait}
     summary = {"status": "completed", "signature": sig, "seed": seed, "data": "digits",
-               "variant": f"{model}-{residual}", "axes": axes,
+               "variant": "-".join((model, residual, *more)), "axes": axes,
                "overrides": ["experiment=demo", f"model={model}",
-                             f"model/residual={residual}", f"seed={seed}",
+                             f"model/residual={residual}", *more, f"seed={seed}",
                              "trainer.enable_progress_bar=false"],
                "model": {"name": model, "params": 100_000, "macs": macs},
                "test/top1": top1 / 100, "test/top5": 0.99, "val/top1_best": top1 / 100,
-               "epochs": len(ips), "images_per_s": ips[-1]}
+               "epochs": len(ips), "images_per_s": ips[-1], **extra}
     (sweep / sig).mkdir(parents=True)
     (sweep / sig / "summary.json").write_text(json.dumps(summary))
     with open(sweep / sig / "metrics.csv", "w", newline="") as f:
@@ -376,3 +379,24 @@ def test_a_baseline_for_a_sweep_that_varies_only_the_seed_is_refused(tmp_path, c
     assert "| 91.00 ± 1.00 (n=3) |" in out and "Verdicts" not in out and "Δ" not in out
     assert main([str(sweep), "--baseline", "model=vit_tiny"]) == 2
     assert "differ in nothing but the seed" in capsys.readouterr().err
+
+
+def test_distilled_runs_show_their_distillation_and_teacher(tmp_path, capsys):
+    sweep = tmp_path / "distil"
+    teacher = {"source": "outputs/teacher/6db055c9e0", "name": "cait_tiny@6db055c9e0",
+               "alpha": 0.5, "tau": 1.0, "params": 7362}
+    for kind, values in (("none", (90.0, 90.5, 91.0)), ("hard", (91.0, 92.0, 92.5)),
+                         ("soft", (90.5, 91.5, 91.0))):
+        facts = {} if kind == "none" else {"teacher": {
+            **teacher, "type": kind, **({"tau": 2.0} if kind == "soft" else {})}}
+        for seed, top1 in enumerate(values):
+            _write_run(sweep, "vit_tiny", "none", seed, top1, more=(f"distillation={kind}",),
+                       **facts)
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| vit_tiny")]
+    assert len(rows) == 3
+    assert any("| hard | cait_tiny@6db055c9e0 |" in r for r in rows)
+    assert any("| soft τ=2 | cait_tiny@6db055c9e0 |" in r for r in rows)
+    assert any("| none |  |" in r for r in rows)
+    assert "none vs hard (digits): -1.3 pts" in out  # the first row (hard) is the baseline

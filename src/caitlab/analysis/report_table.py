@@ -186,12 +186,29 @@ def _description(variants: list[Variant]) -> list[tuple[Variant, dict[str, str]]
     columns = _arch_columns(ordered_, arch)
     # a project's axis named like one of caitlab's columns (its own "width") keeps its meaning
     headers = {key: f"model.{key}" if key in columns else key for key in extra}
+    distilled = any(v.runs[0].summary.get("teacher") for v in ordered_)
     out = []
     for variant, cells in zip(ordered_, arch, strict=True):
         row = {c: cells[c] for c in columns}
         row.update({headers[k]: cell(variant.axes.get(k)) for k in extra})
+        if distilled:
+            row.update(_distillation_cells(variant))
         out.append((variant, row))
     return out
+
+
+def _distillation_cells(variant: Variant) -> dict[str, str]:
+    """The distillation a variant trained with (``hard``, ``soft τ=2``; α where it is not
+    DeiT's 0.5) and its teacher, for sweeps where some variant has one."""
+    t = variant.runs[0].summary.get("teacher") or {}
+    if not t:
+        return {"distillation": "none", "teacher": ""}
+    kind = str(t.get("type", ""))
+    if kind == "soft" and t.get("tau") not in (None, 1.0):
+        kind += f" τ={t['tau']:g}"
+    if t.get("alpha") not in (None, 0.5):
+        kind += f" α={t['alpha']:g}"
+    return {"distillation": kind, "teacher": str(t.get("name") or t.get("source", ""))}
 
 
 def data_rows(variants: list[Variant], answers: Answers | None = None) -> list[dict[str, Any]]:

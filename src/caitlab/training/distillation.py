@@ -75,6 +75,24 @@ def load_teacher(cfg: DistillationConfig, in_chans: int, num_classes: int,
     return teacher
 
 
+def teacher_name(source: str) -> str:
+    """How the report names a teacher: a timm model by its name, a caitlab run by its model
+    and folder (``cait_tiny@6db055c9e0``, from the run's summary), a checkpoint file by its
+    file name."""
+    path = Path(source)
+    if not path.exists():
+        return source
+    from caitlab.models.checkpoint import resolve_checkpoint, run_folder
+    from caitlab.runs import read_summary
+
+    try:
+        folder = run_folder(resolve_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a name for a table; loading says what is wrong
+        return path.name
+    model = ((read_summary(folder) or {}).get("model") or {}).get("name")
+    return f"{model}@{folder.name}" if model else path.name
+
+
 def _caitlab_teacher(source: str) -> nn.Module:
     from caitlab.models.checkpoint import CheckpointError, load_run_model
 

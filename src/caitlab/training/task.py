@@ -97,9 +97,11 @@ class Parts:
 
     def _teacher_facts(self) -> dict[str, Any]:
         from caitlab.models import count_params
+        from caitlab.training.distillation import teacher_name
 
         d = self.recipe.distillation
-        return {"source": str(d.teacher), "type": d.type, "alpha": d.alpha, "tau": d.tau,
+        return {"source": str(d.teacher), "name": teacher_name(str(d.teacher)),
+                "type": d.type, "alpha": d.alpha, "tau": d.tau,
                 "params": count_params(self.teacher)}
 
     def module(self, cfg: DictConfig) -> Any:
