@@ -256,8 +256,10 @@ def test_caitlab_train_distils_from_a_run_checkpoint(tmp_path):
     (run,) = [p.parent for p in (tmp_path / "student").glob("*/summary.json")]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["teacher"] == {"source": str(tmp_path / "teacher.ckpt"), "type": "hard",
-                                  "alpha": 0.5, "tau": 1.0, "params": 7362}  # cait_tiny at 16 wide
+    assert summary["teacher"] == {"source": str(tmp_path / "teacher.ckpt"),
+                                  "name": "teacher.ckpt",  # a file outside any run folder
+                                  "type": "hard", "alpha": 0.5, "tau": 1.0,
+                                  "params": 7362}  # cait_tiny at 16 wide
     assert summary["axes"]["distillation_token"] is True
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))

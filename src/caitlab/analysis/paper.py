@@ -16,6 +16,9 @@ PAPER_PARAMS_M: dict[str, float] = {
     "cait_m24_224": 185.9, "cait_m36_384": 270.9, "cait_m48_448": 356.0,
     "deit_tiny_patch16_224": 5.7, "deit_small_patch16_224": 22.1,
     "deit_base_patch16_224": 86.6,
+    # the distilled ones: a distillation token and a second head more (timm's counts)
+    "deit_tiny_distilled_patch16_224": 5.9, "deit_small_distilled_patch16_224": 22.4,
+    "deit_base_distilled_patch16_224": 87.3,
 }
 
 # GMACs per image at each variant's native resolution (the papers' "FLOPs" are MACs). Only
@@ -29,6 +32,9 @@ PAPER_GMACS: dict[str, float | None] = {
     "cait_xs36_224": None, "cait_s24_224": 9.4, "cait_s24_384": 32.2, "cait_s36_384": 48.0,
     "cait_s48_224": None, "cait_m24_224": 36.0, "cait_m36_384": 173.3, "cait_m48_448": 329.6,
     "deit_tiny_patch16_224": 1.3, "deit_small_patch16_224": 4.6, "deit_base_patch16_224": None,
+    # one token more costs nothing the papers' rounding shows
+    "deit_tiny_distilled_patch16_224": 1.3, "deit_small_distilled_patch16_224": 4.6,
+    "deit_base_distilled_patch16_224": None,
 }
 
 

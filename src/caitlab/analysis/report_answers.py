@@ -82,7 +82,6 @@ class Grid:
     keys: list[str]                       # the varied keys, in the order the grid names them
     values: dict[str, list[str]]          # key -> its values, grid order first
     points: dict[str, dict[str, str]]     # variant key -> its value of every varied key
-    by_overrides: bool = True             # keys are overrides (else architecture axes)
 
     def first(self) -> dict[str, str]:
         return {k: self.values[k][0] for k in self.keys}
@@ -119,8 +118,7 @@ def grid(variants: list[Variant], sweep_dir: Path | None = None) -> Grid:
     per = {v.key: settings(v) for v in variants}
     keys = list(dict.fromkeys(k for s in per.values() for k in s))
     varied = [k for k in keys if len({s.get(k, DEFAULT) for s in per.values()}) > 1]
-    by_overrides = all(_override_settings(r) is not None for v in variants for r in v.runs)
-    if not by_overrides:
+    if not all(_override_settings(r) is not None for v in variants for r in v.runs):
         varied = _independent(variants, varied)
     order = _sweep_order(sweep_dir)
     varied.sort(key=lambda k: list(order).index(k) if k in order else len(order))
@@ -130,7 +128,7 @@ def grid(variants: list[Variant], sweep_dir: Path | None = None) -> Grid:
         listed = [x for x in order.get(k, []) if x in seen]
         values[k] = listed + [x for x in seen if x not in listed]
     points = {key: {k: s.get(k, DEFAULT) for k in varied} for key, s in per.items()}
-    return Grid(varied, values, points, by_overrides)
+    return Grid(varied, values, points)
 
 
 def _independent(variants: list[Variant], keys: list[str]) -> list[str]:
