@@ -51,6 +51,7 @@ from caitlab.analysis.report_table import (
     extra_axes,
     ordered,
     table_rows,
+    tables,
     to_csv,
     to_markdown,
     variant_label,
@@ -127,7 +128,7 @@ def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
 
     variants = ordered(group_variants(runs, by_commit))
     answers_ = answers(variants, sweep_dir, baseline)
-    rows, data = table_rows(variants, answers_), data_rows(variants, answers_)
+    rows, data = tables(variants, answers_)
     if len(commits(runs)) < 2 and not by_commit:  # one version of the code: said once, below
         for row in rows:
             row.pop("code")

@@ -145,8 +145,8 @@ def delta_cell(n: dict[str, Any]) -> str:
     return f"{n['delta']:+.2f} [{n['delta_ci_low']:+.2f}, {n['delta_ci_high']:+.2f}]"
 
 
-def _result_cells(variant: Variant, answers: Answers | None = None) -> dict[str, str]:
-    n = result_numbers(variant, answers)
+def _result_cells(n: dict[str, Any]) -> dict[str, str]:
+    """:func:`result_numbers` as the table shows them."""
     row = {"params (M)": _count(n["params"], 1e6), "GMACs": _count(n["macs"], 1e9, 3),
            "img/s": "" if n["images_per_s"] is None else f"{n['images_per_s']:.0f}",
            "test top-1": _spread(n, "test_top1")}
@@ -211,10 +211,22 @@ def _distillation_cells(variant: Variant) -> dict[str, str]:
     return {"distillation": kind, "teacher": str(t.get("name") or t.get("source", ""))}
 
 
+def tables(variants: list[Variant], answers: Answers | None = None
+           ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """The table as shown (:func:`table_rows`) and as data (:func:`data_rows`), from one
+    pass over the variants."""
+    rows, data = [], []
+    for variant, description in _description(variants):
+        numbers = result_numbers(variant, answers)
+        rows.append({**description, **_result_cells(numbers)})
+        data.append({**description, **numbers})
+    return rows, data
+
+
 def data_rows(variants: list[Variant], answers: Answers | None = None) -> list[dict[str, Any]]:
     """The table as data (``report.csv``, ``report.json``): the description columns, then
     every result in a column of its own, as a number."""
-    return [{**row, **result_numbers(v, answers)} for v, row in _description(variants)]
+    return tables(variants, answers)[1]
 
 
 def table_rows(variants: list[Variant], answers: Answers | None = None
@@ -223,7 +235,7 @@ def table_rows(variants: list[Variant], answers: Answers | None = None
     has an axis of; attention and token reorg only when used), every other model-config axis
     the runs differ in or that a project's own model takes (:func:`extra_axes`), then cost,
     accuracy and state; with ``answers``, each variant's difference to the baseline."""
-    return [{**row, **_result_cells(v, answers)} for v, row in _description(variants)]
+    return tables(variants, answers)[0]
 
 
 def variant_label(variant: Variant, extra: Iterable[str] = ()) -> str:
