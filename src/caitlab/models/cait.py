@@ -556,20 +556,21 @@ class ImageTransformer(nn.Module):
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """DeiT's two heads: the class token's and the distillation token's; their mean (the
         prediction), or both in a distilled training."""
-        x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
         if pre_logits:
-            return (x + x_dist) / 2
-        x, x_dist = self.head(x), self.head_dist(x_dist)
+            return (self.head_drop(x[:, 0]) + self.head_drop(x[:, 1])) / 2
+        cls, dist = self._both_heads(x)
         if self.distilled_training and self.training:
-            return x, x_dist
-        return (x + x_dist) / 2
+            return cls, dist
+        return (cls + dist) / 2
+
+    def _both_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads' logits ``(cls, dist)`` whatever the mode: what evaluation logs."""
         if self.dist_token is None:
             raise ValueError("distillation_token=false: the model has one head")
-        x = self.forward_features(x)
-        return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
+        return self._both_heads(self.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

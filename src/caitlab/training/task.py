@@ -176,9 +176,16 @@ def _teacher(tcfg: Any, model: Any, datamodule: Any, data_cfg: Any) -> Any:
         return None
     from caitlab.training.distillation import load_teacher
 
-    size = (getattr(datamodule, "img_size", None) or data_cfg.get("img_size")
-            or (getattr(model, "config", None) or {}).get("img_size"))
-    return load_teacher(tcfg.distillation, data_cfg.in_chans, data_cfg.num_classes, size)
+    chans, size = _data_input(datamodule, data_cfg)
+    size = size or (getattr(model, "config", None) or {}).get("img_size")
+    return load_teacher(tcfg.distillation, chans or data_cfg.in_chans, data_cfg.num_classes,
+                        size)
+
+
+def _data_input(datamodule: Any, data_cfg: Any) -> tuple[Any, Any]:
+    """(channels, image size) of the data's images, as the datamodule or its config says."""
+    return (getattr(datamodule, "in_chans", None) or data_cfg.get("in_chans"),
+            getattr(datamodule, "img_size", None) or data_cfg.get("img_size"))
 
 
 def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> int | None:
@@ -189,8 +196,7 @@ def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> i
 
     if isinstance(getattr(model, "config", None), dict):
         return count_macs(model)
-    chans = getattr(datamodule, "in_chans", None) or data_cfg.get("in_chans")
-    size = getattr(datamodule, "img_size", None) or data_cfg.get("img_size")
+    chans, size = _data_input(datamodule, data_cfg)
     if not isinstance(chans, int) or not isinstance(size, int):
         return None
     try:
