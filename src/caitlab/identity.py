@@ -246,7 +246,7 @@ LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
                                   "num_sanity_val_steps")
 # keys the config gained since, each with the value every earlier config had implicitly
 LEGACY_ADDED = ("signature_exclude", "threads")
-LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}}
+LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stages": None}
 # data.num_workers became `auto` where these data configs had a count
 LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
                       "caitlab.data.Cifar10DataModule": 4, "caitlab.data.Cifar100DataModule": 4}
@@ -261,7 +261,9 @@ def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
     # keys added since, left out where they hold their defaults (a run that sets one cannot
     # have been written by the previous rule, and must not land in a folder it wrote)
     for key, default in LEGACY_ADDED_DEFAULTS.items():
-        if isinstance(data.get(key), dict) and all(
+        if default is None and key in data and data[key] is None:
+            data.pop(key)
+        elif isinstance(default, dict) and isinstance(data.get(key), dict) and all(
                 data[key].get(k) == v for k, v in default.items()):
             data.pop(key)
     trainer = data.get("trainer")

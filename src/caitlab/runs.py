@@ -35,6 +35,11 @@ class RunFailed(Exception):
     """
 
 
+class RunBlocked(Exception):
+    """A stage of a chain whose upstream has not completed (``caitlab.stages``): its summary
+    says ``blocked``, and a re-launch tries it again."""
+
+
 def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | None:
     """Why a (re-)launch must not train this run again, or None when it should run."""
     status = (summary or {}).get("status")
@@ -80,6 +85,10 @@ def register_resolvers() -> None:
     register_netrc_resolver()  # secrets typed on the command line become ${netrc:...}
     if not OmegaConf.has_resolver("signature"):
         OmegaConf.register_new_resolver("signature", _signature_resolver, use_cache=False)
+    if not OmegaConf.has_resolver("stage"):
+        from caitlab.stages import resolver
+
+        OmegaConf.register_new_resolver("stage", resolver)
     if not OmegaConf.has_resolver("gpus_if_gpu"):
         OmegaConf.register_new_resolver("gpus_if_gpu", _gpus_if_gpu)
 

@@ -19,6 +19,7 @@ from caitlab.config import CONF_DIR
 from caitlab.errors import UserError, one_line, storage_message
 from caitlab.runs import (
     DISK_FULL_ERRNOS,
+    RunBlocked,
     RunFailed,
     read_summary,
     register_resolvers,
@@ -52,6 +53,8 @@ def failure_line(err: BaseException, cfg: DictConfig) -> tuple[str, int]:
     run_dir = job_run_dir(cfg)
     if isinstance(err, RunFailed):  # skipped: it failed before
         return f"caitlab-train: skipped {redact(str(err))}", 1
+    if isinstance(err, RunBlocked):
+        return f"caitlab-train: {redact(str(err))} (run folder {run_dir})", 1
     if isinstance(err, UserError):
         return f"caitlab-train: error: {redact(str(err))}", 2
     refused = storage_error(err)

@@ -36,7 +36,7 @@ __all__ = ["SqueueUnavailable", "query_squeue", "squeue_states", "main"]
 ACTIVE = ("pending", "running")
 # Order of the counts line; states not listed here (unknown values) come last.
 STATE_ORDER = ("completed", "running", "pending", "interrupted", "cancelled", "lost", "failed",
-               "diverged", "unreadable")
+               "diverged", "blocked", "unreadable")
 
 
 @dataclass
@@ -117,6 +117,9 @@ def _waiting(status: RunStatus, reasons: dict[str, str] | None) -> None:
     """Adds squeue's reason to a waiting run's label, and where it means never, what to change."""
     reason = (reasons or {}).get(status.slurm_job_id or "")
     if status.state != "pending" or status.slurm_state not in SLURM_QUEUED or not reason:
+        return
+    if slurm.upstream_failed(reason):  # a stage whose upstream failed: it never starts
+        status.state, status.label, status.reason = "blocked", "blocked (upstream failed)", reason
         return
     status.reason, status.never_starts = reason, slurm.never_starts(reason)
     status.label += f" ({reason}{': never starts' if status.never_starts else ''})"

@@ -65,6 +65,11 @@ def never_starts(reason: str | None) -> str | None:
     return NEVER_STARTS.get(reason.split(",")[0].strip())
 
 
+def upstream_failed(reason: str | None) -> bool:
+    """A job waiting for a job that ended without success (a stage whose upstream failed)."""
+    return bool(reason) and reason.split(",")[0].strip() == "DependencyNeverSatisfied"
+
+
 def parse_squeue(text: str) -> Queue:
     """``id|STATE|reason`` lines -> the Queue; array tasks appear as ``1234_5``."""
     queue = Queue()

@@ -23,6 +23,7 @@ from caitlab.console import say
 from caitlab.errors import UserError, storage_message
 from caitlab.runs import (
     ResumeError,
+    RunBlocked,
     RunFailed,
     RunLock,
     Summary,
@@ -150,9 +151,10 @@ class Run:
     checkpoint to resume from), ``attempt`` (records how the attempt ended), ``complete``.
     """
 
-    def __init__(self, run_dir: Path, name: str = "default") -> None:
+    def __init__(self, run_dir: Path, name: str = "default", stage: str | None = None) -> None:
         self.dir = Path(run_dir)
         self.name = name
+        self.stage = stage  # a chain's stage (caitlab.stages)
         self.rank_zero = is_rank_zero()
         self.previous = read_summary(self.dir)
         self.summary = Summary(self.dir, {}, writable=False)  # until start()
@@ -167,7 +169,14 @@ class Run:
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Run:
-        return cls(job_run_dir(cfg), str(cfg.get("name", "default")))
+        stage = cfg.get("stage")
+        return cls(job_run_dir(cfg), str(cfg.get("name", "default")),
+                   None if stage is None else str(stage))
+
+    def _sweep_facts(self) -> dict[str, Any]:
+        """What a sweep's table needs of a run that never started."""
+        return {"overrides": redact(job_overrides()), "name": self.name,
+                "signature": self.dir.name, **({"stage": self.stage} if self.stage else {})}
 
     def done(self, retry_failed: bool) -> dict[str, Any] | None:
         """The previous summary of a completed run (nothing to do); raises ``RunFailed`` for
@@ -184,10 +193,32 @@ class Run:
         """A config the run cannot start with; in a sweep its summary says so, for the
         sweep's table."""
         if is_multirun():
-            Summary(self.dir, {"overrides": redact(job_overrides()), "name": self.name,
-                               "signature": self.dir.name}).update(status="failed",
-                                                                   error=redact(message))
+            Summary(self.dir, self._sweep_facts()).update(status="failed",
+                                                          error=redact(message))
         return UserError(message)
+
+    def upstreams(self, cfg: DictConfig) -> dict[str, str]:
+        """{key: checkpoint} for each of the config's stage references (``caitlab.stages``):
+        the upstream runs' best checkpoints. Raises ``RunBlocked`` (the summary says
+        ``blocked``) where an upstream has not completed, ``UserError`` for a reference the
+        sweep did not write."""
+        from caitlab import stages
+
+        found = {}
+        for key in stages.REFERENCE_KEYS:
+            value = OmegaConf.select(cfg, key)
+            if not stages.is_reference(value):
+                continue
+            try:
+                found[key] = stages.upstream(key, value, self.dir)
+            except stages.StageError as err:
+                raise self.refuse(str(err)) from None
+            except stages.StageBlocked as err:
+                if is_multirun():
+                    Summary(self.dir, self._sweep_facts()).update(
+                        status="blocked", blocked_by=err.upstream, error=str(err))
+                raise RunBlocked(str(err)) from None
+        return found
 
     def open(self, cfg: DictConfig) -> dict[str, Any]:
         """Makes the folder, takes its lock and writes ``config.yaml`` and ``overrides.yaml``;

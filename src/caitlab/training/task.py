@@ -28,9 +28,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     previous = run.done(retry_failed=bool(cfg.get("retry_failed", False)))
     if previous is not None:
         return previous
+    upstreams = run.upstreams(cfg)  # a stage's upstream checkpoints, or it is blocked
     quiet_known_warnings()
     one_handler_per_line()
-    parts = build(cfg, run)
+    parts = build(cfg, run, upstreams)
     resolved = run.open(cfg)
     run.start(parts.facts(cfg, run, resolved))
     with run.attempt():
@@ -90,6 +91,7 @@ class Parts:
                       "params": count_params(self.model), "macs": self.macs,
                       "config": own},
             "seed": cfg.seed,
+            **_stage_facts(cfg),
             **({"teacher": self._teacher_facts()} if self.teacher is not None else {}),
             "threads": self.threads,
             **({"slot": self.slot} if self.slot else {}),
@@ -117,9 +119,23 @@ class Parts:
         return module
 
 
-def build(cfg: DictConfig, run: Run) -> Parts:
+def _stage_facts(cfg: DictConfig) -> dict[str, Any]:
+    """A chain's stage: its name, and the upstream run each reference names."""
+    from omegaconf import OmegaConf
+
+    from caitlab import stages
+
+    if not cfg.get("stage"):
+        return {}
+    ups = {key: {"stage": found[0], "signature": found[1]} for key in stages.REFERENCE_KEYS
+           if (found := stages.parse(OmegaConf.select(cfg, key))) is not None}
+    return {"stage": str(cfg.stage), **({"upstream": ups} if ups else {})}
+
+
+def build(cfg: DictConfig, run: Run, upstreams: dict[str, str] | None = None) -> Parts:
     """Checks the config and builds the data and the model; a mistake in either is one line
-    (``UserError``), recorded in a sweep's summary, before anything is written."""
+    (``UserError``), recorded in a sweep's summary, before anything is written. ``upstreams``:
+    the checkpoints a stage's references name, by key (``Run.upstreams``)."""
     import lightning as L
     import torch
     from hydra.utils import instantiate
@@ -140,8 +156,11 @@ def build(cfg: DictConfig, run: Run) -> Parts:
 
     user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
                    CheckpointError)
+    upstreams = upstreams or {}
     try:
         tcfg = train_config(cfg)
+        if "distillation.teacher" in upstreams:
+            tcfg.distillation.teacher = upstreams["distillation.teacher"]
         check_recipe_choice(job_overrides())
         slot = slots.claim(cfg, run.dir)  # before CUDA starts: it sets the GPUs visible
         check_trainer(cfg.trainer, multirun=is_multirun(), under_slurm=SLURMEnvironment.detect(),
@@ -155,8 +174,9 @@ def build(cfg: DictConfig, run: Run) -> Parts:
         name = cfg.model.get("name", type(model).__name__)
         # before the run folder exists: a model that cannot take the data's images stops here
         macs = model_macs(model, datamodule, cfg.data, name)
-        if cfg.get("finetune_from"):
-            load_checkpoint(model, cfg.finetune_from)  # all or nothing, names the bad keys
+        finetune_from = upstreams.get("finetune_from", cfg.get("finetune_from"))
+        if finetune_from:
+            load_checkpoint(model, finetune_from)  # all or nothing, names the bad keys
         teacher = _teacher(tcfg, model, datamodule, cfg.data)
     except Exception as err:
         # Hydra's instantiate wraps constructor errors; the user's mistake is the cause.

@@ -230,6 +230,8 @@ class _SweepAwareMixin:
         self.cancel_removed = cancel_removed  # runs no longer in the sweep: cancel their jobs
         self._sweep_plan: SweepPlan | None = None
         self._squeue: slurm.Queue | None = None  # squeue's answer, once per launch
+        self._held: list[tuple[list[Any], list[tuple[int, list[str], Path]], Any]] = []
+        self._after: dict[Path, tuple[str, ...]] = {}  # run folder: upstream jobs it waits for
 
     @property
     def sweep_plan(self) -> "SweepPlan":
@@ -240,16 +242,26 @@ class _SweepAwareMixin:
 
     def __getstate__(self) -> dict[str, Any]:
         # what a job unpickles: the plan's compositions are only needed here, at submission
-        return {**self.__dict__, "_sweep_plan": None, "_squeue": None}
+        return {**self.__dict__, "_sweep_plan": None, "_squeue": None, "_held": [],
+                "_after": {}}
 
     def _plan(self, job_overrides) -> tuple[list[tuple[int, list[str], Path]], list[JobReturn]]:
         todo, skipped = [], []
         retry = bool(self.config.get("retry_failed", False))
+        self._after = {}
         for idx, overrides in enumerate(job_overrides):
             overrides = list(overrides)
             run_dir = self.sweep_plan.run_dir(overrides)
             previous = read_summary(run_dir) or {}
             reason = skip_reason(previous, retry)
+            if reason != "completed" and (found := self._upstream(overrides, run_dir)):
+                blocked, upstream = found
+                log.warning(f"\tskipping {' '.join(overrides)}: {blocked}")
+                Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
+                                  "name": self.config.get("name")}).update(
+                    status="blocked", error=blocked, blocked_by=upstream, slurm_job_id=None)
+                skipped.append(_skipped(overrides, previous, failed=blocked))
+                continue
             if reason == "completed":
                 log.info(f"\tskipping {' '.join(overrides)}: {reason} ({run_dir})")
                 skipped.append(_skipped(overrides, previous))
@@ -267,6 +279,26 @@ class _SweepAwareMixin:
                 todo.append((idx, overrides, run_dir))
         return todo, skipped
 
+    def _upstream(self, overrides: list[str], run_dir: Path) -> tuple[str, str] | None:
+        """(why, the upstream's folder) where a stage's job cannot be submitted (its upstream
+        ended without completing), or None; an upstream still queued or running becomes the
+        job's SLURM dependency (``self._after``: run folder -> the upstream jobs it waits for)."""
+        from caitlab import stages
+
+        waits = []
+        for ref in stages.references(overrides):
+            up = read_summary(run_dir.parent / ref.signature)
+            if up is not None and up.get("status") != "completed" \
+                    and (job := self._live_job(up)) is not None:
+                waits.append(job)
+                continue
+            reason = stages.blocked_reason(ref, up)
+            if reason is not None:
+                return reason, ref.signature
+        if waits:
+            self._after[run_dir] = tuple(sorted(waits))
+        return None
+
     def _live_job(self, previous: dict[str, Any]) -> str | None:
         """The run's SLURM job where it is still queued or running: a re-launch must not
         submit a second job for the same folder."""
@@ -275,46 +307,87 @@ class _SweepAwareMixin:
         queue = self._queue()
         return None if queue is None else slurm.live_job(previous, queue)
 
-    def launch(self, job_overrides, initial_job_idx: int):
+    def launch(self, job_overrides, initial_job_idx: int, *, hold: bool = False,
+               whole: Any = None):
         """hydra-submitit-launcher's ``launch`` for the runs the sweep still needs, as one
         job array running the code as submitted (caitlab.sweeps.snapshot); each run's
-        ``summary.json`` says ``pending`` until its job starts."""
+        ``summary.json`` says ``pending`` until its job starts. A stage whose upstream is
+        still queued or running is its own array, submitted with ``afterok`` on it.
+
+        ``hold``: submit without waiting; :meth:`wait_held` waits for every held batch (a
+        chain of stages on SLURM). ``whole``: every job of the sweep, where this batch is
+        one stage of it (the runs no longer in the sweep are those outside ``whole``)."""
         from caitlab.sweeps import snapshot
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        snapshot.clean(sweep_dir)  # those of finished sweeps
+        if not hold or not self._held:
+            snapshot.clean(sweep_dir)  # those of finished sweeps
         self._squeue = None  # a batch sees the queue as it is now, not as an earlier batch did
         todo, skipped = self._plan(job_overrides)
-        self._removed(sweep_dir, job_overrides)
+        self._removed(sweep_dir, job_overrides if whole is None else whole)
         log.info(f"caitlab sweep: {len(todo)} to run, {len(skipped)} already done "
                  f"({sweep_dir})")
         if not todo:
             return skipped
-        jobs, code = self._submit_array(sweep_dir, todo, initial_job_idx)
+        jobs, code = [], None
+        for after, group in _by_dependency(todo, self._after):
+            group_jobs, code = self._submit_array(sweep_dir, group, initial_job_idx, after)
+            jobs += group_jobs
+        todo = [t for _, group in _by_dependency(todo, self._after) for t in group]
         for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
             summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
                                         "name": self.config.get("name")})
             if summary.get("status") in (None, "pending", "interrupted", "cancelled",
                                          *RETRY_ONLY):
                 summary.update(status="pending", slurm_job_id=str(job.job_id))
-        log.info(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}")
+        arrays = sorted({j.job_id.split('_')[0] for j in jobs})
+        log.info(f"submitted {len(jobs)} runs as job array{'s' * (len(arrays) > 1)} "
+                 f"{', '.join(arrays)}")
+        if hold:
+            self._held.append((jobs, todo, code))
+            return skipped
         if not self.wait:
             log.info("not waiting (hydra.launcher.wait=false): follow it with "
                      f"caitlab-sweep status {sweep_dir}")
             return skipped + [_skipped(o, {}) for _, o, _ in todo]
-        if self.cluster == "slurm":
-            follow(jobs, [run_dir for *_, run_dir in todo], sweep_dir)
-        returns = [_result(job, overrides, run_dir)
-                   for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True)]
-        snapshot.remove(code)  # every job has ended: no requeue can need it
-        return skipped + returns
+        return skipped + self._wait(jobs, todo, [code], sweep_dir)
 
-    def _submit_array(self, sweep_dir: Path, todo: list[tuple[int, list[str], Path]],
-                      initial_job_idx: int) -> tuple[list[Any], Path | None]:
-        """(the jobs of ``todo``'s array, submitted; the code snapshot they run)."""
+    def wait_held(self) -> list[JobReturn]:
+        """Waits for the batches submitted with ``hold`` (where ``wait`` is true), returns
+        their jobs' results."""
+        held, self._held = self._held, []
+        jobs = [j for js, _, _ in held for j in js]
+        todo = [t for _, ts, _ in held for t in ts]
+        if not jobs:
+            return []
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        if not self.wait:
+            log.info("not waiting (hydra.launcher.wait=false): follow it with "
+                     f"caitlab-sweep status {sweep_dir}")
+            return [_skipped(o, {}) for _, o, _ in todo]
+        return self._wait(jobs, todo, [c for *_, c in held], sweep_dir)
+
+    def _wait(self, jobs: list[Any], todo: list[tuple[int, list[str], Path]],
+              codes: list[Path | None], sweep_dir: Path) -> list[JobReturn]:
         from caitlab.sweeps import snapshot
 
-        executor, folder = self._executor()
+        run_dirs = [run_dir for *_, run_dir in todo]
+        blocked = follow(jobs, run_dirs, sweep_dir) if self.cluster == "slurm" else {}
+        returns = [_skipped(overrides, read_summary(run_dir) or {}, failed=blocked[job.job_id])
+                   if job.job_id in blocked else _result(job, overrides, run_dir)
+                   for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True)]
+        for code in codes:
+            snapshot.remove(code)  # every job has ended: no requeue can need it
+        return returns
+
+    def _submit_array(self, sweep_dir: Path, todo: list[tuple[int, list[str], Path]],
+                      initial_job_idx: int, after: tuple[str, ...] = ()
+                      ) -> tuple[list[Any], Path | None]:
+        """(the jobs of ``todo``'s array, submitted, starting once the jobs ``after`` have
+        completed; the code snapshot they run)."""
+        from caitlab.sweeps import snapshot
+
+        executor, folder = self._executor(after)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:  # as upstream: the sweep folder's permissions
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
@@ -365,12 +438,18 @@ class _SweepAwareMixin:
         for folder, job in slurm.cancel_runs(removed, queue):
             log.warning(f"\tcancelled {folder.name} (job {job}): no longer in the sweep")
 
-    def _executor(self) -> tuple[Any, str]:
+    def _executor(self, after: tuple[str, ...] = ()) -> tuple[Any, str]:
         """(submitit's executor with the launcher's parameters, as upstream's ``launch`` builds
-        it; its folder), after checking the partition where that is SLURM's."""
+        it; its folder), after checking the partition where that is SLURM's. ``after``: the
+        jobs the array waits for (``--dependency=afterok:...``)."""
         import submitit
 
         params = dict(self.params)
+        if after:
+            extra = params.get("additional_parameters") or {}
+            extra = OmegaConf.to_container(extra) if OmegaConf.is_config(extra) else dict(extra)
+            params["additional_parameters"] = {**extra,
+                                               "dependency": "afterok:" + ":".join(after)}
         if self.cluster == "slurm":
             check_partition(params)
         init_params = {"folder": params.pop("submitit_folder")}
@@ -410,22 +489,41 @@ class _SweepAwareMixin:
         return executor.map_array(ArrayTask(str(shared)), *zip(*job_params, strict=True))
 
 
+def _by_dependency(todo: list[tuple[int, list[str], Path]],
+                   after: dict[Path, tuple[str, ...]]
+                   ) -> list[tuple[tuple[str, ...], list[tuple[int, list[str], Path]]]]:
+    """``todo`` in groups that wait for the same upstream jobs (an array each), in order."""
+    groups: dict[tuple[str, ...], list[tuple[int, list[str], Path]]] = {}
+    for item in todo:
+        groups.setdefault(after.get(item[2], ()), []).append(item)
+    return list(groups.items())
+
+
 FOLLOW_POLL_S = 2.0  # how often a waiting launcher asks SLURM why its jobs wait
 
 
-def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> None:
+def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> dict[str, str]:
     """Waits for every job of the array to end, logging a job's pending reason each time it
     changes; raises ConfigError, naming what to change, once every job still queued can never
-    start (they stay queued: ``caitlab-sweep cancel`` or a fix of the partition ends it)."""
+    start (they stay queued: ``caitlab-sweep cancel`` or a fix of the partition ends it).
+
+    A stage whose upstream failed never starts either (``DependencyNeverSatisfied``): its job
+    is cancelled and its run marked ``blocked``. Returns {job id: the line why} of those."""
     import time
 
     said: dict[str, str | None] = {}
-    while left := [(job, d) for job, d in zip(jobs, run_dirs, strict=True) if not job.done()]:
+    blocked: dict[str, str] = {}
+    while left := [(job, d) for job, d in zip(jobs, run_dirs, strict=True)
+                   if job.job_id not in blocked and not job.done()]:
         try:
             queue = slurm.query_queue()
         except slurm.SqueueUnavailable:
             time.sleep(FOLLOW_POLL_S)
             continue
+        for job, run_dir in left:
+            if slurm.upstream_failed(queue.reason(str(job.job_id))):
+                blocked[job.job_id] = _block(job, run_dir)
+        left = [(job, d) for job, d in left if job.job_id not in blocked]
         for job, run_dir in left:
             reason = queue.reason(str(job.job_id))
             if reason != said.get(job.job_id) and (reason or job.job_id in said):
@@ -441,6 +539,22 @@ def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> None:
                               f"{blocked[0][1]}; then caitlab-sweep cancel {sweep_dir} and "
                               "launch again")
         time.sleep(FOLLOW_POLL_S)
+    return blocked
+
+
+def _block(job: Any, run_dir: Path) -> str:
+    """Cancels the job of a stage whose upstream failed, and marks its run ``blocked``."""
+    from caitlab import stages
+
+    summary = Summary(run_dir, {})
+    refs = stages.references(summary.get("overrides") or [])
+    line = (stages.blocked_reason(refs[0], read_summary(run_dir.parent / refs[0].signature))
+            if refs else None) or "blocked: the job it waits for failed"
+    slurm.cancel([str(job.job_id)])
+    summary.update(status="blocked", error=line,
+                   **({"blocked_by": refs[0].signature} if refs else {}))
+    log.warning(f"job {job.job_id} ({run_dir.name}) {line}")
+    return line
 
 
 def _result(job: Any, overrides: list[str], run_dir: Path) -> JobReturn:
@@ -492,14 +606,68 @@ class SweepAwareSweeper(compat.BasicSweeper):
     each job in full. With caitlab's launchers the plan is the launcher's, so that each
     composition also serves to find the jobs' run folders."""
 
-    def validate_batch_is_legal(self, batch) -> None:
+    def _plan(self) -> SweepPlan:
         plan = getattr(self.launcher, "sweep_plan", None)  # None: not a caitlab launcher
         if plan is None:
             if getattr(self, "_own_plan", None) is None:
                 self._own_plan = SweepPlan(self.hydra_context.config_loader, self.config)
             plan = self._own_plan
+        return plan
+
+    def validate_batch_is_legal(self, batch) -> None:
+        plan = self._plan()
         for overrides in batch:
             plan.config(list(overrides))
+
+    def sweep(self, arguments: list[str]) -> Any:
+        """Hydra's sweep; for an experiment with ``stages`` (caitlab.stages), the chain: each
+        stage's jobs after those of the stages it names. caitlab's SLURM launcher submits the
+        whole chain at once (a downstream array waits on its upstream job with ``afterok``);
+        any other launcher runs one stage after the other."""
+        stages = self.config.get("stages")
+        if not stages:
+            return super().sweep(arguments)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from caitlab import stages as chain_of
+
+        try:
+            chain = chain_of.Chain(OmegaConf.to_container(stages, resolve=False))
+        except chain_of.StageError as err:
+            raise ConfigError(str(err)) from None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+
+        def expand(lines: list[str]) -> list[list[str]]:
+            return self.split_arguments(parser.parse_overrides(lines), None)[0]
+
+        common = expand([*self._parse_config(), *arguments])
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweep does
+        plan = self._plan()
+        try:
+            batches = chain.jobs(common, expand, lambda job: plan.run_dir(job).name)
+        except chain_of.StageError as err:
+            raise ConfigError(str(err)) from None
+        whole = [job for _, batch in batches for job in batch]
+        held = getattr(self.launcher, "cluster", None) == "slurm"
+        returns, idx = [], 0
+        for name, batch in batches:
+            self.validate_batch_is_legal(batch)
+            log.info(f"stage {name}: {len(batch)} run{'s' * (len(batch) != 1)}")
+            if isinstance(self.launcher, _SweepAwareMixin):
+                results = self.launcher.launch(batch, initial_job_idx=idx, hold=held,
+                                               whole=whole)
+            else:
+                results = self.launcher.launch(batch, initial_job_idx=idx)
+            returns.append(results)
+            idx += len(batch)
+        if held:
+            returns.append(self.launcher.wait_held())
+        for results in returns:
+            for r in results:
+                _ = r.return_value  # as Hydra's sweep: a failed job's error, once all ran
+        return returns
 
 
 @dataclass
