@@ -156,3 +156,85 @@ def test_a_chain_runs_in_order_is_blocked_by_a_failed_upstream_and_skips_when_do
     assert {k: s["attempts"] for k, s in _summaries(sweep).items() if k in students} == \
         dict.fromkeys(students, 1)
     assert good.returncode == 0
+
+
+SLURM = ("hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10")
+TWO = CHAIN.replace("distillation: soft,hard", "distillation: soft")
+
+
+def _sacct(*jobs: str) -> dict[str, dict[str, str]]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(jobs),
+                          "--format=JobID,State,Start,End"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return {r[0]: {"state": r[1], "start": r[2], "end": r[3]} for r in rows}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _by_stage(sweep) -> dict[str, dict]:
+    return {s["stage"]: s for s in _summaries(sweep).values()}
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_on_slurm_a_chain_is_submitted_at_once_and_its_second_job_waits_on_the_first(tmp_path):
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "chain.yaml").write_text(TWO.format(teacher=""))
+    sweep = tmp_path / "chain"
+    caitlab_train(tmp_path, "experiment=chain", *SLURM, *TINY, "hydra.launcher.wait=false")
+    runs = _by_stage(sweep)
+    up, down = runs["teacher"]["slurm_job_id"], runs["student"]["slurm_job_id"]
+    assert up.split("_")[0] != down.split("_")[0]  # an array per stage, both submitted
+    depends = subprocess.run(["squeue", "-h", "--array", "-j", down, "-o", "%E"],
+                             capture_output=True, text=True, check=True).stdout
+    assert f"afterok:{up}" in depends
+    jobs = _wait_for(lambda: (j := _sacct(up, down)) and all(
+        j.get(k, {}).get("state") not in (None, "PENDING", "RUNNING") for k in (up, down)) and j,
+        300, "both jobs to end")
+    assert jobs[up]["state"] == jobs[down]["state"] == "COMPLETED"
+    assert {s["status"] for s in _by_stage(sweep).values()} == {"completed"}
+    assert jobs[down]["start"] >= jobs[up]["end"]  # ISO times: it started once the first ended
+    student = _by_stage(sweep)["student"]
+    assert student["teacher"]["source"].endswith(
+        f"{runs['teacher']['signature']}/checkpoints/best.ckpt")
+
+    again = caitlab_train(tmp_path, "experiment=chain", *SLURM, *TINY)
+    assert (again.stdout + again.stderr).count("0 to run, 1 already done") == 2
+    assert {s["slurm_job_id"] for s in _by_stage(sweep).values()} == {up, down}  # none new
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_on_slurm_a_stage_whose_upstream_job_fails_is_cancelled_and_blocked(tmp_path):
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "chain.yaml").write_text(TWO.format(
+        teacher="    data: imagefolder\n    data.root: /nonexistent/images"))
+    sweep = tmp_path / "chain"
+    proc = caitlab_train(tmp_path, "experiment=chain", *SLURM, *TINY, check=False)
+    assert proc.returncode == 1
+    runs = _by_stage(sweep)
+    teacher, student = runs["teacher"], runs["student"]
+    assert teacher["status"] == "failed"
+    assert student["status"] == "blocked" and student["blocked_by"] == teacher["signature"]
+    assert student["error"].startswith(f"blocked: its upstream stage teacher "
+                                       f"({teacher['signature']}) is failed")
+    job = _sacct(student["slurm_job_id"])[student["slurm_job_id"]]
+    assert job["state"].startswith("CANCELLED") and job["start"] in ("None", "Unknown")
+    status = _status(tmp_path, sweep)
+    assert "2 runs: 1 failed, 1 blocked" in status.stdout, status.stdout
+    # launched again, the student is blocked before anything is submitted
+    again = caitlab_train(tmp_path, "experiment=chain", *SLURM, *TINY, check=False)
+    assert again.returncode == 1 and "0 to run, 1 already done" in again.stdout + again.stderr
+    assert _by_stage(sweep)["student"]["slurm_job_id"] is None

@@ -257,8 +257,7 @@ class _SweepAwareMixin:
             if reason != "completed" and (found := self._upstream(overrides, run_dir)):
                 blocked, upstream = found
                 log.warning(f"\tskipping {' '.join(overrides)}: {blocked}")
-                Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
-                                  "name": self.config.get("name")}).update(
+                Summary(run_dir, self._facts(overrides, run_dir)).update(
                     status="blocked", error=blocked, blocked_by=upstream, slurm_job_id=None)
                 skipped.append(_skipped(overrides, previous, failed=blocked))
                 continue
@@ -278,6 +277,12 @@ class _SweepAwareMixin:
             else:
                 todo.append((idx, overrides, run_dir))
         return todo, skipped
+
+    def _facts(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+        """What ``caitlab-sweep status`` shows of a run not started yet."""
+        stage = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), None)
+        return {"overrides": overrides, "signature": run_dir.name,
+                "name": self.config.get("name"), **({"stage": stage} if stage else {})}
 
     def _upstream(self, overrides: list[str], run_dir: Path) -> tuple[str, str] | None:
         """(why, the upstream's folder) where a stage's job cannot be submitted (its upstream
@@ -335,8 +340,7 @@ class _SweepAwareMixin:
             jobs += group_jobs
         todo = [t for _, group in _by_dependency(todo, self._after) for t in group]
         for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
-            summary = Summary(run_dir, {"overrides": overrides, "signature": run_dir.name,
-                                        "name": self.config.get("name")})
+            summary = Summary(run_dir, self._facts(overrides, run_dir))
             if summary.get("status") in (None, "pending", "interrupted", "cancelled",
                                          *RETRY_ONLY):
                 summary.update(status="pending", slurm_job_id=str(job.job_id))
@@ -512,9 +516,9 @@ def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> dict[str, 
     import time
 
     said: dict[str, str | None] = {}
-    blocked: dict[str, str] = {}
+    cut: dict[str, str] = {}  # stages whose upstream failed
     while left := [(job, d) for job, d in zip(jobs, run_dirs, strict=True)
-                   if job.job_id not in blocked and not job.done()]:
+                   if job.job_id not in cut and not job.done()]:
         try:
             queue = slurm.query_queue()
         except slurm.SqueueUnavailable:
@@ -522,8 +526,10 @@ def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> dict[str, 
             continue
         for job, run_dir in left:
             if slurm.upstream_failed(queue.reason(str(job.job_id))):
-                blocked[job.job_id] = _block(job, run_dir)
-        left = [(job, d) for job, d in left if job.job_id not in blocked]
+                cut[job.job_id] = _block(job, run_dir)
+        left = [(job, d) for job, d in left if job.job_id not in cut]
+        if not left:
+            break
         for job, run_dir in left:
             reason = queue.reason(str(job.job_id))
             if reason != said.get(job.job_id) and (reason or job.job_id in said):
@@ -539,7 +545,7 @@ def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> dict[str, 
                               f"{blocked[0][1]}; then caitlab-sweep cancel {sweep_dir} and "
                               "launch again")
         time.sleep(FOLLOW_POLL_S)
-    return blocked
+    return cut
 
 
 def _block(job: Any, run_dir: Path) -> str:
@@ -560,9 +566,15 @@ def _block(job: Any, run_dir: Path) -> str:
 def _result(job: Any, overrides: list[str], run_dir: Path) -> JobReturn:
     """The job's own result; a failed one, saying why, where it died without one (a job that
     died hard must not hide the others' results)."""
+    import re
+
     try:
         return job.results()[0]
     except Exception as err:
+        # a run that failed: its job raised the run's own line (ArrayTask), in the trace
+        failed = re.search(r"^caitlab\.runs\.RunFailed: (.+)$", str(err), re.MULTILINE)
+        if failed:
+            return _skipped(overrides, read_summary(run_dir) or {}, failed=failed[1])
         line = (f"job {job.job_id} ({run_dir}) ended without a result: "
                 f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
         log.error(line)
@@ -584,7 +596,13 @@ class ArrayTask:
 
     def __call__(self, *args: Any) -> JobReturn:
         launcher, singleton_state = self._load()
-        return launcher(*args, singleton_state)
+        ret = launcher(*args, singleton_state)
+        if ret.status == JobStatus.FAILED:
+            # Hydra keeps a failed task's error in its result, and the job would end with
+            # exit status 0: SLURM would count a failed run as done, and start the stages
+            # that wait on it (afterok). Raised, the job fails, and its trace has the line.
+            raise ret._return_value
+        return ret
 
     def checkpoint(self, *args: Any) -> Any:
         import submitit
