@@ -399,4 +399,6 @@ def test_distilled_runs_show_their_distillation_and_teacher(tmp_path, capsys):
     assert any("| hard | cait_tiny@6db055c9e0 |" in r for r in rows)
     assert any("| soft τ=2 | cait_tiny@6db055c9e0 |" in r for r in rows)
     assert any("| none |  |" in r for r in rows)
-    assert "none vs hard (digits): -1.3 pts" in out  # the first row (hard) is the baseline
+    # rows in distillation order (none, soft, hard): the first, no teacher, is the baseline
+    assert [r.split("|")[8].strip() for r in rows] == ["none", "soft τ=2", "hard"]
+    assert "hard vs none (digits): +1.3 pts" in out

@@ -108,13 +108,12 @@ def _status(out, sweep) -> subprocess.CompletedProcess:
 def test_a_chain_runs_in_order_is_blocked_by_a_failed_upstream_and_skips_when_done(tmp_path):
     conf = tmp_path / "conf" / "experiment"
     conf.mkdir(parents=True)
-    (conf / "chain.yaml").write_text(CHAIN.format(teacher=""))
     # a teacher that fails as it starts: its data is not there
-    (conf / "chain_bad.yaml").write_text(CHAIN.format(
+    (conf / "chain.yaml").write_text(CHAIN.format(
         teacher="    data: imagefolder\n    data.root: /nonexistent/images"))
     sweep = tmp_path / "chain"
 
-    bad = caitlab_train(tmp_path, "experiment=chain_bad", *TINY, check=False)
+    bad = caitlab_train(tmp_path, "experiment=chain", *TINY, check=False)
     assert bad.returncode == 1
     runs = _summaries(sweep)
     (teacher,) = [s for s in runs.values() if s.get("stage") == "teacher"]
@@ -127,6 +126,7 @@ def test_a_chain_runs_in_order_is_blocked_by_a_failed_upstream_and_skips_when_do
     status = _status(tmp_path, sweep)
     assert "3 runs: 1 failed, 2 blocked" in status.stdout, status.stdout
 
+    (conf / "chain.yaml").write_text(CHAIN.format(teacher=""))  # the teacher mended
     good = caitlab_train(tmp_path, "experiment=chain", *TINY)
     runs = _summaries(sweep)
     (teacher,) = [s for s in runs.values() if s.get("stage") == "teacher"
@@ -156,6 +156,20 @@ def test_a_chain_runs_in_order_is_blocked_by_a_failed_upstream_and_skips_when_do
     assert {k: s["attempts"] for k, s in _summaries(sweep).items() if k in students} == \
         dict.fromkeys(students, 1)
     assert good.returncode == 0
+
+    # the report: a stage column, the students compared among themselves, not with the teacher
+    report = subprocess.run([sys.executable, "-m", "caitlab.analysis.report", str(sweep)],
+                            cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    data = json.loads((sweep / "report.json").read_text())
+    rows = [(r["stage"], r["distillation"], r["comparison"]) for r in data["rows"]
+            if r["state"] == "completed"]
+    assert rows == [("teacher", "none", None), ("student", "soft", "baseline"),
+                    ("student", "hard", "too few seeds")], rows
+    assert data["stage_baselines"]["student"] == {"distillation": "soft"}
+    (verdict,) = [v for v in data["verdicts"] if v["stage"] == "student"]
+    assert verdict["question"] == "student: hard vs soft (digits)"
 
 
 SLURM = ("hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10")

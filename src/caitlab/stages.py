@@ -243,5 +243,15 @@ def upstream(key: str, value: Any, run_dir: Path) -> str:
     return str(resolve_checkpoint(folder))
 
 
+def stage_facts(stage: Any, stages: Any) -> dict[str, Any]:
+    """A run's stage as its summary records it: the name, and its place in the chain (the
+    report's order)."""
+    if stage is None:
+        return {}
+    names = [str(k) for k in stages] if isinstance(stages, Iterable) else []
+    return {"stage": str(stage),
+            **({"stage_index": names.index(str(stage))} if str(stage) in names else {})}
+
+
 def is_reference(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(PREFIX)

@@ -92,10 +92,12 @@ class Report:
     def as_json(self, source: str) -> dict[str, Any]:
         a = self.answers
         return {"source": source, "metric": a.metric, "baseline": a.baseline,
+                **({"stage_baselines": a.stage_baselines} if a.stage_baselines else {}),
                 "varied": a.grid.keys, "notes": self.notes,
                 "verdicts": [{"line": v.line(), "question": v.question(), "key": v.key,
                               "value": v.value, "baseline": v.base, "context": v.context,
-                              "data": v.data, "outcome": v.difference.outcome,
+                              "data": v.data, "stage": v.stage,
+                              "outcome": v.difference.outcome,
                               "macs_ratio": v.macs_ratio,
                               **asdict(v.difference)} for v in a.verdicts],
                 "rows": self.data}
@@ -105,8 +107,9 @@ def _notes(answers: Answers) -> list[str]:
     notes = []
     if answers.baseline_variant is not None:
         notes.append(
-            f"Δ top-1: each variant's {metric_name(answers.metric)} minus the baseline's "
-            f"({answers.baseline_text()}), in points, with its 95% CI; p: the test's p-value "
+            f"Δ top-1: each variant's {metric_name(answers.metric)} minus "
+            f"{'that of its stage’s baseline' if answers.stage_baselines else 'the baseline’s'}"
+            f" ({answers.baseline_text()}), in points, with its 95% CI; p: the test's p-value "
             f"(a paired t-test over the seeds both ran, Welch's where fewer than {MIN_SEEDS} "
             "pair).")
     elif answers.baseline:

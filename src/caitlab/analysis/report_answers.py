@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ def by_seed(variant: Variant, metric: str) -> dict[Any, float]:
 
 
 def _override_settings(run: Run) -> dict[str, str] | None:
+    from caitlab import stages
     from caitlab.identity import DEFAULT_EXCLUDE, excluded
 
     overrides = run.summary.get("overrides")
@@ -57,7 +58,10 @@ def _override_settings(run: Run) -> dict[str, str] | None:
     out = {}
     for line in overrides:
         key, sep, value = str(line).lstrip("+").partition("=")
-        if sep and not key.startswith("~") and key != "seed" \
+        # a chain's stage is a column of its own, and its reference to an upstream run is
+        # what it is in every run of the stage
+        if sep and not key.startswith("~") and key not in ("seed", "stage") \
+                and stages.parse(value) is None \
                 and not excluded(key.replace("/", "."), DEFAULT_EXCLUDE):
             out[key] = value
     return out
@@ -100,9 +104,12 @@ def _sweep_order(sweep_dir: Path | None) -> dict[str, list[str]]:
         import yaml
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+        saved = yaml.safe_load(path.read_text()) or {}
+        hydra = saved.get("hydra") or {}
         lines = list((hydra.get("overrides") or {}).get("task") or [])
-        params = (hydra.get("sweeper") or {}).get("params") or {}
+        params = dict((hydra.get("sweeper") or {}).get("params") or {})
+        for delta in (saved.get("stages") or {}).values():  # a chain's (caitlab.stages)
+            params.update({k: v for k, v in (delta or {}).items() if "${" not in str(v)})
         lines += [f"{k}={v}" for k, v in params.items()]
         order: dict[str, list[str]] = {}
         for o in OverridesParser.create().parse_overrides(lines):
@@ -219,11 +226,13 @@ class Verdict:
     data: str | None
     difference: Difference
     macs_ratio: float | None = None
+    stage: str | None = None  # a chain's stage: its runs are compared among themselves
 
     def question(self) -> str:
         where = [shown(k, v) for k, v in self.context.items()]
         where += [self.data] if self.data else []
-        return (f"{shown(self.key, self.value)} vs {shown(self.key, self.base)}"
+        return ((f"{self.stage}: " if self.stage else "")
+                + f"{shown(self.key, self.value)} vs {shown(self.key, self.base)}"
                 + (f" ({', '.join(where)})" if where else ""))
 
     def line(self) -> str:
@@ -255,8 +264,18 @@ class Answers:
     verdicts: list[Verdict] = field(default_factory=list)
     # cost ("macs", "images_per_s") -> the keys of the variants on its Pareto front
     fronts: dict[str, set[str]] = field(default_factory=dict)
+    # a chain's: each stage's baseline, its runs compared with it (caitlab.stages)
+    stage_baselines: dict[str, dict[str, str]] = field(default_factory=dict)
+    baseline_variants: list[Variant] = field(default_factory=list)
+
+    @property
+    def baseline_keys(self) -> set[str]:
+        return {v.key for v in self.baseline_variants}
 
     def baseline_text(self) -> str:
+        if self.stage_baselines:
+            return "; ".join(f"{stage}: {' '.join(f'{k}={v}' for k, v in base.items())}"
+                             for stage, base in self.stage_baselines.items())
         return " ".join(f"{k}={v}" for k, v in self.baseline.items())
 
 
@@ -282,8 +301,54 @@ def _data_name(variant: Variant) -> str | None:
 
 def answers(variants: list[Variant], sweep_dir: Path | None = None,
             given: Iterable[str] = ()) -> Answers:
-    """``variants`` in the table's order."""
+    """``variants`` in the table's order. A chain's stages (``caitlab.stages``) are answered
+    each on its own (a teacher is no baseline for its students), with ``given`` applied to
+    the stages that vary its key."""
+    stages = list(dict.fromkeys(v.stage for v in variants if v.stage is not None))
+    if not stages:
+        return _answers(variants, sweep_dir, given)
+    from caitlab.errors import UserError
+
     metric = metric_of(variants)
+    given = list(given)
+    parts, used = {}, set()
+    for stage in stages:
+        mine = [v for v in variants if v.stage == stage]
+        keys = grid(mine, sweep_dir).keys
+        applies = []
+        for item in given:
+            try:
+                _match_key(item.partition("=")[0], keys)
+            except UserError:
+                continue
+            applies.append(item)
+            used.add(item)
+        parts[stage] = _answers(mine, sweep_dir, applies, metric)
+    if unused := [item for item in given if item not in used]:
+        _match_key(unused[0].partition("=")[0],
+                   list(dict.fromkeys(k for a in parts.values() for k in a.grid.keys)))
+    keys = list(dict.fromkeys(k for a in parts.values() for k in a.grid.keys))
+    values = {k: list(dict.fromkeys(x for a in parts.values() for x in a.grid.values.get(k, [])))
+              for k in keys}
+    points = {v.key: {k: next((a.grid.points[v.key].get(k, DEFAULT) for a in parts.values()
+                               if v.key in a.grid.points), DEFAULT) for k in keys}
+              for v in variants}
+    first = next((a for a in parts.values() if a.baseline_variant is not None), None)
+    result = Answers(metric, Grid(keys, values, points), first.baseline if first else {},
+                     first.baseline_variant if first else None)
+    for stage, a in parts.items():
+        result.differences.update(a.differences)
+        result.verdicts += [replace(v, stage=stage) for v in a.verdicts]
+        result.baseline_variants += a.baseline_variants
+        if a.baseline:
+            result.stage_baselines[stage] = a.baseline
+    result.fronts = fronts(variants, {v.key: by_seed(v, metric) for v in variants})
+    return result
+
+
+def _answers(variants: list[Variant], sweep_dir: Path | None, given: Iterable[str],
+             metric: str | None = None) -> Answers:
+    metric = metric or metric_of(variants)
     g = grid(variants, sweep_dir)
     given = list(given)
     if given and not g.keys:
@@ -292,10 +357,11 @@ def answers(variants: list[Variant], sweep_dir: Path | None = None,
         raise UserError(f"--baseline {' '.join(given)}: the runs differ in nothing but the "
                         "seed, so there is nothing to compare")
     base = choose_baseline(g, given) if g.keys else {}
-    at = {tuple(sorted(g.points[v.key].items())): v for v in variants}
-    base_variant = at.get(tuple(sorted(base.items()))) if base else None
-    result = Answers(metric, g, base, base_variant)
     seeds = {v.key: by_seed(v, metric) for v in variants}
+    at = _at(g, variants, seeds)
+    base_variant = at.get(tuple(sorted(base.items()))) if base else None
+    result = Answers(metric, g, base, base_variant,
+                     baseline_variants=[base_variant] if base_variant is not None else [])
     if base_variant is not None:
         for v in variants:
             d = difference(seeds[v.key], seeds[base_variant.key]) if v is not base_variant \
@@ -307,11 +373,23 @@ def answers(variants: list[Variant], sweep_dir: Path | None = None,
     return result
 
 
+def _at(g: Grid, variants: list[Variant], seeds: dict[str, dict[Any, float]]
+        ) -> dict[tuple, Variant]:
+    """The variant at each point of the grid; where two share one (a run that failed and
+    its rerun under another upstream stage), the one with completed runs."""
+    at: dict[tuple, Variant] = {}
+    for v in variants:
+        point = tuple(sorted(g.points[v.key].items()))
+        if point not in at or (seeds[v.key] and not seeds[at[point].key]):
+            at[point] = v
+    return at
+
+
 def _verdicts(g: Grid, base: dict[str, str], variants: list[Variant],
               seeds: dict[str, dict[Any, float]]) -> list[Verdict]:
     """For each varied key, each variant off the baseline's value of it against its partner:
     the variant with that key at the baseline's value and every other key as it is."""
-    at = {tuple(sorted(g.points[v.key].items())): v for v in variants}
+    at = _at(g, variants, seeds)
     data = {v.key: _data_name(v) for v in variants}
     single_data = len(set(data.values())) == 1
     out = []

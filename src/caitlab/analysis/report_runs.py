@@ -75,6 +75,17 @@ class Variant:
         return statistics.median(ips) if ips else None
 
     @property
+    def stage(self) -> str | None:
+        """The chain's stage its runs belong to (``caitlab.stages``), None outside a chain."""
+        stage = self.runs[0].summary.get("stage")
+        return None if stage is None else str(stage)
+
+    @property
+    def stage_index(self) -> int:
+        index = self.runs[0].summary.get("stage_index")
+        return index if isinstance(index, int) else 0
+
+    @property
     def macs(self) -> float | None:
         macs = (self.runs[0].summary.get("model") or {}).get("macs")
         return float(macs) if isinstance(macs, (int, float)) and macs > 0 else None

@@ -101,12 +101,12 @@ def result_numbers(variant: Variant, answers: Answers | None = None) -> dict[str
                                  ("test_top5", "test/top5", False)):
         row.update(_estimate_fields(prefix, estimate([100 * x for x in variant.values(metric)]),
                                     full))
-    if answers is not None and answers.baseline_variant is not None:
+    if answers is not None and answers.baseline_keys:
         d = answers.differences.get(variant.key)
         row.update({"delta_of": answers.metric, "delta": d and d.delta,
                     "delta_ci_low": d and d.low, "delta_ci_high": d and d.high,
                     "p": d and d.p,
-                    "comparison": "baseline" if variant is answers.baseline_variant
+                    "comparison": "baseline" if variant.key in answers.baseline_keys
                     else (d.test if d else None)})
     if answers is not None and answers.fronts:
         for cost in ("macs", "images_per_s"):
@@ -173,9 +173,11 @@ def _sort_key(variant: Variant, extra: Iterable[str] = ()) -> tuple:
 
 
 def ordered(variants: list[Variant]) -> list[Variant]:
-    """The table's order: by the architecture axes' ranks, then the extra axes'."""
+    """The table's order: a chain's stages in order, then by the architecture axes' ranks,
+    then the extra axes'."""
     extra = extra_axes(variants)
-    return sorted(variants, key=lambda v: _sort_key(v, extra))
+    return sorted(variants, key=lambda v: (v.stage_index, _sort_key(v, extra),
+                                           _distillation_rank(v)))
 
 
 def _description(variants: list[Variant]) -> list[tuple[Variant, dict[str, str]]]:
@@ -187,14 +189,33 @@ def _description(variants: list[Variant]) -> list[tuple[Variant, dict[str, str]]
     # a project's axis named like one of caitlab's columns (its own "width") keeps its meaning
     headers = {key: f"model.{key}" if key in columns else key for key in extra}
     distilled = any(v.runs[0].summary.get("teacher") for v in ordered_)
+    chain = any(v.stage is not None for v in ordered_)
+    inits = any(_init_cell(v) for v in ordered_)
     out = []
     for variant, cells in zip(ordered_, arch, strict=True):
-        row = {c: cells[c] for c in columns}
+        row = {"stage": variant.stage or ""} if chain else {}
+        row.update({c: cells[c] for c in columns})
         row.update({headers[k]: cell(variant.axes.get(k)) for k in extra})
         if distilled:
             row.update(_distillation_cells(variant))
+        if inits:
+            row["init"] = _init_cell(variant)
         out.append((variant, row))
     return out
+
+
+def _init_cell(variant: Variant) -> str:
+    """The weights a fine-tune started from: an earlier stage of its chain (``pretrain
+    9994181678``), or the checkpoint ``finetune_from`` names; empty for a run from scratch."""
+    summary = variant.runs[0].summary
+    up = (summary.get("upstream") or {}).get("finetune_from")
+    if up:
+        return f"{up.get('stage')} {up.get('signature')}"
+    for line in summary.get("overrides") or []:
+        key, _, value = str(line).lstrip("+").partition("=")
+        if key == "finetune_from" and value not in ("", "null"):
+            return value
+    return ""
 
 
 def _distillation_cells(variant: Variant) -> dict[str, str]:
@@ -244,7 +265,26 @@ def variant_label(variant: Variant, extra: Iterable[str] = ()) -> str:
     a = variant.axes
     parts = [axis.part(a) for axis in declared.ARCHITECTURE]
     parts += [f"{k}={cell(a[k])}" for k in extra if k in a]
-    return " ".join(p for p in parts if p)
+    if _distilled(variant):
+        parts.append(f"distil {_distillation_cells(variant)['distillation']}")
+    label = " ".join(p for p in parts if p)
+    return f"{variant.stage}: {label}" if variant.stage else label
+
+
+def _distilled(variant: Variant) -> bool:
+    """Whether the variant was asked for a distillation (``distillation=none`` included)."""
+    summary = variant.runs[0].summary
+    return bool(summary.get("teacher")) or any(
+        str(o).startswith("distillation=") for o in summary.get("overrides") or [])
+
+
+DISTILLATION_ORDER = ("none", "soft", "hard")
+
+
+def _distillation_rank(variant: Variant) -> int:
+    kind = str((variant.runs[0].summary.get("teacher") or {}).get("type", "none"))
+    return DISTILLATION_ORDER.index(kind) if kind in DISTILLATION_ORDER else len(
+        DISTILLATION_ORDER)
 
 
 def to_markdown(rows: list[dict[str, str]]) -> str:

@@ -151,10 +151,11 @@ class Run:
     checkpoint to resume from), ``attempt`` (records how the attempt ended), ``complete``.
     """
 
-    def __init__(self, run_dir: Path, name: str = "default", stage: str | None = None) -> None:
+    def __init__(self, run_dir: Path, name: str = "default",
+                 stage: dict[str, Any] | None = None) -> None:
         self.dir = Path(run_dir)
         self.name = name
-        self.stage = stage  # a chain's stage (caitlab.stages)
+        self.stage = stage or {}  # a chain's stage: its summary facts (caitlab.stages)
         self.rank_zero = is_rank_zero()
         self.previous = read_summary(self.dir)
         self.summary = Summary(self.dir, {}, writable=False)  # until start()
@@ -169,14 +170,15 @@ class Run:
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Run:
-        stage = cfg.get("stage")
+        from caitlab.stages import stage_facts
+
         return cls(job_run_dir(cfg), str(cfg.get("name", "default")),
-                   None if stage is None else str(stage))
+                   stage_facts(cfg.get("stage"), cfg.get("stages") or {}))
 
     def _sweep_facts(self) -> dict[str, Any]:
         """What a sweep's table needs of a run that never started."""
         return {"overrides": redact(job_overrides()), "name": self.name,
-                "signature": self.dir.name, **({"stage": self.stage} if self.stage else {})}
+                "signature": self.dir.name, **self.stage}
 
     def done(self, retry_failed: bool) -> dict[str, Any] | None:
         """The previous summary of a completed run (nothing to do); raises ``RunFailed`` for

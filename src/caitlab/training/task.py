@@ -129,7 +129,8 @@ def _stage_facts(cfg: DictConfig) -> dict[str, Any]:
         return {}
     ups = {key: {"stage": found[0], "signature": found[1]} for key in stages.REFERENCE_KEYS
            if (found := stages.parse(OmegaConf.select(cfg, key))) is not None}
-    return {"stage": str(cfg.stage), **({"upstream": ups} if ups else {})}
+    return {**stages.stage_facts(cfg.stage, cfg.get("stages") or {}),
+            **({"upstream": ups} if ups else {})}
 
 
 def build(cfg: DictConfig, run: Run, upstreams: dict[str, str] | None = None) -> Parts:

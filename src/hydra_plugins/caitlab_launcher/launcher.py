@@ -280,9 +280,12 @@ class _SweepAwareMixin:
 
     def _facts(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
         """What ``caitlab-sweep status`` shows of a run not started yet."""
+        from caitlab.stages import stage_facts
+
         stage = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), None)
         return {"overrides": overrides, "signature": run_dir.name,
-                "name": self.config.get("name"), **({"stage": stage} if stage else {})}
+                "name": self.config.get("name"),
+                **stage_facts(stage, self.config.get("stages") or {})}
 
     def _upstream(self, overrides: list[str], run_dir: Path) -> tuple[str, str] | None:
         """(why, the upstream's folder) where a stage's job cannot be submitted (its upstream
