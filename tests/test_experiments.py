@@ -17,7 +17,12 @@ GRIDS = {  # experiment: number of runs
     "residual_vs_depth": 16, "residual_vs_depth_tiny": 16,
     "class_token_placement": 7, "class_token_placement_tiny": 6,
     "vit_vs_cait": 7, "vit_vs_cait_tiny": 6, "demo": 4,
-    "static_key_tiny": 4, "evit_keep_rate_tiny": 3,
+    "static_key_tiny": 4, "evit_keep_rate_tiny": 3, "deit_distilled": 3,
+}
+CHAINS = {  # experiments with stages (caitlab.stages): stage -> number of runs
+    "distill_tiny": {"teacher": 1, "student": 6},
+    "finetune_tiny": {"pretrain": 1, "finetune": 1, "scratch": 1},
+    "cait_finetune_384": {"pretrain": 3, "finetune": 3},
 }
 
 
@@ -31,7 +36,50 @@ def _grid(experiment: str) -> list[list[str]]:
 
 
 def test_every_experiment_file_is_listed():
-    assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} == set(GRIDS)
+    assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} == set(GRIDS) | set(CHAINS)
+
+
+def _chain(experiment: str) -> list[tuple[str, list[list[str]]]]:
+    from caitlab.stages import Chain
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"],
+                      return_hydra_config=True)
+    from omegaconf import OmegaConf
+
+    def expand(lines):
+        axes = [[f"{line.split('=', 1)[0]}={v}" for v in line.split("=", 1)[1].split(",")]
+                for line in lines]
+        return [list(c) for c in itertools.product(*axes)]
+
+    chain = Chain(OmegaConf.to_container(cfg.stages, resolve=False))
+    return chain.jobs([[]], expand, lambda job: "0123456789")
+
+
+@pytest.mark.parametrize("experiment", sorted(CHAINS))
+def test_every_run_of_every_stage_builds(experiment):
+    from caitlab.models.checkpoint import model_from_config
+
+    stages = _chain(experiment)
+    assert {name: len(jobs) for name, jobs in stages} == CHAINS[experiment]
+    seen = set()
+    for name, jobs in stages:
+        for overrides in jobs:
+            root = [] if experiment.endswith("_tiny") else ["data.root=/x"]
+            cfg = _compose(f"experiment={experiment}", *root, *overrides)
+            assert cfg.name == experiment and cfg.stage == name
+            with torch.device("meta"):
+                model = instantiate(cfg.model).config
+                model_from_config(model)  # what a downstream stage rebuilds it from
+            seen.add(json.dumps([model, cfg.distillation.type, str(cfg.finetune_from), name],
+                                sort_keys=True))
+    assert len(seen) == sum(CHAINS[experiment].values())  # no two runs of a chain alike
+    if experiment == "cait_finetune_384":
+        (_, pre), (_, fine) = stages
+        # each pretrain has its fine-tune, of the same model, at 384 px
+        assert [[o for o in job if o.startswith("model=")] for job in fine] == \
+            [[o for o in job if o.startswith("model=")] for job in pre]
+        assert all("model.img_size=384" in job for job in fine)
 
 
 @pytest.mark.parametrize("experiment", sorted(GRIDS))
