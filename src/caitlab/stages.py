@@ -24,7 +24,7 @@ folder beside its own (the same sweep folder) and that folder's best checkpoint
 Locally the stages run in order. On SLURM the whole chain is submitted at once, each
 downstream array with ``--dependency=afterok:<its upstream's job>``.
 
-Stdlib only at import: ``caitlab-sweep`` reads the states.
+Stdlib only at import: the launcher and the report read it before anything heavy loads.
 """
 
 from __future__ import annotations

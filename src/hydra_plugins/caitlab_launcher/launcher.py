@@ -230,7 +230,8 @@ class _SweepAwareMixin:
         self.cancel_removed = cancel_removed  # runs no longer in the sweep: cancel their jobs
         self._sweep_plan: SweepPlan | None = None
         self._squeue: slurm.Queue | None = None  # squeue's answer, once per launch
-        self._held: list[tuple[list[Any], list[tuple[int, list[str], Path]], Any]] = []
+        # batches submitted with hold: (jobs, their runs, their code snapshots)
+        self._held: list[tuple[list[Any], list[tuple[int, list[str], Path]], list[Any]]] = []
         self._after: dict[Path, tuple[str, ...]] = {}  # run folder: upstream jobs it waits for
 
     @property
@@ -337,10 +338,10 @@ class _SweepAwareMixin:
                  f"({sweep_dir})")
         if not todo:
             return skipped
-        jobs, code = [], None
+        jobs, codes = [], []
         for after, group in _by_dependency(todo, self._after):
             group_jobs, code = self._submit_array(sweep_dir, group, initial_job_idx, after)
-            jobs += group_jobs
+            jobs, codes = jobs + group_jobs, codes + [code]
         todo = [t for _, group in _by_dependency(todo, self._after) for t in group]
         for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
             summary = Summary(run_dir, self._facts(overrides, run_dir))
@@ -351,13 +352,13 @@ class _SweepAwareMixin:
         log.info(f"submitted {len(jobs)} runs as job array{'s' * (len(arrays) > 1)} "
                  f"{', '.join(arrays)}")
         if hold:
-            self._held.append((jobs, todo, code))
+            self._held.append((jobs, todo, codes))
             return skipped
         if not self.wait:
             log.info("not waiting (hydra.launcher.wait=false): follow it with "
                      f"caitlab-sweep status {sweep_dir}")
             return skipped + [_skipped(o, {}) for _, o, _ in todo]
-        return skipped + self._wait(jobs, todo, [code], sweep_dir)
+        return skipped + self._wait(jobs, todo, codes, sweep_dir)
 
     def wait_held(self) -> list[JobReturn]:
         """Waits for the batches submitted with ``hold`` (where ``wait`` is true), returns
@@ -372,7 +373,7 @@ class _SweepAwareMixin:
             log.info("not waiting (hydra.launcher.wait=false): follow it with "
                      f"caitlab-sweep status {sweep_dir}")
             return [_skipped(o, {}) for _, o, _ in todo]
-        return self._wait(jobs, todo, [c for *_, c in held], sweep_dir)
+        return self._wait(jobs, todo, [c for *_, cs in held for c in cs], sweep_dir)
 
     def _wait(self, jobs: list[Any], todo: list[tuple[int, list[str], Path]],
               codes: list[Path | None], sweep_dir: Path) -> list[JobReturn]:
