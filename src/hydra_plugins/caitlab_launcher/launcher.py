@@ -601,7 +601,7 @@ class ArrayTask:
     def __call__(self, *args: Any) -> JobReturn:
         launcher, singleton_state = self._load()
         ret = launcher(*args, singleton_state)
-        if ret.status == JobStatus.FAILED:
+        if isinstance(ret, JobReturn) and ret.status == JobStatus.FAILED:
             # Hydra keeps a failed task's error in its result, and the job would end with
             # exit status 0: SLURM would count a failed run as done, and start the stages
             # that wait on it (afterok). Raised, the job fails, and its trace has the line.
