@@ -225,3 +225,34 @@ def test_take_indices_reads_forward_intermediates_indices_as_timm_does():
     assert compat.take_indices(4, None) == ([0, 1, 2, 3], 3)
     with pytest.raises(AssertionError):  # timm refuses a block the model does not have
         compat.take_indices(4, [7])
+
+
+def test_async_io_jobs_run_after_the_saves_before_them_and_wait_raises_their_error(tmp_path):
+    import threading
+
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from caitlab.training.preemption import AtomicCheckpointIO
+
+    io = AsyncCheckpointIO(AtomicCheckpointIO())
+    weights = torch.zeros(3)
+    gate, seen = threading.Event(), []
+    compat.async_io_submit(io, gate.wait)  # holds the writer thread until the checks below
+    io.save_checkpoint({"w": weights}, tmp_path / "a.ckpt")
+    weights += 1  # training goes on: the queued write holds the weights of its call
+    compat.async_io_submit(io, lambda: seen.append((tmp_path / "a.ckpt").is_file()))
+    assert not (tmp_path / "a.ckpt").exists() and seen == []  # nothing ran yet
+    gate.set()
+    compat.async_io_wait(io)
+    assert seen == [True]  # the job saw the write queued before it done
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.zeros(3))
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device", str(tmp_path / "b.ckpt"))
+
+    compat.async_io_submit(io, fail)
+    compat.async_io_submit(io, lambda: seen.append("after"))
+    with pytest.raises(OSError, match="No space left on device: .*b.ckpt"):
+        compat.async_io_wait(io)
+    assert seen == [True, "after"]  # a failed job stops nothing queued after it
+    io.teardown()  # the error was raised once: teardown does not raise it again

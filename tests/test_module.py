@@ -9,7 +9,7 @@ import torch
 from caitlab.config import EmaConfig, OptimConfig, RecipeConfig, SchedConfig, TrainConfig
 from caitlab.data import DigitsDataModule
 from caitlab.models import create_model
-from caitlab.training.module import ClassificationModule, DivergedError
+from caitlab.training.module import ClassificationModule, DivergedError, TrainAccuracy
 
 
 def _module(**cfg) -> ClassificationModule:
@@ -94,6 +94,73 @@ def test_non_finite_loss_raises_diverged_with_step_and_epoch():
         _trainer(callbacks=[Poison()]).fit(module, dm)
     assert err.value.step == 7 and err.value.epoch == 1
     assert "loss became nan at step 7 (epoch 1)" in str(err.value)
+
+
+class _PoisonFrom(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            batch[0].fill_(float("nan"))
+
+
+def test_deferred_divergence_check_reports_the_same_step_and_saves_no_poisoned_weights(
+        tmp_path):
+    """On CUDA the check reads a device flag at logging steps and epoch ends instead of
+    syncing every step; forced here on the CPU, it names the same step and epoch, and a
+    checkpoint due after the poisoned step is refused before it is written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = DigitsDataModule(batch_size=64)
+    module = _module()
+    module.defer_divergence_check = True
+    every_step = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1,
+                                 save_top_k=-1, monitor=None)
+    with pytest.raises(DivergedError) as err:
+        _trainer(callbacks=[_PoisonFrom(7), every_step], log_every_n_steps=50,
+                 enable_checkpointing=True).fit(module, dm)
+    assert err.value.step == 7 and err.value.epoch == 1
+    assert "loss became nan at step 7 (epoch 1)" in str(err.value)
+    saved = sorted(int(p.stem.split("=")[1]) for p in tmp_path.glob("*.ckpt"))
+    assert saved == list(range(1, 8))  # step 8's weights (the poisoned update's) are not there
+    for path in tmp_path.glob("*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path.name
+
+
+def test_a_tolerated_non_finite_step_keeps_the_check_synchronous():
+    module = _module(recipe=RecipeConfig(max_nonfinite_steps=1))
+    module.trainer = _trainer()
+    module.setup("fit")
+    assert module.defer_divergence_check is False  # skipping needs the answer at once
+    module = _module()
+    module.trainer = _trainer()
+    module.setup("fit")
+    assert module.defer_divergence_check is False  # on the CPU a check costs no sync
+
+
+@pytest.mark.parametrize("classes", [10, 3])
+def test_train_accuracy_is_torchmetrics_micro_accuracy(classes):
+    from torchmetrics.classification import MulticlassAccuracy
+
+    gen = torch.Generator().manual_seed(0)
+    ours = TrainAccuracy(classes, prefix="train/")
+    ks = (1, 5) if classes >= 5 else (1,)
+    theirs = {k: MulticlassAccuracy(classes, top_k=k, average="micro") for k in ks}
+    for batch in (64, 64, 17):
+        logits = torch.randn(batch, classes, generator=gen)
+        target = torch.randint(0, classes, (batch,), generator=gen)
+        ours.update(logits, target)
+        for metric in theirs.values():
+            metric.update(logits, target)
+    got = ours.compute()
+    assert sorted(got) == [f"train/top{k}" for k in ks]
+    for k, metric in theirs.items():
+        assert got[f"train/top{k}"].item() == pytest.approx(metric.compute().item(), abs=1e-6)
+    assert 0.0 < got["train/top1"].item() < 1.0
+    ours.reset()
+    assert ours.total.item() == 0
 
 
 def test_bounded_non_finite_steps_are_skipped():

@@ -89,6 +89,37 @@ def last_save(callback: ModelCheckpoint) -> tuple[int, str]:
     return callback._last_global_step_saved, callback._last_checkpoint_saved
 
 
+def async_io_submit(io: Any, fn: Any) -> None:
+    """Queues ``fn()`` in an ``AsyncCheckpointIO``'s writer thread, after the saves queued
+    before it; an error it raises is kept and raised where the saves' errors are (the next
+    save, teardown).
+
+    The plugin's thread and its error slot (``_executor``, ``_error``) are not public, and
+    a file derived from a checkpoint (a link to it) must be made after that write."""
+    io._ensure_setup()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as err:
+            io._error = io._error or err
+
+    io._executor.submit(run)
+
+
+def async_io_wait(io: Any) -> None:
+    """Waits for everything queued in an ``AsyncCheckpointIO``'s writer thread, then raises
+    the first error of it (once: teardown does not raise it a second time).
+
+    Lightning's plugin waits only at teardown; its single worker runs jobs in order, so a
+    no-op queued now returns after all of them."""
+    if io._executor is not None:
+        io._executor.submit(lambda: None).result()
+    err, io._error = io._error, None
+    if err is not None:
+        raise err
+
+
 def unset_wandb_anonymous(logger: Any) -> None:
     """Leaves ``anonymous`` out of what a ``WandbLogger`` passes to ``wandb.init``, where
     Lightning would pass ``anonymous=None``: wandb >= 0.19 warns about the argument whatever

@@ -16,6 +16,7 @@ from caitlab import compat
 from caitlab.analysis.stats import THROUGHPUT_RULE, throughput
 from caitlab.console import say
 from caitlab.runs import Summary
+from caitlab.training.preemption import BackgroundCheckpointIO
 
 log = logging.getLogger("caitlab")
 
@@ -71,12 +72,16 @@ class BestCheckpoint(ModelCheckpoint):
 
     def save(self, trainer, filepath: str) -> None:
         step, source = compat.last_save(self.latest)
-        if step != trainer.global_step or not Path(source or "").is_file() \
-                or self.save_weights_only:
+        if step != trainer.global_step or not source or self.save_weights_only:
             compat.lightning_save(self, trainer, filepath)
             return
         if trainer.is_global_zero:
-            _link_atomic(Path(source), Path(filepath))
+            def link() -> None:
+                _link_atomic(Path(source), Path(filepath))
+
+            io = trainer.strategy.checkpoint_io
+            # latest's file may still be in the writer thread: link once it is renamed
+            io.then(link) if isinstance(io, BackgroundCheckpointIO) else link()
         compat.record_save(self, trainer, filepath)
 
 

@@ -261,7 +261,7 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
         SteadyProgressBar,
         SummaryCallback,
     )
-    from caitlab.training.preemption import AtomicCheckpointIO, GracefulStop
+    from caitlab.training.preemption import BackgroundCheckpointIO, GracefulStop
 
     ckpts = run.dir / "checkpoints"
     # Lightning's save_last only follows a new best; resuming needs every epoch's state.
@@ -280,7 +280,7 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     callbacks.append(EpochLines(console=not bar))
     if bar:
         callbacks.append(SteadyProgressBar(leave=True))
-    plugins: list = [AtomicCheckpointIO()]
+    plugins: list = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
         # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
         plugins.append(SLURMEnvironment(auto_requeue=False))
