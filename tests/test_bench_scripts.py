@@ -100,18 +100,29 @@ def test_bench_model_times_timm_reference_with_our_weights(case, name, capsys, m
         assert batch / ours + batch / timm == pytest.approx(wall, rel=0.1)
 
 
-def test_bench_overhead_reference_loop_does_the_same_training(monkeypatch, tmp_path):
+def test_bench_overhead_reference_loop_does_the_same_training_interleaved(monkeypatch,
+                                                                         tmp_path):
+    """The reference's epochs run inside ours' run, and neither changes the other's numbers:
+    both end with the exact weights a run of ours alone ends with."""
+    from caitlab.train import train
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(sys.modules["__main__"], "EpochClock", bench_overhead.EpochClock,
                         raising=False)
     extra = ["model.depth=2", "data.batch_size=256", "logger=csv",
              "trainer.enable_progress_bar=false"]
     cfg = bench_overhead.compose("digits", tmp_path / "a", epochs=3, extra=extra)
-    ours_t, ours_w = bench_overhead.run_ours(cfg)
-    cfg = bench_overhead.compose("digits", tmp_path / "b", epochs=3, extra=extra)
-    ref_t, ref_w = bench_overhead.run_reference(cfg)
+    ours_t, ref_t, diff = bench_overhead.run_round(cfg)
     assert len(ours_t) == len(ref_t) == 2  # the first of 3 epochs is not timed
     assert all(t > 0 for t in ours_t + ref_t)
-    assert ours_w.keys() == ref_w.keys()
-    for key, value in ref_w.items():
-        assert torch.equal(ours_w[key], value), key
+    assert diff == 0.0
+    interleaved = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt",
+                             weights_only=True)["state_dict"]
+    alone = bench_overhead.compose("digits", tmp_path / "b", epochs=3, extra=[
+        *extra, "~callbacks.epoch_clock"])
+    train(alone)
+    alone_w = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt",
+                         weights_only=True)["state_dict"]
+    assert alone_w.keys() == interleaved.keys()
+    for key, value in alone_w.items():
+        assert torch.equal(interleaved[key], value), key

@@ -466,3 +466,87 @@ def test_high_bit_depth_images_keep_their_contrast(tmp_path, kind):
     # the ramp stays a ramp from black to white (Pillow's own convert clips it to one colour)
     assert rgb[0, 0, 0] <= 2 and rgb[-1, -1, 0] >= 253
     assert abs(rgb.mean() - 127.5) < 3
+
+
+# --------------------------------------------------------------- normalising on the device
+
+
+def _first_batch(dm: ImageFolderDataModule, seed: int = 0):
+    """The first training batch, as the model gets it (after the device's part)."""
+    random.seed(seed), torch.manual_seed(seed), np.random.seed(seed)
+    batch = next(iter(dm.train_dataloader()))
+    return dm.on_after_batch_transfer(batch, 0)
+
+
+def test_normalising_on_the_device_is_the_same_transform_moved(tmp_path):
+    """uint8 batches from the workers (a quarter of the bytes), normalised after transfer:
+    the images the model sees are those of the transform that normalises in the worker."""
+    root = make_photo_folder(tmp_path, per_class=4, val=1)
+    moved = folder_dm(root, reprob=0.0)
+    moved.setup("fit")
+    raw = next(iter(moved.train_dataloader()))[0]
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 3, 32, 32)
+    in_worker = folder_dm(root, reprob=0.0, normalize_on_device=False)
+    in_worker.setup("fit")
+    x, y = _first_batch(moved)
+    x_ref, y_ref = _first_batch(in_worker)
+    assert x.dtype == x_ref.dtype == torch.float32
+    assert torch.equal(y, y_ref)
+    # the same crops and RandAugment draws; ToTensor's /255 then Normalize, against one step
+    assert (x - x_ref).abs().max() < 1e-4
+    assert x.abs().max() > 1  # normalised, not [0, 1]
+
+
+def test_random_erasing_on_the_device_erases_at_its_rate(tmp_path):
+    root = make_photo_folder(tmp_path, per_class=4, val=1)
+    never, always = folder_dm(root, reprob=0.0), folder_dm(root, reprob=1.0)
+    for dm in (never, always):
+        dm.setup("fit")
+    x0, _ = _first_batch(never)
+    x1, _ = _first_batch(always)
+    erased = (x1 != x0).flatten(1).any(1)
+    assert erased.all()  # every image, with probability 1
+    # const mode: the box is 0 in every channel (the mean colour once normalised)
+    assert ((x1 == 0).all(1).flatten(1).sum(1) > 0).all()
+    # evaluation batches come normalised from their transform: left as they are
+    val = next(iter(always.val_dataloader()))
+    assert always.on_after_batch_transfer(val, 0)[0] is val[0]
+
+
+def test_repeated_augmentation_sampler_repeats_each_image_across_ranks(tmp_path):
+    from torch.utils.data import DistributedSampler
+
+    from caitlab.data.sampling import RepeatedAugSampler
+
+    data = list(range(300))
+    ranks = [RepeatedAugSampler(data, num_replicas=3, rank=r, seed=0, repeats=3)
+             for r in range(3)]
+    # a DistributedSampler: Lightning leaves it in place under DDP instead of wrapping it
+    assert all(isinstance(s, DistributedSampler) for s in ranks)
+    epoch = [list(s) for s in ranks]
+    # DeiT's epoch length: the dataset rounded down to 256, over the ranks
+    assert [len(e) for e in epoch] == [len(s) for s in ranks] == [85, 85, 85]
+    # the three copies of an image go to three different ranks
+    for i in set(epoch[0]):
+        assert i in epoch[1] and i in epoch[2]
+    assert len(set(epoch[0])) == len(epoch[0])
+    for s in ranks:
+        s.set_epoch(1)
+    assert [list(s) for s in ranks] != epoch  # a new order each epoch
+    other_seed = RepeatedAugSampler(data, num_replicas=3, rank=0, seed=1, repeats=3)
+    assert list(other_seed) != epoch[0]  # and each seed its own
+
+
+def test_repeated_augmentation_in_the_training_loader(tmp_path):
+    root = make_photo_folder(tmp_path, per_class=4, val=1)
+    dm = folder_dm(root, repeated_aug=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    alone = list(loader.sampler)
+    # one process: each image three times in a row (DeiT's order), 16 images an epoch
+    assert len(alone) == 16 and alone[0::3][:5] == alone[1::3][:5] == alone[2::3][:5]
+    plain = folder_dm(root)
+    plain.setup("fit")
+    assert type(plain.train_dataloader().sampler).__name__ == "RandomSampler"
+    with pytest.raises(DataConfigError, match="repeated_aug"):
+        folder_dm(root, repeated_aug=0)

@@ -247,6 +247,8 @@ LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
 # keys the config gained since, each with the value every earlier config had implicitly
 LEGACY_ADDED = ("signature_exclude", "threads")
 LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stages": None}
+# data keys added since, with the value every earlier data config had implicitly
+LEGACY_ADDED_DATA_DEFAULTS = {"normalize_on_device": True, "repeated_aug": 1}
 # data.num_workers became `auto` where these data configs had a count
 LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
                       "caitlab.data.Cifar10DataModule": 4, "caitlab.data.Cifar100DataModule": 4}
@@ -271,6 +273,9 @@ def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
         data["trainer"] = {k: v for k, v in trainer.items()
                            if k not in LEGACY_NON_RESULT_TRAINER_KEYS}
     dataset = data.get("data")
+    if isinstance(dataset, dict):
+        dataset = data["data"] = {k: v for k, v in dataset.items() if not (
+            k in LEGACY_ADDED_DATA_DEFAULTS and v == LEGACY_ADDED_DATA_DEFAULTS[k])}
     if isinstance(dataset, dict) and dataset.get("num_workers") == "auto":
         old = LEGACY_NUM_WORKERS.get(str(dataset.get("_target_")))
         if old is not None:  # the previous rule hashed the count these files then gave

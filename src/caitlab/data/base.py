@@ -223,12 +223,23 @@ class FileDataModule(DataModuleBase):
         """A per-sample DataLoader; Lightning injects its DistributedSampler under DDP."""
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() first")
-        gen = torch.Generator().manual_seed(self.seed) if train else None
+        sampler = self.train_sampler(ds) if train else None
+        gen = torch.Generator().manual_seed(self.seed) if train and sampler is None else None
         workers = self.loader_workers()
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=train, generator=gen,
-                          drop_last=train and self.drop_last,
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None,
+                          sampler=sampler, generator=gen, drop_last=train and self.drop_last,
+                          collate_fn=self.collate_fn(train),
                           num_workers=workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=workers > 0)
+
+    def collate_fn(self, train: bool):
+        """The loader's collate function (None: PyTorch's default)."""
+        return None
+
+    def train_sampler(self, ds: Dataset):
+        """The training loader's sampler (None: a seeded shuffle; Lightning puts its
+        DistributedSampler in under DDP, and leaves a DistributedSampler it is given)."""
+        return None
 
     def train_dataloader(self) -> DataLoader:
         return self._file_loader(self.train_set, train=True)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.utils.data import DistributedSampler
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -116,3 +117,35 @@ class TensorBatches:
             sel = idx[b * bs:(b + 1) * bs]
             yield self.x[sel], self.y[sel]
 
+
+
+class RepeatedAugSampler(DistributedSampler):
+    """DeiT's repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``): timm's
+    ``RepeatAugSampler``, each image ``repeats`` times an epoch in a seeded order, the copies
+    spread over the ranks (each augmented on its own), an epoch as many images per rank as
+    DeiT's (the dataset rounded down to 256, over the ranks).
+
+    A ``DistributedSampler`` so that Lightning leaves it in place under DDP (it would wrap any
+    other sampler in its own); the order is ``seed + epoch``'s, as DistributedSampler's is
+    (timm's is the epoch's alone, the same for every seed).
+    """
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+                 repeats: int = 3) -> None:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed)
+        self.inner = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                      shuffle=True, num_repeats=repeats)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(self.seed + epoch)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
