@@ -247,3 +247,21 @@ def test_broken_last_checkpoint_falls_back_to_the_newest_good_one(tmp_path):
     with pytest.raises(ResumeError, match="no readable checkpoint"):
         resume_checkpoint(tmp_path)
     assert resume_checkpoint(tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize("env, zero", [
+    ({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
+    ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"RANK": "3"}, False),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, False),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, True)])
+def test_only_global_rank_zero_takes_the_run_folder(monkeypatch, env, zero):
+    """Lightning starts a machine's other DDP ranks as copies of the command with LOCAL_RANK
+    set (no RANK): they must not take the run's lock (they did, and trainer=ddp on one
+    machine without SLURM stopped with 'being trained by another process')."""
+    from caitlab.training.lifecycle import is_rank_zero
+
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert is_rank_zero() is zero

@@ -78,8 +78,10 @@ def slurm_job_id() -> str | None:
 
 
 def is_rank_zero() -> bool:
-    """Only global rank 0 writes the run folder (under SLURM every task runs this app)."""
-    for var in ("RANK", "SLURM_PROCID"):
+    """Only global rank 0 writes the run folder (under SLURM every task runs this app; on
+    one machine Lightning starts the other ranks as copies of this command, with LOCAL_RANK
+    and, across machines, NODE_RANK set, and no RANK)."""
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         if os.environ.get(var) not in (None, "0") and (
             var != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
         ):
