@@ -275,6 +275,10 @@ class ClassificationModule(L.LightningModule):
                 self._check_diverged()
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
+        trainer = compat.attached_trainer(self)
+        if self.device.type == "cuda" and trainer is not None and \
+                batch_idx + 1 >= trainer.num_training_batches:
+            torch.cuda.synchronize(self.device)  # the epoch's clock stops when its work has
         self._epoch_t1 = time.perf_counter()
 
     @property

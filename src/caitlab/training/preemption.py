@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,26 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def __init__(self) -> None:
         super().__init__(AtomicCheckpointIO())
+        self._gate = threading.Event()
+        self._gate.set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         self.wait()
+        # The write starts once training does (release()): serialising is mostly Python,
+        # and beside the epoch end's Python (validation, logging, summary) it would take the
+        # GIL from it; beside a training step, whose kernels run without the GIL, it costs
+        # the loop little.
+        self._gate.clear()
+        self.then(self._gate.wait)
         super().save_checkpoint(checkpoint, path, storage_options)
+
+    def release(self) -> None:
+        """Lets the queued writes start (at the next training batch: ``ReleaseWrites``)."""
+        self._gate.set()
+
+    def teardown(self) -> None:
+        self._gate.set()
+        super().teardown()
 
     def then(self, fn) -> None:
         """Runs ``fn()`` in the writer thread once the writes queued before it are done (a
@@ -73,7 +90,18 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def wait(self) -> None:
         """Returns once every queued write is done; raises the first that failed."""
+        self._gate.set()
         compat.async_io_wait(self)
+
+
+class ReleaseWrites(Callback):
+    """Starts :class:`BackgroundCheckpointIO`'s queued writes as the next training batch
+    starts (teardown, a stop and the next save start them too)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, BackgroundCheckpointIO):
+            io.release()
 
 
 def rng_state() -> dict[str, Any]:

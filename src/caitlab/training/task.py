@@ -261,7 +261,7 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
         SteadyProgressBar,
         SummaryCallback,
     )
-    from caitlab.training.preemption import BackgroundCheckpointIO, GracefulStop
+    from caitlab.training.preemption import BackgroundCheckpointIO, GracefulStop, ReleaseWrites
 
     ckpts = run.dir / "checkpoints"
     # Lightning's save_last only follows a new best; resuming needs every epoch's state.
@@ -271,7 +271,8 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
                           save_top_k=1, enable_version_counter=False, latest=latest)
     run.stopper = GracefulStop(ckpts / "last.ckpt")
     # latest before best: best.ckpt links to the last.ckpt of the same epoch
-    callbacks = [latest, best, SummaryCallback(run.summary, run.clock), run.stopper]
+    callbacks = [latest, best, SummaryCallback(run.summary, run.clock), run.stopper,
+                 ReleaseWrites()]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()
                   if c is not None and "_target_" in c]
     # A bar is for a terminal: in a file (a pipe, a SLURM log) every redraw is lines of its
