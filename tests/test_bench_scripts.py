@@ -126,3 +126,20 @@ def test_bench_overhead_reference_loop_does_the_same_training_interleaved(monkey
     assert alone_w.keys() == interleaved.keys()
     for key, value in alone_w.items():
         assert torch.equal(interleaved[key], value), key
+
+
+def test_bench_data_feeds_both_pipelines_the_same_photographs(tmp_path):
+    """The folder is real JPEG photographs at ImageNet's median size, and both pipelines
+    deliver normalised 224 px batches of every image of it."""
+    from PIL import Image
+
+    import bench_data
+
+    root = bench_data.make_folder(tmp_path, images=64)
+    files = sorted((root / "train").rglob("*.jpg"))
+    assert len(files) == 64 and len({f.parent.name for f in files}) == 4
+    with Image.open(files[0]) as img:
+        assert img.format == "JPEG" and sorted(img.size) == [375, 500]
+    for make in (bench_data.ours_pass, bench_data.timm_pass):
+        n, seconds = make(root, workers=0)()
+        assert n == 64 and seconds > 0
