@@ -336,6 +336,9 @@ def test_image_folder_batches(tmp_path):
     train = list(dm.train_dataloader())
     assert len(train) == 2
     x, y = train[0]
+    # uint8 from the workers; normalised once on the device (on_after_batch_transfer)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    x, y = dm.on_after_batch_transfer(train[0], 0)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sorted(torch.cat([yb for _, yb in train]).tolist()) == [0] * 4 + [1] * 4
     xv, yv = next(iter(dm.val_dataloader()))
