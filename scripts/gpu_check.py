@@ -101,11 +101,6 @@ class Row:
     status: str = "ok"
 
 
-def one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
 # --- 1 and 2: one training step, ours and timm's ---------------------------------------------
 
 def build_pair(name: str, geometry: dict[str, Any], device):
@@ -332,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from caitlab.analysis.timing import prepare_device
+    from caitlab.data.errors import error_reason
 
     plan = Plan.reduced_plan() if args.reduced else Plan()
     if plan.device == "cuda" and not torch.cuda.is_available():
@@ -357,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row = fn()
             except Exception as err:  # every failure is a row and a non-zero exit
-                row = Row(check, model, variant, status=f"FAILED: {one_line(err)}")
+                row = Row(check, model, variant, status=f"FAILED: {error_reason(err)[:300]}")
                 traceback.print_exc(file=sys.stderr)
             finally:
                 torch._dynamo.reset()

@@ -267,17 +267,14 @@ class ClassificationModule(L.LightningModule):
             self._epoch_t0 = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.defer_divergence_check:
-            trainer = compat.attached_trainer(self)
-            # every epoch's last batch is checked, so a bad step is in the epoch it reports
-            if trainer is None or self._logs_this_step() or \
-                    batch_idx + 1 >= trainer.num_training_batches:
-                self._check_diverged()
+        trainer = compat.attached_trainer(self)
+        last = trainer is None or batch_idx + 1 >= trainer.num_training_batches
+        # every epoch's last batch is checked, so a bad step is in the epoch it reports
+        if self.defer_divergence_check and (last or self._logs_this_step()):
+            self._check_diverged()
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        trainer = compat.attached_trainer(self)
-        if self.device.type == "cuda" and trainer is not None and \
-                batch_idx + 1 >= trainer.num_training_batches:
+        if last and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the epoch's clock stops when its work has
         self._epoch_t1 = time.perf_counter()
 
