@@ -9,7 +9,7 @@ import torch
 from caitlab.config import EmaConfig, OptimConfig, RecipeConfig, SchedConfig, TrainConfig
 from caitlab.data import DigitsDataModule
 from caitlab.models import create_model
-from caitlab.training.module import ClassificationModule, DivergedError, TrainAccuracy
+from caitlab.training.module import ClassificationModule, DivergedError, TopKAccuracy
 
 
 def _module(**cfg) -> ClassificationModule:
@@ -141,11 +141,11 @@ def test_a_tolerated_non_finite_step_keeps_the_check_synchronous():
 
 
 @pytest.mark.parametrize("classes", [10, 3])
-def test_train_accuracy_is_torchmetrics_micro_accuracy(classes):
+def test_topk_accuracy_is_torchmetrics_micro_accuracy(classes):
     from torchmetrics.classification import MulticlassAccuracy
 
     gen = torch.Generator().manual_seed(0)
-    ours = TrainAccuracy(classes, prefix="train/")
+    ours = TopKAccuracy(classes, prefix="train/")
     ks = (1, 5) if classes >= 5 else (1,)
     theirs = {k: MulticlassAccuracy(classes, top_k=k, average="micro") for k in ks}
     for batch in (64, 64, 17):

@@ -2,7 +2,8 @@
 
 Pieces come from the libraries that already have them: timm's optimizer factory (no weight
 decay on norms, biases, gammas, position embedding, class token), cosine scheduler, Mixup /
-CutMix, soft-target loss and EMA; torchmetrics' accuracy.
+CutMix, soft-target loss and EMA; torchmetrics' metric base (ranks synchronised at epoch
+end) and mean.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab import compat
@@ -35,24 +36,13 @@ class DivergedError(RuntimeError):
         self.step, self.epoch, self.value = step, epoch, value
 
 
-def _accuracy(num_classes: int) -> MetricCollection:
-    # validate_args=False: the inputs are the model's own logits and the data's labels, and
-    # the checks (value ranges, dtypes) cost as much as the update itself, every step.
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro",
-                                          validate_args=False)}
-    if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro",
-                                             validate_args=False)
-    return MetricCollection(metrics)
+class TopKAccuracy(Metric):
+    """Micro top-1 (and top-5, with 5 classes or more) accuracy over an epoch: what
+    ``MulticlassAccuracy(average="micro", top_k=k)`` gives, from one ``topk`` a batch.
 
-
-class TrainAccuracy(Metric):
-    """Micro top-1 (and top-5, with 5 classes or more) accuracy over a training epoch: what
-    ``MulticlassAccuracy(average="micro", top_k=k)`` gives, from one ``topk`` a step.
-
-    Training updates it every step; torchmetrics' stat-scores update costs ten times as much
-    (0.8 ms a step on a CPU, about 1% of a small model's step). Counts stay on the device and
-    are summed across ranks at ``compute``.
+    Every training step and evaluation batch updates it; torchmetrics' stat-scores update
+    costs ten times as much (0.8 ms a batch and k on a CPU, about 1% of a small model's
+    step). Counts stay on the device and are summed across ranks at ``compute``.
     """
 
     full_state_update = False
@@ -102,13 +92,16 @@ class ClassificationModule(L.LightningModule):
         self.__dict__["teacher"] = teacher
         if teacher is not None and _has_dist_token(model):
             model.set_distilled_training(True)  # before torch.compile sees the model
+        # validate_args=False: the inputs are the model's own logits and the data's labels,
+        # and the checks cost as much as the update itself
         self.head_metrics = nn.ModuleDict(
-            {f"{stage}_{head}": _accuracy(num_classes)["top1"].clone()
+            {f"{stage}_{head}": MulticlassAccuracy(num_classes, top_k=1, average="micro",
+                                                   validate_args=False)
              for stage in ("val", "test") for head in ("cls", "dist")}
         ) if _has_dist_token(model) else None
-        self.train_metrics = TrainAccuracy(num_classes, prefix="train/")
-        self.val_metrics = _accuracy(num_classes).clone(prefix="val/")
-        self.test_metrics = _accuracy(num_classes).clone(prefix="test/")
+        self.train_metrics = TopKAccuracy(num_classes, prefix="train/")
+        self.val_metrics = TopKAccuracy(num_classes, prefix="val/")
+        self.test_metrics = TopKAccuracy(num_classes, prefix="test/")
         # Losses are averaged on the device too (weighted by batch size) and synchronised
         # across ranks once, at epoch end, like the accuracies.
         # a non-finite loss never reaches it (training_step), so NaN checks would only add a
@@ -144,7 +137,8 @@ class ClassificationModule(L.LightningModule):
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
-        loss = self.distill(outputs, targets, teacher_logits)
+        loss = (self.distill(outputs, targets, teacher_logits) if self.teacher is not None
+                else self._base_loss(outputs, targets))
         logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
         if self.defer_divergence_check:
             self._note_nonfinite(loss)
@@ -189,9 +183,10 @@ class ClassificationModule(L.LightningModule):
             raise DivergedError(int(step), self.current_epoch, float(value))
 
     def _base_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The recipe's loss: soft targets after mixup; hard labels (smoothed) where an odd
-        batch was left unmixed."""
-        if targets.ndim == 2 or self.mixup is None:
+        """The recipe's loss: soft targets after mixup; hard labels (smoothed) otherwise, and
+        where an odd batch was left unmixed (the functional form: the module's call costs
+        more, every step)."""
+        if targets.ndim == 2:
             return self.train_loss(logits, targets)
         return F.cross_entropy(logits, targets, label_smoothing=self.cfg.recipe.label_smoothing)
 
@@ -208,7 +203,7 @@ class ClassificationModule(L.LightningModule):
         trainer = compat.attached_trainer(self)
         return trainer is not None and compat.logs_this_step(trainer)
 
-    def _eval_step(self, batch, metrics: MetricCollection, loss_mean: MeanMetric,
+    def _eval_step(self, batch, metrics: TopKAccuracy, loss_mean: MeanMetric,
                    stage: str) -> None:
         x, y = batch
         model = self._eval_model()
