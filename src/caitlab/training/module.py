@@ -40,9 +40,9 @@ class TopKAccuracy(Metric):
     """Micro top-1 (and top-5, with 5 classes or more) accuracy over an epoch: what
     ``MulticlassAccuracy(average="micro", top_k=k)`` gives, from one ``topk`` a batch.
 
-    Every training step and evaluation batch updates it; torchmetrics' stat-scores update
-    costs ten times as much (0.8 ms a batch and k on a CPU, about 1% of a small model's
-    step). Counts stay on the device and are summed across ranks at ``compute``.
+    Every training step and evaluation batch updates it; torchmetrics' stat-scores updates
+    for top-1 and top-5 cost five times as much (188 µs against 37 µs a batch of 64 on a
+    CPU). Counts stay on the device and are summed across ranks at ``compute``.
     """
 
     full_state_update = False
