@@ -84,8 +84,8 @@ class ClassificationModule(L.LightningModule):
                   num_classes=num_classes)
             if recipe.mixes else None
         )
-        self.train_loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
-            label_smoothing=recipe.label_smoothing)
+        # mixup's soft targets; hard labels take F.cross_entropy (_base_loss)
+        self.train_loss = SoftTargetCrossEntropy() if self.mixup else None
         d = self.cfg.distillation
         self.distill = DistillationLoss(self._base_loss, d.type, d.alpha, d.tau)
         # the teacher is no submodule: checkpoints, the optimizer, EMA and train() leave it be
