@@ -86,6 +86,9 @@ def test_user_errors_are_one_line_with_the_key(tmp_path, forkserver, overrides, 
         (["+model.extra.alpha=1", "model.extra.alfa=2"], "model.extra.alfa: no key 'alfa' in "
                                                           "model.extra; did you mean "
                                                           "model.extra.alpha?"),
+        # the right name in another section: the teacher's weights are distillation's
+        (["data.teacher_weights=/w.pth"], "data.teacher_weights: no key 'teacher_weights' in "
+                                          "data; did you mean distillation.teacher_weights?"),
 ])
 def test_mistyped_names_get_the_closest_one_in_a_short_line(tmp_path, forkserver, overrides,
                                                             message):

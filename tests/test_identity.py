@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
-from caitlab import identity
+from caitlab import compat, identity
 from caitlab.runs import register_resolvers, signature, variant_signature
+from caitlab.stages import Chain
 from caitlab.train import CONF_DIR
 from conftest import caitlab_train, clean_env
 from hydra_plugins.caitlab_launcher import launcher as plugin
-from test_experiments import GRIDS, _grid
+from test_experiments import CHAINS, GRIDS, _grid
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "signatures.json"
@@ -32,19 +35,32 @@ def _root(experiment: str) -> list[str]:
 
 def _experiment_signatures(conf_dir: str) -> dict[str, str]:
     """Every run of every shipped experiment: its overrides -> its folder's name, as the
-    sweep launcher plans it."""
+    sweep launcher plans it; a chain's runs as the sweeper expands it (caitlab.stages), so a
+    downstream run's key holds its upstream's signature."""
     register_resolvers()
     out = {}
     grids = {experiment: _grid(experiment) for experiment in sorted(GRIDS)}
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        for experiment, grid in grids.items():
+        parser = OverridesParser.create(config_loader=loader)
+
+        def expand(lines: list[str]) -> list[list[str]]:  # the sweeper's own expansion
+            return compat.BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
+
+        for experiment in sorted({*GRIDS, *CHAINS}):
             task = [f"experiment={experiment}", *_root(experiment),
                     "paths.output_dir=/nonexistent/outputs"]
             master = loader.load_configuration("train", task, run_mode=RunMode.MULTIRUN)
             plan = plugin.SweepPlan(loader, master)
-            for job in grid:
+            if experiment in CHAINS:
+                chain = Chain(OmegaConf.to_container(master.stages, resolve=False))
+                jobs = [job for _, batch in chain.jobs(
+                    [[]], expand, lambda job, plan=plan, task=task:
+                    plan.run_dir(task + job).name) for job in batch]
+            else:
+                jobs = grids[experiment]
+            for job in jobs:
                 out[" ".join([*task[:-1], *job])] = plan.run_dir(task + job).name
     return out
 

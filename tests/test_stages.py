@@ -47,6 +47,22 @@ def test_a_chain_expands_each_stage_and_a_fine_tune_follows_each_pretrain():
     assert parse("stage\\:teacher@0a1b2c3d4e") == ("teacher", "0a1b2c3d4e")  # as Hydra escapes
 
 
+def test_one_pretrain_fans_out_to_fine_tunes_at_384_and_448():
+    chain = Chain({"pretrain": {"model": "a,b"},
+                   "finetune": {"model.img_size": "384,448",
+                                "finetune_from": "${stage:pretrain}"}})
+    (_, pre), (_, fine) = chain.jobs([[]], _expand, _folder)
+    assert len(pre) == 2
+    assert fine == [["model=a", "model.img_size=384", "finetune_from=stage:pretrain@fa",
+                     "stage=finetune"],
+                    ["model=a", "model.img_size=448", "finetune_from=stage:pretrain@fa",
+                     "stage=finetune"],
+                    ["model=b", "model.img_size=384", "finetune_from=stage:pretrain@fb",
+                     "stage=finetune"],
+                    ["model=b", "model.img_size=448", "finetune_from=stage:pretrain@fb",
+                     "stage=finetune"]]
+
+
 def test_a_stage_overrides_what_the_sweep_sets_and_one_teacher_feeds_many_students():
     chain = Chain({"teacher": {"model": "t"},
                    "student": {"model": "x,y", "distillation": "soft,hard",

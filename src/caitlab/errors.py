@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from caitlab.config import CONF_DIR
 from caitlab.runs import DISK_FULL_ERRNOS
@@ -93,6 +94,28 @@ def _shortlist(options: list[str], width: int = 110) -> str:
     return shown
 
 
+def _paths_named(node: Any, key: str) -> list[str]:
+    """Every dotted path of the config ``node`` belongs to whose last part is ``key``."""
+    from omegaconf import DictConfig
+
+    root = node._get_root()
+    found: list[str] = []
+
+    def walk(cfg: Any, prefix: str) -> None:
+        for k in cfg.keys():
+            path = f"{prefix}{k}"
+            if k == key:
+                found.append(path)
+            child = cfg._get_node(k)
+            if isinstance(child, DictConfig) and not child._is_missing() \
+                    and not child._is_none() and not child._is_interpolation():
+                walk(child, f"{path}.")
+
+    if isinstance(root, DictConfig):
+        walk(root, "")
+    return sorted(p for p in found if p != "hydra" and not p.startswith("hydra."))
+
+
 def mistyped_name(err: BaseException) -> str | None:
     """One line for a config option or key that does not exist, with the closest existing
     name (difflib) -- Hydra's own message lists every option and its search path."""
@@ -127,6 +150,9 @@ def mistyped_name(err: BaseException) -> str | None:
         guess = _closest(key, options)
         if guess is not None:
             return f"{line}; did you mean {prefix}{guess}{rest}?"
+        elsewhere = _paths_named(parent, key)
+        if elsewhere:  # the right key in another section (data.teacher_weights)
+            return f"{line}; did you mean {' or '.join(p + rest for p in elsewhere[:2])}?"
         # not Hydra's `+key=value` hint: the value may be a secret
         return f"{line} (to add a new key: +{override}=...)"
     return None
