@@ -52,12 +52,19 @@ CASES = {
 }
 
 
+PHASES = ("steps", "validation", "rest")  # where an epoch's time goes; rest: the epoch end
+
+
 class EpochClock(Callback):
-    """Ours' epoch boundaries, and the reference's epoch run at each (see the module doc)."""
+    """Ours' epoch boundaries, and the reference's epoch run at each (see the module doc);
+    within each epoch, the time in training steps (batch start to batch end: forward,
+    backward, optimizer) and in validation, the rest being the epoch end (checkpoint, logs)."""
 
     reference: Reference | None = None
     ours: list[float] = []  # ours' epoch times, boundary to boundary (reference excluded)
     refs: list[float] = []
+    ours_phases: list[dict[str, float]] = []
+    refs_phases: list[dict[str, float]] = []
 
     def _boundary(self, trainer, last: bool = False) -> None:
         now = time.perf_counter()
@@ -67,14 +74,40 @@ class EpochClock(Callback):
             now = time.perf_counter()
         if self._since is not None:
             EpochClock.ours.append(now - self._since)
+            steps, val = self._in["steps"], self._in["validation"]
+            EpochClock.ours_phases.append({"steps": steps, "validation": val,
+                                           "rest": now - self._since - steps - val})
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._boundary(trainer)
-        EpochClock.refs.append(EpochClock.reference.epoch())
+        seconds, phases = EpochClock.reference.epoch()
+        EpochClock.refs.append(seconds)
+        EpochClock.refs_phases.append(phases)
+        self._in = dict.fromkeys(PHASES[:2], 0.0)
         self._since = time.perf_counter()
+
+    def _start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def _end(self, phase: str) -> None:
+        self._in[phase] += time.perf_counter() - self._t0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._end("steps")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._start()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._end("validation")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._boundary(trainer, last=True)
@@ -151,8 +184,9 @@ class Reference:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def epoch(self) -> float:
-        """Trains and validates one epoch and saves model + optimizer; returns its seconds."""
+    def epoch(self) -> tuple[float, dict[str, float]]:
+        """Trains and validates one epoch and saves model + optimizer; returns its seconds,
+        and theirs in each phase (PHASES)."""
         import torch
         import torch.nn.functional as F
 
@@ -174,6 +208,7 @@ class Reference:
             self.opt.step()
             self.step += 1
             self.sched.step_update(num_updates=self.step)
+        t_val = self._now()
         model.eval()
         correct = 0
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
@@ -181,13 +216,14 @@ class Reference:
             for b in range(0, len(self.val_x), bs):
                 correct += int((model(self.val_x[b:b + bs]).argmax(1)
                                 == self.val_y[b:b + bs]).sum())
+        t_rest = self._now()
         torch.save({"model": model.state_dict(), "optimizer": self.opt.state_dict(),
                     "epoch": self.epochs, "val_top1": correct / len(self.val_x)}, self.ckpt)
-        seconds = self._now() - t0
+        t1 = self._now()
         self.epochs += 1
         self.rng = torch.get_rng_state()
         torch.set_rng_state(theirs)
-        return seconds
+        return t1 - t0, {"steps": t_val - t0, "validation": t_rest - t_val, "rest": t1 - t_rest}
 
     def weights(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -202,6 +238,7 @@ def run_round(cfg) -> tuple[list[float], list[float], float]:
 
     EpochClock.reference = Reference(cfg)
     EpochClock.ours, EpochClock.refs = [], []
+    EpochClock.ours_phases, EpochClock.refs_phases = [], []
     train(cfg)
     ckpt = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt",
                       map_location="cpu", weights_only=True)
@@ -218,17 +255,26 @@ def bench_case(case: str, rounds: int, epochs: int | None, extra: list[str]) -> 
     ours_t: list[float] = []
     ref_t: list[float] = []
     max_diff = 0.0
+    phases: list[tuple[dict[str, float], dict[str, float]]] = []  # (ours, reference) by epoch
     for r in range(rounds):
         with tempfile.TemporaryDirectory(prefix="caitlab-bench-") as tmp:
             ours, ref, diff = run_round(compose(case, Path(tmp), epochs, extra))
         assert len(ours) == len(ref) == epochs - 1, (len(ours), len(ref))
         ours_t += ours
         ref_t += ref
+        phases += list(zip(EpochClock.ours_phases[1:], EpochClock.refs_phases[1:], strict=True))
         max_diff = max(max_diff, diff)
         ratios = [a / b for a, b in zip(ours, ref, strict=True)]
         print(f"  round {r + 1}: ours {statistics.median(ours):.3f} s/epoch, reference "
               f"{statistics.median(ref):.3f} s/epoch, epoch pairs "
               f"+{100 * (statistics.median(ratios) - 1):.1f}%", flush=True)
+    # each phase's share of the difference: median over epochs of ours - reference
+    print(f"  {'phase':<12}{'ours s':>9}{'ref s':>9}{'ours-ref s':>12}  (medians over epochs)")
+    for phase in PHASES:
+        a = [o[phase] for o, _ in phases]
+        b = [f[phase] for _, f in phases]
+        print(f"  {phase:<12}{statistics.median(a):>9.4f}{statistics.median(b):>9.4f}"
+              f"{statistics.median(x - y for x, y in zip(a, b, strict=True)):>+12.4f}")
     ratios = sorted(a / b for a, b in zip(ours_t, ref_t, strict=True))
     q1, q3 = statistics.quantiles(ratios, n=4)[0], statistics.quantiles(ratios, n=4)[2]
     return dict(case=case, ours_s=statistics.median(ours_t),

@@ -116,6 +116,12 @@ def test_bench_overhead_reference_loop_does_the_same_training_interleaved(monkey
     assert len(ours_t) == len(ref_t) == 2  # the first of 3 epochs is not timed
     assert all(t > 0 for t in ours_t + ref_t)
     assert diff == 0.0
+    # each epoch split into its phases, which add up to it: steps and validation measured
+    for times, phases in ((ours_t, bench_overhead.EpochClock.ours_phases[1:]),
+                          (ref_t, bench_overhead.EpochClock.refs_phases[1:])):
+        assert [sum(p.values()) for p in phases] == pytest.approx(times, rel=1e-9)
+        assert all(p["steps"] > 0 and p["validation"] > 0 for p in phases)
+        assert all(p["steps"] > p["validation"] for p in phases)  # backward: steps cost more
     interleaved = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt",
                              weights_only=True)["state_dict"]
     alone = bench_overhead.compose("digits", tmp_path / "b", epochs=3, extra=[

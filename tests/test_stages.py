@@ -190,6 +190,10 @@ def test_a_chain_runs_in_order_is_blocked_by_a_failed_upstream_and_skips_when_do
 
 SLURM = ("hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10")
 TWO = CHAIN.replace("distillation: soft,hard", "distillation: soft")
+# a student long enough to be preempted while it trains (full digits epochs)
+LONG = TWO.replace("distillation: soft\n",
+                   "distillation: soft\n    trainer.max_epochs: 6\n"
+                   "    trainer.limit_train_batches: 1.0\n")
 
 
 def _sacct(*jobs: str) -> dict[str, dict[str, str]]:
@@ -220,7 +224,7 @@ def _by_stage(sweep) -> dict[str, dict]:
 def test_on_slurm_a_chain_is_submitted_at_once_and_its_second_job_waits_on_the_first(tmp_path):
     conf = tmp_path / "conf" / "experiment"
     conf.mkdir(parents=True)
-    (conf / "chain.yaml").write_text(TWO.format(teacher=""))
+    (conf / "chain.yaml").write_text(LONG.format(teacher=""))
     sweep = tmp_path / "chain"
     caitlab_train(tmp_path, "experiment=chain", *SLURM, *TINY, "hydra.launcher.wait=false")
     runs = _by_stage(sweep)
@@ -229,15 +233,25 @@ def test_on_slurm_a_chain_is_submitted_at_once_and_its_second_job_waits_on_the_f
     depends = subprocess.run(["squeue", "-h", "--array", "-j", down, "-o", "%E"],
                              capture_output=True, text=True, check=True).stdout
     assert f"afterok:{up}" in depends
+    # the student preempted as it trains (submitit's signal): requeued, resumed, its teacher
+    # still its upstream's best checkpoint
+    _wait_for(lambda: (s := _by_stage(sweep)["student"]).get("epochs", 0) >= 1
+              and s["status"] == "running", 180, "the student's first epoch")
+    subprocess.run(["scancel", "--signal=USR2", down], check=True)
+    _wait_for(lambda: _by_stage(sweep)["student"]["status"] in ("interrupted", "completed"),
+              60, "the student's checkpoint at the signal")
+    live = (None, "PENDING", "RUNNING", "REQUEUED")
     jobs = _wait_for(lambda: (j := _sacct(up, down)) and all(
-        j.get(k, {}).get("state") not in (None, "PENDING", "RUNNING") for k in (up, down)) and j,
-        300, "both jobs to end")
+        j.get(k, {}).get("state") not in live for k in (up, down)) and j, 300, "both jobs to end")
     assert jobs[up]["state"] == jobs[down]["state"] == "COMPLETED"
     assert {s["status"] for s in _by_stage(sweep).values()} == {"completed"}
     assert jobs[down]["start"] >= jobs[up]["end"]  # ISO times: it started once the first ended
     student = _by_stage(sweep)["student"]
     assert student["teacher"]["source"].endswith(
         f"{runs['teacher']['signature']}/checkpoints/best.ckpt")
+    assert student["attempts"] == 2 and student["slurm_job_id"] == down  # requeued in place
+    assert student["requeued"] is True and student["resumed_from"].endswith("last.ckpt")
+    assert student["epochs"] == 6
 
     again = caitlab_train(tmp_path, "experiment=chain", *SLURM, *TINY)
     assert (again.stdout + again.stderr).count("0 to run, 1 already done") == 2
