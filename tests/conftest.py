@@ -19,9 +19,30 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_server = None  # the session's fork server (tests/forkserver.py), started on first use
+
+
+def fork_server():
+    global _server
+    if _server is None:
+        from forkserver import ForkServer
+
+        _server = ForkServer()
+    return _server
+
+
 def caitlab_train(out: Path, *overrides: str, env: dict[str, str] | None = None,
-                  timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Runs caitlab-train as a user would, with tiny defaults, outputs under ``out``."""
+                  timeout: float = 600, check: bool = True, fresh: bool = False):
+    """Runs caitlab-train as a user would, with tiny defaults, outputs under ``out``.
+
+    Forked from the session's warm process (tests/forkserver.py: the same ``main()``, its
+    own process, without ~10 s of imports), or with ``fresh=True`` the command itself in a
+    new interpreter: for what a fresh process decides (its thread count from the CPUs it was
+    given, the README's first command as it is)."""
+    if env is not None and env.get("PYTHONPATH") != clean_env()["PYTHONPATH"]:
+        fresh = True  # the server's imports came from its own path
+    if not fresh:
+        return fork_server().run(out, *overrides, env=env, check=check, timeout=timeout)
     flags = [o for o in overrides if o.startswith("-")]
     cmd = [sys.executable, "-m", "caitlab.train", *flags, f"paths.output_dir={out}",
            "trainer.enable_progress_bar=false", *(o for o in overrides if o not in flags)]
@@ -78,8 +99,11 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def forkserver():
     """Runs ``caitlab-train`` without paying its imports again (see tests/forkserver.py)."""
-    from forkserver import ForkServer
+    return fork_server()
 
-    server = ForkServer()
-    yield server
-    server.close()
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_fork_server():
+    yield
+    if _server is not None:
+        _server.close()

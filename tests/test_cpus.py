@@ -26,7 +26,7 @@ def test_threads_are_the_runs_share_of_its_cpus_or_as_given():
 def test_a_run_takes_as_many_threads_as_cpus_it_was_given(tmp_path):
     tiny = ("logger=csv", "trainer=debug", "model.embed_dim=16", "model.depth=1")
     # SLURM_CPUS_PER_TASK=1 (as in a job given one CPU) and a mask of one core (taskset)
-    caitlab_train(tmp_path, *tiny, env=clean_env(SLURM_CPUS_PER_TASK="1"))
+    caitlab_train(tmp_path, *tiny, env=clean_env(SLURM_CPUS_PER_TASK="1"), fresh=True)
     (summary,) = [json.loads(p.read_text()) for p in tmp_path.glob("default/*/summary.json")]
     assert summary["threads"] == 1
     if shutil.which("taskset"):

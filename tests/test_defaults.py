@@ -20,7 +20,7 @@ def _run(out):
 
 @pytest.mark.slow
 def test_bare_caitlab_train_reaches_90_percent_on_digits(tmp_path):
-    caitlab_train(tmp_path)  # the README's first command, as it is (wandb offline)
+    caitlab_train(tmp_path, fresh=True)  # the README's first command, as it is (wandb offline)
     _, summary = _run(tmp_path)
     assert summary["status"] == "completed"
     assert summary["epochs"] == 30
