@@ -6,8 +6,8 @@ import io
 import os
 import signal
 import time
+from pathlib import Path
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -74,19 +74,27 @@ class SigkillAt(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.where != "checkpoint":
             return
-        save = torch.save
+        from caitlab.training import preemption
 
-        def torn_save(obj, f, *args, **kwargs):
-            if hasattr(f, "write") and trainer.global_step >= self.step:
+        atomic = preemption.write_atomic
+
+        def torn_write(path, write, **kwargs):
+            # the checkpoint's file, serialised in the loop or in the writer thread alike
+            if Path(path).suffix != ".ckpt" or trainer.global_step < self.step:
+                return atomic(path, write, **kwargs)
+
+            def half(f):
                 buf = io.BytesIO()
-                save(obj, buf, *args, **kwargs)
+                write(buf)
                 f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
                 f.flush()
                 os.fsync(f.fileno())
                 self._kill()
-            return save(obj, f, *args, **kwargs)
 
-        torch.save = torn_save  # this process dies with the patch, the test's is untouched
+            return atomic(path, half, **kwargs)
+
+        # this process dies with the patch, the test's is untouched
+        preemption.write_atomic = torn_write
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe_kill(trainer, "batch")
