@@ -267,7 +267,7 @@ def bench_case(case: str, rounds: int, epochs: int | None, extra: list[str]) -> 
         ratios = [a / b for a, b in zip(ours, ref, strict=True)]
         print(f"  round {r + 1}: ours {statistics.median(ours):.3f} s/epoch, reference "
               f"{statistics.median(ref):.3f} s/epoch, epoch pairs "
-              f"+{100 * (statistics.median(ratios) - 1):.1f}%", flush=True)
+              f"{100 * (statistics.median(ratios) - 1):+.1f}%", flush=True)
     # each phase's share of the difference: median over epochs of ours - reference
     print(f"  {'phase':<12}{'ours s':>9}{'ref s':>9}{'ours-ref s':>12}  (medians over epochs)")
     for phase in PHASES:

@@ -6,8 +6,8 @@ import io
 import os
 import signal
 import time
-from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -74,27 +74,19 @@ class SigkillAt(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.where != "checkpoint":
             return
-        from caitlab.training import preemption
+        save = torch.save
 
-        atomic = preemption.write_atomic
-
-        def torn_write(path, write, **kwargs):
-            # the checkpoint's file, serialised in the loop or in the writer thread alike
-            if Path(path).suffix != ".ckpt" or trainer.global_step < self.step:
-                return atomic(path, write, **kwargs)
-
-            def half(f):
+        def torn_save(obj, f, *args, **kwargs):
+            if hasattr(f, "write") and trainer.global_step >= self.step:
                 buf = io.BytesIO()
-                write(buf)
+                save(obj, buf, *args, **kwargs)
                 f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
                 f.flush()
                 os.fsync(f.fileno())
                 self._kill()
+            return save(obj, f, *args, **kwargs)
 
-            return atomic(path, half, **kwargs)
-
-        # this process dies with the patch, the test's is untouched
-        preemption.write_atomic = torn_write
+        torch.save = torn_save  # this process dies with the patch, the test's is untouched
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe_kill(trainer, "batch")

@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 
-from caitlab.cpus import available_cpus
 from helpers import SigkillAt
 
 # deterministic CPU training on digits, drop-path on (it draws random numbers every step):
@@ -47,19 +46,10 @@ def _temp_files(run: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("threads", [
-    # a torch thread per core: the checkpoint is serialised in the loop, written in a thread
-    "auto",
-    # a core to spare: serialised and written in the writer thread
-    pytest.param("1", marks=pytest.mark.skipif(available_cpus() < 2,
-                                                reason="needs a core beside the one thread")),
-])
-def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, forkserver,
-                                                                        threads):
-    run_ = (*RUN, f"threads={threads}")
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, forkserver):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     ref_out.mkdir(), out.mkdir()
-    forkserver.run(ref_out, *run_)
+    forkserver.run(ref_out, *RUN)
     ref_weights, ref_step = _final_weights(_only_run(ref_out))
     assert ref_step == STEPS
 
@@ -69,7 +59,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     for step, where in moments:
         kill = ("+callbacks.kill._target_=helpers.SigkillAt", f"+callbacks.kill.step={step}",
                 f"+callbacks.kill.where={where}")
-        killed = forkserver.run(out, *run_, *kill, check=False)
+        killed = forkserver.run(out, *RUN, *kill, check=False)
         assert killed.returncode == -9, (step, where, killed.stderr[-3000:])
         run = _only_run(out)
         # never a broken checkpoint: every one left behind loads, whatever the moment
@@ -79,7 +69,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
         if where == "checkpoint":  # killed mid-write: the torn bytes are a temporary file
             assert _temp_files(run), "the kill did not land inside a checkpoint write"
 
-    forkserver.run(out, *run_)
+    forkserver.run(out, *RUN)
     run = _only_run(out)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["attempts"] == KILLS + 1

@@ -13,7 +13,6 @@ SLURM auto-requeue (USR1) is switched off so the two never fight.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
@@ -55,34 +54,19 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     one copy is alive and every checkpoint is on disk before the next one begins. Fit's end,
     an exception and a stop all pass through Lightning's teardown, which waits for the last.
 
-    ``serialize_in_loop``: where training already keeps every core busy (CPU training with a
-    torch thread per core), serialising in the thread only takes a core from the next step's
-    threads, which then wait for it (cait_xxs24_224: its 145 MB took 0.45 s more off the
-    next step than the 0.33 s they cost in the loop). There the checkpoint is serialised in
-    the loop, into memory (the point-in-time copy itself), and only the file's write, fsync
-    and rename, which wait on the disk, go to the thread.
-
     What a kill at any moment leaves is unchanged: the write is still a temporary file
     renamed over the old one (a kill before the rename leaves the previous checkpoint, and a
     resume from it trains the same steps again to the same weights). A failed write (a full
     disk) is raised by the next save or by teardown, naming its file.
     """
 
-    def __init__(self, serialize_in_loop: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__(AtomicCheckpointIO())
-        self.serialize_in_loop = serialize_in_loop
         self._gate = threading.Event()
         self._gate.set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         self.wait()
-        if self.serialize_in_loop:
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            data = buffer.getbuffer()
-            self.then(lambda: write_atomic(Path(path), lambda f: f.write(data), binary=True,
-                                           sync_folder=True))
-            return
         # The write starts once training does (release()): serialising is mostly Python,
         # and beside the epoch end's Python (validation, logging, summary) it would take the
         # GIL from it; beside a training step, whose kernels run without the GIL, it costs

@@ -251,12 +251,10 @@ def _loggers(cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> list:
 def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     """Lightning's trainer with caitlab's callbacks (checkpoints, the summary, preemption,
     the console) and the configured ones; returns it and the best-checkpoint callback."""
-    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from caitlab.cpus import available_cpus
     from caitlab.training.callbacks import (
         BestCheckpoint,
         EpochLines,
@@ -283,10 +281,7 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     callbacks.append(EpochLines(console=not bar))
     if bar:
         callbacks.append(SteadyProgressBar(leave=True))
-    # no core to spare for serialising beside the training step: see BackgroundCheckpointIO
-    busy = (cfg.trainer.get("accelerator") == "cpu"
-            and torch.get_num_threads() >= available_cpus())
-    plugins: list = [BackgroundCheckpointIO(serialize_in_loop=busy)]
+    plugins: list = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
         # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
         plugins.append(SLURMEnvironment(auto_requeue=False))
