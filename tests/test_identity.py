@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from caitlab import compat, identity
+from caitlab import identity
 from caitlab.runs import register_resolvers, signature, variant_signature
 from caitlab.stages import Chain
 from caitlab.train import CONF_DIR
@@ -43,25 +42,19 @@ def _experiment_signatures(conf_dir: str) -> dict[str, str]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        parser = OverridesParser.create(config_loader=loader)
-
-        def expand(lines: list[str]) -> list[list[str]]:  # the sweeper's own expansion
-            return compat.BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
-
         for experiment in sorted({*GRIDS, *CHAINS}):
             task = [f"experiment={experiment}", *_root(experiment),
                     "paths.output_dir=/nonexistent/outputs"]
             master = loader.load_configuration("train", task, run_mode=RunMode.MULTIRUN)
             plan = plugin.SweepPlan(loader, master)
-            if experiment in CHAINS:
+            if experiment in CHAINS:  # the sweep's own jobs: the task's overrides included
                 chain = Chain(OmegaConf.to_container(master.stages, resolve=False))
-                jobs = [job for _, batch in chain.jobs(
-                    [[]], expand, lambda job, plan=plan, task=task:
-                    plan.run_dir(task + job).name) for job in batch]
+                jobs = [job for _, batch in plugin.chain_batches(chain, task, loader, plan)
+                        for job in batch]
             else:
-                jobs = grids[experiment]
+                jobs = [task + job for job in grids[experiment]]
             for job in jobs:
-                out[" ".join([*task[:-1], *job])] = plan.run_dir(task + job).name
+                out[" ".join(o for o in job if o != task[-1])] = plan.run_dir(job).name
     return out
 
 

@@ -649,28 +649,17 @@ class SweepAwareSweeper(compat.BasicSweeper):
         stages = self.config.get("stages")
         if not stages:
             return super().sweep(arguments)
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         from caitlab import stages as chain_of
 
         try:
             chain = chain_of.Chain(OmegaConf.to_container(stages, resolve=False))
         except chain_of.StageError as err:
             raise ConfigError(str(err)) from None
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-
-        def expand(lines: list[str]) -> list[list[str]]:
-            return self.split_arguments(parser.parse_overrides(lines), None)[0]
-
-        common = expand([*self._parse_config(), *arguments])
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweep does
-        plan = self._plan()
-        try:
-            batches = chain.jobs(common, expand, lambda job: plan.run_dir(job).name)
-        except chain_of.StageError as err:
-            raise ConfigError(str(err)) from None
+        batches = chain_batches(chain, [*self._parse_config(), *arguments],
+                                self.hydra_context.config_loader, self._plan())
         whole = [job for _, batch in batches for job in batch]
         held = getattr(self.launcher, "cluster", None) == "slurm"
         returns, idx = [], 0
@@ -690,6 +679,26 @@ class SweepAwareSweeper(compat.BasicSweeper):
             for r in results:
                 _ = r.return_value  # as Hydra's sweep: a failed job's error, once all ran
         return returns
+
+
+def chain_batches(chain: Any, arguments: list[str], config_loader: Any,
+                  plan: SweepPlan) -> list[tuple[str, list[list[str]]]]:
+    """A chain's stages (``caitlab.stages.Chain``) as the sweep runs them: each stage's name
+    and its jobs' overrides, the sweep's own ``arguments`` expanded as Hydra's basic sweeper
+    expands them, each reference written with its upstream's signature (``plan``'s folder)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from caitlab import stages as chain_of
+
+    parser = OverridesParser.create(config_loader=config_loader)
+
+    def expand(lines: list[str]) -> list[list[str]]:
+        return compat.BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
+
+    try:
+        return chain.jobs(expand(arguments), expand, lambda job: plan.run_dir(job).name)
+    except chain_of.StageError as err:
+        raise ConfigError(str(err)) from None
 
 
 @dataclass
