@@ -15,9 +15,11 @@ callback runs one epoch of the reference (its own model, optimizer, data and RNG
 neither changes the other's numbers), so each pair of epochs is measured seconds apart and a
 machine whose speed drifts (a shared VM's moves by 10-20% over a minute) moves both alike.
 Ours' epoch is timed from boundary to boundary, so it holds everything that happens once per
-epoch (validation, checkpoints, logging). Ours' checkpoint write starts with its next training
-batch (caitlab's BackgroundCheckpointIO), after the reference's epoch, so its cost lands in
-ours' next epoch as in a real run; the last epoch's write is waited for and counted as ours.
+epoch (validation, checkpoints, logging). What ours' checkpoint leaves to its writer thread
+(caitlab's BackgroundCheckpointIO: on a CPU with a torch thread per core, the fsyncs and the
+rename; otherwise the whole write, from the next training batch) runs after the reference's
+epoch, so its cost lands in ours' next epoch as in a real run; the last epoch's is waited for
+and counted as ours.
 The first epoch (warm-up, set-up) is not counted. Both
 do the same steps on the same data from the same weights, so they end with the same weights:
 the script checks.

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from caitlab.cpus import available_cpus
 from helpers import SigkillAt
 
 # deterministic CPU training on digits, drop-path on (it draws random numbers every step):
@@ -46,10 +47,19 @@ def _temp_files(run: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, forkserver):
+@pytest.mark.parametrize("threads", [
+    # a torch thread per core: the checkpoint is written in the loop, fsync'ed in a thread
+    "auto",
+    # a core to spare: copied in the loop, written and fsync'ed in the writer thread
+    pytest.param("1", marks=pytest.mark.skipif(available_cpus() < 2,
+                                                reason="needs a core beside the one thread")),
+])
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, forkserver,
+                                                                        threads):
+    run_ = (*RUN, f"threads={threads}")
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     ref_out.mkdir(), out.mkdir()
-    forkserver.run(ref_out, *RUN)
+    forkserver.run(ref_out, *run_)
     ref_weights, ref_step = _final_weights(_only_run(ref_out))
     assert ref_step == STEPS
 
@@ -59,7 +69,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
     for step, where in moments:
         kill = ("+callbacks.kill._target_=helpers.SigkillAt", f"+callbacks.kill.step={step}",
                 f"+callbacks.kill.where={where}")
-        killed = forkserver.run(out, *RUN, *kill, check=False)
+        killed = forkserver.run(out, *run_, *kill, check=False)
         assert killed.returncode == -9, (step, where, killed.stderr[-3000:])
         run = _only_run(out)
         # never a broken checkpoint: every one left behind loads, whatever the moment
@@ -69,7 +79,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
         if where == "checkpoint":  # killed mid-write: the torn bytes are a temporary file
             assert _temp_files(run), "the kill did not land inside a checkpoint write"
 
-    forkserver.run(out, *RUN)
+    forkserver.run(out, *run_)
     run = _only_run(out)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["attempts"] == KILLS + 1

@@ -128,29 +128,55 @@ def write_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False
     readers, and a process killed at any moment, see the old file or the new one, never half.
     ``sync_folder`` also fsyncs the folder, so the rename itself survives a crash of the node.
     A write the storage refuses (full disk...) raises an ``OSError`` that names ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if sync_folder:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # a full disk gets its space back
-        # torch reports a full disk as "unexpected pos ..." with the OSError as context
-        named = name_path(err, path)
-        if named is err:
-            raise
-        raise named from err
+    AtomicWrite(path, write, binary=binary).commit(sync_folder=sync_folder)
+
+
+class AtomicWrite:
+    """:func:`write_atomic` in two halves: the constructor writes the temporary file, and
+    :meth:`commit` (another thread may call it) fsyncs it and renames it over ``path``.
+
+    Until the commit, ``path`` is the old file: a process killed in between leaves it, and
+    the temporary file that :func:`remove_stale_temp_files` deletes. The fsyncs wait on the
+    disk, not on a core or the GIL, which is why they may be left to a thread."""
+
+    def __init__(self, path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                        suffix=".tmp")
+        self._file = os.fdopen(fd, "wb" if binary else "w")
+        with self._failing():
+            write(self._file)
+            self._file.flush()
+
+    def commit(self, sync_folder: bool = False) -> None:
+        with self._failing():
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp, self.path)
+            if sync_folder:
+                dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def _failing(self):
+        """On any error: the temporary file goes (a full disk gets its space back), and a
+        refused write is raised naming ``path``."""
+        try:
+            yield
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            # torch reports a full disk as "unexpected pos ..." with the OSError as context
+            named = name_path(err, self.path)
+            if named is err:
+                raise
+            raise named from err
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from caitlab import compat
-from caitlab.runs import write_atomic
+from caitlab.runs import AtomicWrite, write_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,32 +45,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """:class:`AtomicCheckpointIO`'s writes off the training loop, in Lightning's writer thread.
+    """:class:`AtomicCheckpointIO`'s writes taken off the training loop, as far as the
+    device lets them: what waits on the disk always, the serialisation too where it runs
+    beside a device that computes without the CPU.
 
-    Serialising and fsync'ing a checkpoint cost 3-8% of a small model's epoch on a CPU
-    (digits: about 50 ms of a 0.7-1.6 s epoch). Lightning's ``AsyncCheckpointIO`` copies the
-    checkpoint's tensors on the caller's thread (a point-in-time copy, on their device) and
-    writes the copy in a thread; here each save first waits for the one before it, so at most
-    one copy is alive and every checkpoint is on disk before the next one begins. Fit's end,
-    an exception and a stop all pass through Lightning's teardown, which waits for the last.
+    - **GPU training, or CPU training with a core to spare** (``serialize_in_loop=False``):
+      Lightning's ``AsyncCheckpointIO`` copies the checkpoint's tensors on the caller's
+      thread (a point-in-time copy, on their device) and its writer thread serialises,
+      writes, fsyncs and renames the copy while training goes on. The write starts with the
+      next training batch (``ReleaseWrites``): serialising is mostly Python, and beside the
+      epoch end's Python (validation, logging, the summary) it would take the GIL from it.
+    - **CPU training with a torch thread per core** (``serialize_in_loop=True``, the default
+      ``threads=auto``; ``ReleaseWrites`` sets it): no core is free, so a serialising thread
+      only takes one from the next step's threads, which all wait for the slowest (digits:
+      the background write cost the epoch's first step 13 ms, more than the 9-10 ms of
+      serialising in the loop). There the checkpoint is written to its temporary file in the
+      loop, with no copy, and only the fsyncs and the rename, which wait on the disk and not
+      on a core, go to the thread.
 
-    What a kill at any moment leaves is unchanged: the write is still a temporary file
-    renamed over the old one (a kill before the rename leaves the previous checkpoint, and a
-    resume from it trains the same steps again to the same weights). A failed write (a full
-    disk) is raised by the next save or by teardown, naming its file.
+    Each save first waits for the one before it, so every checkpoint is on disk before the
+    next one begins; fit's end, an exception and a stop all pass through Lightning's
+    teardown, which waits for the last. What a kill at any moment leaves is unchanged: the
+    write is a temporary file renamed over the old one (a kill before the rename leaves the
+    previous checkpoint, and a resume from it trains the same steps again to the same
+    weights). A failed write (a full disk) is raised by the next save or by teardown, naming
+    its file.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, serialize_in_loop: bool = False) -> None:
         super().__init__(AtomicCheckpointIO())
+        self.serialize_in_loop = serialize_in_loop
         self._gate = threading.Event()
         self._gate.set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         self.wait()
-        # The write starts once training does (release()): serialising is mostly Python,
-        # and beside the epoch end's Python (validation, logging, summary) it would take the
-        # GIL from it; beside a training step, whose kernels run without the GIL, it costs
-        # the loop little.
+        if self.serialize_in_loop:
+            pending = AtomicWrite(Path(path), lambda f: torch.save(checkpoint, f), binary=True)
+            self.then(lambda: pending.commit(sync_folder=True))
+            return
         self._gate.clear()
         self.then(self._gate.wait)
         super().save_checkpoint(checkpoint, path, storage_options)
@@ -95,13 +108,28 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
 
 class ReleaseWrites(Callback):
-    """Starts :class:`BackgroundCheckpointIO`'s queued writes as the next training batch
-    starts (teardown, a stop and the next save start them too)."""
+    """Sets :class:`BackgroundCheckpointIO`'s mode from the trainer's device and threads,
+    and starts its queued writes as the next training batch starts (teardown, a stop and the
+    next save start them too)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, BackgroundCheckpointIO):
+            io.serialize_in_loop = every_core_busy(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         io = trainer.strategy.checkpoint_io
         if isinstance(io, BackgroundCheckpointIO):
             io.release()
+
+
+def every_core_busy(trainer) -> bool:
+    """Whether the trainer's ranks on this machine train on the CPU with a torch thread for
+    every core this process may use (``threads=auto``, the default)."""
+    from caitlab.cpus import available_cpus
+
+    return (trainer.strategy.root_device.type == "cpu"
+            and torch.get_num_threads() * trainer.num_devices >= available_cpus())
 
 
 def rng_state() -> dict[str, Any]:
