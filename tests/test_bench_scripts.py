@@ -134,6 +134,28 @@ def test_bench_overhead_reference_loop_does_the_same_training_interleaved(monkey
         assert torch.equal(interleaved[key], value), key
 
 
+def test_bench_overhead_floor_is_lightning_doing_the_references_work(monkeypatch, tmp_path):
+    """--floor: a minimal module under a bare trainer, interleaved with the reference, trains
+    to the reference's exact weights (the same work, so its overhead is Lightning's loop) and
+    saves them at every epoch end as the reference does."""
+    monkeypatch.setattr(sys.modules["__main__"], "EpochClock", bench_overhead.EpochClock,
+                        raising=False)
+    cfg = bench_overhead.compose("digits", tmp_path, epochs=3, extra=[
+        "model.depth=2", "data.batch_size=256"])
+    floor_t, ref_t, diff = bench_overhead.run_floor_round(cfg)
+    assert len(floor_t) == len(ref_t) == 2 and all(t > 0 for t in floor_t + ref_t)
+    assert diff == 0.0
+    for times, phases in ((floor_t, bench_overhead.EpochClock.ours_phases[1:]),
+                          (ref_t, bench_overhead.EpochClock.refs_phases[1:])):
+        assert [sum(p.values()) for p in phases] == pytest.approx(times, rel=1e-9)
+        assert all(p["steps"] > p["validation"] > 0 for p in phases)
+    saved = torch.load(tmp_path / "run" / "floor.pt", weights_only=True)
+    ref = bench_overhead.EpochClock.reference.weights()
+    assert saved["epoch"] == 2 and saved["model"].keys() == ref.keys()
+    assert all(torch.equal(saved["model"][k], v) for k, v in ref.items())
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no caitlab, no checkpoint callback
+
+
 def test_bench_data_feeds_both_pipelines_the_same_photographs(tmp_path):
     """The folder is real JPEG photographs at ImageNet's median size, and both pipelines
     deliver normalised 224 px batches of every image of it."""
