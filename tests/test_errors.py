@@ -7,11 +7,13 @@ tests/forkserver.py): the same ``main()`` as the console script, without ~10 s o
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +152,26 @@ def test_read_only_output_folder(read_only_folder, forkserver, tmp_path):
     assert line.startswith(f"caitlab-train: error: cannot write {read_only_folder}/out")
     assert ("Read-only file system" if os.geteuid() == 0 else "Permission denied") in line
     assert "paths.output_dir (or CAITLAB_OUTPUT_DIR) must be a writable folder" in line
+
+
+def _check_often(folder: str) -> str | None:
+    from caitlab.runs import check_writable
+
+    try:
+        for _ in range(300):
+            check_writable(Path(folder))
+    except OSError as err:
+        return repr(err)
+    return None
+
+
+def test_ranks_checking_the_run_folder_at_once_do_not_trip_each_other(tmp_path):
+    """Every DDP rank checks the run folder as it starts. None may take another's check for
+    a refusal: with one shared probe file, one rank deleted it under another, which ended
+    rank 1 of a SLURM job while rank 0 waited for it at the rendezvous."""
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        assert pool.map(_check_often, [str(tmp_path / "run")] * 4) == [None] * 4
+    assert list((tmp_path / "run").iterdir()) == []  # no probe left behind
 
 
 # two loader workers: the path every real image folder takes (data.num_workers defaults to 8)

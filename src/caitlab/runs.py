@@ -179,6 +179,17 @@ class AtomicWrite:
             raise named from err
 
 
+def check_writable(folder: Path) -> None:
+    """Makes ``folder`` and writes (then deletes) a file of a name no other process uses:
+    every DDP rank checks the run folder at once, and with one shared probe name a rank could
+    delete another's probe before that one did (its ``FileNotFoundError`` ended it, and the
+    other ranks waited for it at the DDP rendezvous). Raises the ``OSError`` of a refusal."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """``text`` written with :func:`write_atomic`."""
     write_atomic(path, lambda f: f.write(text))

@@ -27,6 +27,7 @@ from caitlab.runs import (
     RunFailed,
     RunLock,
     Summary,
+    check_writable,
     read_summary,
     remove_stale_temp_files,
     resume_checkpoint,
@@ -228,10 +229,7 @@ class Run:
         """Makes the folder, takes its lock and writes ``config.yaml`` and ``overrides.yaml``;
         returns the resolved config, secrets redacted."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            check_writable(self.dir)
         except OSError as err:
             raise UserError(f"paths.output_dir: cannot write the run folder {self.dir}: "
                             f"{err.strerror or err}") from None
