@@ -277,15 +277,25 @@ def _floor_module(cfg, model, data):
     return Floor()
 
 
-def run_floor_round(cfg) -> tuple[list[float], list[float], float]:
-    """:func:`run_round` with Lightning's floor (``_floor_module`` under a bare trainer) in
-    place of ours."""
-    import lightning as L
-    from hydra.utils import instantiate
-
+def _round(cfg, fit) -> tuple[list[float], list[float], float]:
+    """One run of a loop with the reference interleaved: (the loop's epoch times, the
+    reference's, the largest difference of their final weights); the first epoch of each left
+    out. ``fit(cfg)`` trains the loop, its EpochClock among its callbacks, and returns its
+    final weights."""
     EpochClock.reference = Reference(cfg)
     EpochClock.ours, EpochClock.refs = [], []
     EpochClock.ours_phases, EpochClock.refs_phases = [], []
+    ours = fit(cfg)
+    ref = EpochClock.reference.weights()
+    diff = max(float((ours[k] - v).abs().max()) for k, v in ref.items())
+    return EpochClock.ours[1:], EpochClock.refs[1:], diff
+
+
+def _fit_floor(cfg) -> dict:
+    """Lightning's floor (``_floor_module`` under a bare trainer); its final weights."""
+    import lightning as L
+    from hydra.utils import instantiate
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # as train() does
     data, model = instantiate(cfg.data), instantiate(cfg.model)
     t = cfg.trainer
@@ -295,31 +305,30 @@ def run_floor_round(cfg) -> tuple[list[float], list[float], float]:
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[EpochClock()],
                         default_root_dir=cfg.paths.run_dir)
-    module = _floor_module(cfg, model, data)
-    trainer.fit(module, datamodule=data)
-    ref = EpochClock.reference.weights()
-    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    diff = max(float((ours[k] - v).abs().max()) for k, v in ref.items())
-    return EpochClock.ours[1:], EpochClock.refs[1:], diff
+    trainer.fit(_floor_module(cfg, model, data), datamodule=data)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def run_round(cfg) -> tuple[list[float], list[float], float]:
-    """One run of ours with the reference interleaved: (ours' epoch times, the reference's,
-    the largest difference of their final weights); the first epoch of each left out."""
+def _fit_ours(cfg) -> dict:
+    """``caitlab.train.train`` itself; the weights of its ``last.ckpt``."""
     import torch
 
     from caitlab.train import train
 
-    EpochClock.reference = Reference(cfg)
-    EpochClock.ours, EpochClock.refs = [], []
-    EpochClock.ours_phases, EpochClock.refs_phases = [], []
     train(cfg)
     ckpt = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt",
                       map_location="cpu", weights_only=True)
-    ours = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    ref = EpochClock.reference.weights()
-    diff = max(float((ours[k] - v).abs().max()) for k, v in ref.items())
-    return EpochClock.ours[1:], EpochClock.refs[1:], diff
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+
+
+def run_round(cfg) -> tuple[list[float], list[float], float]:
+    """:func:`_round` of ours."""
+    return _round(cfg, _fit_ours)
+
+
+def run_floor_round(cfg) -> tuple[list[float], list[float], float]:
+    """:func:`_round` of Lightning's floor."""
+    return _round(cfg, _fit_floor)
 
 
 LOOPS = {"ours": run_round, "lightning": run_floor_round}
