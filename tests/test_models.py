@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Paper Table 3 (CaiT) and DeiT Table 1, millions of parameters at 224 px and 1000 classes:
 # one table, shared with caitlab-bench --compare-paper.
@@ -22,7 +23,7 @@ from caitlab.models import (
     list_models,
 )
 from caitlab.models.checkpoint import remap_state_dict
-from caitlab.models.layers import ResidualScale
+from caitlab.models.layers import Attention, ResidualScale
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
             num_heads=4, mlp_ratio=2.0)
@@ -154,6 +155,40 @@ def test_talking_heads_adds_head_mixing_only_in_self_attention():
     # two (heads x heads) linears with bias per SA layer
     assert count_params(th) - count_params(base) == 3 * 2 * (4 * 4 + 4)
     assert not any("proj_l" in n for n, _ in th.ca_blocks.named_parameters())
+
+
+class MapDtypes(TorchDispatchMode):
+    """Records the dtype of every op output holding a (batch, heads, n, n) attention map
+    (any view of it), and of every softmax input."""
+
+    def __init__(self, batch: int, heads: int, n: int) -> None:
+        super().__init__()
+        self.lead, self.numel = (batch, heads), batch * heads * n * n
+        self.maps: list[tuple[str, torch.dtype]] = []
+        self.softmax_inputs: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._softmax.default:
+            self.softmax_inputs.append(args[0].dtype)
+        if (isinstance(out, torch.Tensor) and out.shape[:2] == self.lead
+                and out.numel() == self.numel):
+            self.maps.append((str(func), out.dtype))
+        return out
+
+
+def test_talking_heads_maps_stay_in_autocast_dtype():
+    # The head mixes are small matmuls over full n x n maps: a bias added in fp32 would
+    # promote the maps, and the softmax over them, out of bf16 (time and memory on GPU).
+    torch.manual_seed(0)
+    attn = Attention(32, 4, talking_heads=True).eval()
+    recorder = MapDtypes(batch=2, heads=4, n=16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+        out = attn(torch.randn(2, 16, 32))
+    assert out.dtype == torch.bfloat16
+    assert recorder.softmax_inputs == [torch.bfloat16]
+    assert len(recorder.maps) >= 3  # q @ k^T, the mix before the softmax and the one after
+    assert all(dtype == torch.bfloat16 for _, dtype in recorder.maps), recorder.maps
 
 
 def test_drop_path_schedules():
@@ -334,6 +369,19 @@ def test_forward_intermediates_match_timm_vit(kwargs, vit_twin):
     assert_same_intermediates(expected, got)
     if kwargs.get("return_prefix_tokens"):
         assert all(isinstance(y, tuple) and y[1].shape == (2, 1, 192) for y in got)
+
+
+def test_bf16_autocast_logits_match_timm_cait(cait_twin):
+    ref, ours = cait_twin
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), ours(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    expected, got = expected.float(), got.float()
+    # The two round differently (timm scales q, we fold the scale into the head mix), so
+    # they drift apart by a few bf16 ulps of the logit scale over the layers. No top-1 check:
+    # with random weights some images have a top-2 margin inside bf16 noise.
+    assert (got - expected).abs().max() <= 5e-2 * expected.abs().max()
 
 
 def test_prune_intermediate_layers_matches_timm():

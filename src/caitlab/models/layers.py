@@ -94,11 +94,16 @@ class Attention(nn.Module):
         the n x m maps, where ``matmul(weight, attn)`` folds the batch into a transposed copy
         and timm's permute-linear-permute copies twice (3-7x slower here, fwd and bwd).
         ``scale`` is folded into the small weight instead of a pass over the maps.
+
+        Weight and bias are cast to the maps' dtype: under autocast the maps are bf16/fp16
+        while the parameters stay fp32, and an fp32 bias added to them would promote the
+        maps (and the softmax over them) to fp32. ``baddbmm`` adds the bias in the same pass.
         """
         b, h, n, m = attn.shape
         weight = mix.weight * scale if scale != 1.0 else mix.weight
-        mixed = torch.bmm(weight.expand(b, h, h), attn.reshape(b, h, n * m))
-        return (mixed + mix.bias[:, None]).view(b, h, n, m)
+        mixed = torch.baddbmm(mix.bias.to(attn.dtype)[:, None],
+                              weight.to(attn.dtype).expand(b, h, h), attn.reshape(b, h, n * m))
+        return mixed.view(b, h, n, m)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, each (batch, heads, tokens, head_dim).
