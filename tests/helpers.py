@@ -22,27 +22,81 @@ class InterruptAtEpochStart(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-class PoisonLossAt(Callback):
-    """Makes the model's output NaN from global step ``step`` on, to exercise divergence."""
+def _on_rank(trainer, rank: int | None) -> bool:
+    return rank is None or trainer.global_rank == rank
 
-    def __init__(self, step: int = 3) -> None:
-        self.step = step
+
+class PoisonLossAt(Callback):
+    """Makes the model's output NaN from global step ``step`` on (on rank ``rank`` only, when
+    given), to exercise divergence."""
+
+    def __init__(self, step: int = 3, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and _on_rank(trainer, self.rank):
             batch[0].fill_(float("nan"))
 
 
 class SignalAtStep(Callback):
-    """Sends this process ``sig`` once, at the start of global step ``step`` (mid-epoch)."""
+    """Sends this process ``sig`` once, at the start of global step ``step`` (mid-epoch), or
+    as validation ``at_validation`` of epoch ``step`` starts; on rank ``rank`` only, when
+    given."""
 
-    def __init__(self, step: int = 5, sig: str = "SIGTERM") -> None:
+    def __init__(self, step: int = 5, sig: str = "SIGTERM", rank: int | None = None,
+                 at_validation: bool = False) -> None:
         self.step, self.sig, self.sent = step, getattr(signal, sig), False
+        self.rank, self.at_validation = rank, at_validation
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.sent:
+    def _send(self, trainer, when: int) -> None:
+        if when == self.step and not self.sent and _on_rank(trainer, self.rank):
             self.sent = True
             os.kill(os.getpid(), self.sig)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.at_validation:
+            self._send(trainer, trainer.global_step)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0) -> None:
+        if self.at_validation and not trainer.sanity_checking:
+            self._send(trainer, trainer.current_epoch)
+
+
+class CrashAt(Callback):
+    """Raises on rank ``rank`` at global step ``step``, as a bug in a training step would."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and _on_rank(trainer, self.rank):
+            raise RuntimeError(f"injected crash on rank {self.rank}")
+
+
+class FailBeforeRendezvous(Callback):
+    """Fails as it is built on the process started as local rank ``rank``: before that rank
+    joins the others (a missing package, a wrong path on one node)."""
+
+    def __init__(self, rank: int = 1) -> None:
+        if os.environ.get("LOCAL_RANK", "0") == str(rank):
+            raise FileNotFoundError(f"injected: rank {rank} cannot start")
+
+
+class WeightsDigest(Callback):
+    """Writes ``weights.rank<k>.txt`` in the run folder as fit ends: a digest of this rank's
+    model weights, so that a test can tell every rank ended with the same."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, value in sorted(pl_module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        path = os.path.join(trainer.default_root_dir, f"weights.rank{trainer.global_rank}.txt")
+        with open(path, "w") as f:
+            f.write(digest.hexdigest())
 
 
 class SigkillAt(Callback):

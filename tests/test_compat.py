@@ -256,3 +256,38 @@ def test_async_io_jobs_run_after_the_saves_before_them_and_wait_raises_their_err
         compat.async_io_wait(io)
     assert seen == [True, "after"]  # a failed job stops nothing queued after it
     io.teardown()  # the error was raised once: teardown does not raise it again
+
+
+def test_retired_lightning_observer_kills_nothing_when_a_child_fails():
+    import subprocess
+    import sys
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    # the "main process" it would kill is a stand-in, never this test's own
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    failed.wait()
+    try:
+        observer = _ChildProcessObserver(main.pid, [failed], sleep_period=0.2)
+        observer.start()
+        assert compat.retire_lightning_observer()
+        observer.join(timeout=5)
+        assert not observer.is_alive()
+        assert main.poll() is None  # not killed: the failed child went unreported
+    finally:
+        main.kill()
+        main.wait()
+
+
+def test_lightning_observer_kills_the_main_process_when_not_retired():
+    import subprocess
+    import sys
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    failed.wait()
+    _ChildProcessObserver(main.pid, [failed], sleep_period=0.2).start()
+    assert main.wait(timeout=5) == -9  # what retire_lightning_observer prevents

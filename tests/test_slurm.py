@@ -46,15 +46,44 @@ def test_sweep_is_one_array_and_a_relaunch_skips_what_completed(tmp_path):
     assert len(_sacct_jobs(array)) == 2
 
 
-def test_ddp_over_two_slurm_tasks_takes_ranks_from_slurm(tmp_path):
-    caitlab_train(tmp_path, "-m", *SLURM, *TINY, "model=vit_tiny", "trainer=debug",
-                  "trainer.devices=2", "trainer.strategy=ddp", "name=ddp")
-    (summary,) = _summaries(tmp_path / "ddp").values()
+# what users run: the default logger (wandb, offline here) and EMA
+DDP_TASKS = ("hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout_min=10",
+             *TINY, "model=vit_tiny", "trainer.devices=2", "trainer.strategy=ddp",
+             "ema.enabled=true", "+callbacks.digest._target_=helpers.WeightsDigest")
+
+
+def test_ddp_over_two_slurm_tasks_with_the_defaults_completes_on_both(tmp_path):
+    caitlab_train(tmp_path, "-m", *DDP_TASKS, "trainer=debug", "name=ddp")
+    ((name, summary),) = _summaries(tmp_path / "ddp").items()
     assert summary["status"] == "completed", summary.get("error")
     assert summary["world_size"] == 2
     assert summary["attempts"] == 1  # rank 1 did not write its own attempt
-    log = next((tmp_path / "ddp").glob("*/train.log")).read_text()
+    run = tmp_path / "ddp" / name
+    log = (run / "train.log").read_text()
     assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in log
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    first, second = [p.read_text() for p in sorted(run.glob("weights.rank*.txt"))]
+    assert first == second
+    # both tasks of the job step ended well: SLURM counts the job COMPLETED
+    def ended():
+        state = subprocess.run(["sacct", "-n", "-X", "-j", summary["slurm_job_id"],
+                                "--format=State%20"], capture_output=True, text=True).stdout
+        return state.split() if state.split() not in ([], ["RUNNING"]) else None
+
+    assert _wait_for(ended, 60, "the job to end") == ["COMPLETED"]
+
+
+def test_a_preemption_signal_to_one_slurm_task_requeues_the_job_once(tmp_path):
+    # rank 1 alone gets submitit's signal, mid-epoch; the step runs --kill-on-bad-exit
+    caitlab_train(tmp_path, "-m", *DDP_TASKS, "trainer.max_epochs=2",
+                  "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=2",
+                  "+trainer.limit_test_batches=2", "+callbacks.sig._target_=helpers.SignalAtStep",
+                  "+callbacks.sig.step=3", "+callbacks.sig.rank=1", "+callbacks.sig.sig=SIGUSR2",
+                  "name=pre2")
+    (summary,) = _summaries(tmp_path / "pre2").values()
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["attempts"] == 2 and summary["resumed_from"].endswith("last.ckpt")
+    assert summary["interrupted_by"] == "SIGUSR2" and summary["requeued"] is True
 
 
 def test_one_failing_run_does_not_stop_the_others_and_is_retried_only_on_request(tmp_path):

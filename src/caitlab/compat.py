@@ -47,6 +47,28 @@ def request_stop(trainer: L.Trainer) -> None:
     trainer._signal_connector.received_sigterm = True
 
 
+def launched_ranks(trainer: L.Trainer) -> list[Any]:
+    """The processes Lightning started for this machine's other ranks (``subprocess.Popen``,
+    local ranks 1, 2, ... in order); none where SLURM or another launcher starts them."""
+    return list(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+
+def retire_lightning_observer() -> bool:
+    """Ends Lightning's child-process observer without it killing anything: on a rank's death
+    it SIGKILLs rank 0 too, leaving no word of which rank died or why. caitlab's
+    ``RankWatch`` does the same job, the cause recorded first. True when one was found."""
+    import threading
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    found = False
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._child_processes = []  # its next look finds every child ended well
+            found = True
+    return found
+
+
 def routes_saves(cls: type) -> type:
     """Class decorator for a ``ModelCheckpoint`` subclass with a ``save(trainer, filepath)``
     method: every save the callback decides on goes through it, to write the file another way

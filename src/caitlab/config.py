@@ -139,7 +139,15 @@ class TrainConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
-    compile: bool = False
+    # torch.compile the model: true (inductor, torch's default) or a Dynamo backend's name
+    compile: bool | str = False
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The backend ``torch.compile`` is given; None where the model is not compiled."""
+        if self.compile is False:
+            return None
+        return "inductor" if self.compile is True else str(self.compile)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -218,7 +226,7 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         recipe=to_dataclass(RecipeConfig, cfg.get("recipe"), "recipe"),
         ema=to_dataclass(EmaConfig, cfg.get("ema"), "ema"),
         distillation=to_dataclass(DistillationConfig, cfg.get("distillation"), "distillation"),
-        compile=_coerce(cfg.get("compile", False), bool, "compile"),
+        compile=_coerce(cfg.get("compile", False), bool | str, "compile"),
     )
 
 

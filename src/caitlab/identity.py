@@ -245,7 +245,7 @@ LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
                                   "log_every_n_steps", "default_root_dir",
                                   "num_sanity_val_steps")
 # keys the config gained since, each with the value every earlier config had implicitly
-LEGACY_ADDED = ("signature_exclude", "threads")
+LEGACY_ADDED = ("signature_exclude", "threads", "dist_timeout_s")
 LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stages": None}
 # data keys added since, with the value every earlier data config had implicitly
 LEGACY_ADDED_DATA_DEFAULTS = {"normalize_on_device": True, "repeated_aug": 1}

@@ -8,6 +8,7 @@ and an exit status: here for a run (``run``), in ``main`` for what Hydra refused
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -26,7 +27,12 @@ from caitlab.runs import (
     storage_error,
 )
 from caitlab.secrets import hide_in_argv, redact
-from caitlab.training.lifecycle import is_multirun, job_run_dir, remove_unstarted_run_folder
+from caitlab.training.lifecycle import (
+    RankDone,
+    is_multirun,
+    job_run_dir,
+    remove_unstarted_run_folder,
+)
 from caitlab.training.task import train
 
 __all__ = ["CONF_DIR", "main", "run", "train"]
@@ -72,6 +78,8 @@ def run(cfg: DictConfig) -> float | None:
     multirun = is_multirun()
     try:
         return train(cfg).get("test/top1")
+    except RankDone:
+        raise  # another rank's part is done: rank 0 requeues the job
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
         status = (read_summary(job_run_dir(cfg)) or {}).get("status")
@@ -81,6 +89,7 @@ def run(cfg: DictConfig) -> float | None:
               f"({job_run_dir(cfg)})", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
+        _keep_rank_error(err, cfg)
         if isinstance(err, UserError) and not multirun:
             # a sweep's refused run keeps its summary for the sweep's table
             remove_unstarted_run_folder(job_run_dir(cfg))
@@ -90,6 +99,24 @@ def run(cfg: DictConfig) -> float | None:
             sys.exit(code)
         _failed_runs.append(line)
         raise RunFailed(line.removeprefix("caitlab-train: ").removeprefix("error: ")) from None
+
+
+def _keep_rank_error(err: BaseException, cfg: DictConfig) -> None:
+    """A rank other than 0 that fails before its attempt began (its data, its config) leaves
+    its cause where rank 0 and the user look: ``error.rank<k>.log`` in the run folder."""
+    import traceback
+
+    from caitlab.training.lifecycle import is_rank_zero
+    from caitlab.training.ranks import error_log_name, error_text, process_rank
+
+    run_dir = job_run_dir(cfg)
+    devices = cfg.trainer.get("devices")
+    path = run_dir / error_log_name(process_rank(devices if isinstance(devices, int) else 1))
+    if is_rank_zero() or not run_dir.is_dir() or path.exists():
+        return
+    with contextlib.suppress(OSError):
+        path.write_text(redact(error_text(f"{type(err).__name__}: {err}",
+                                          traceback.format_exc())))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -36,6 +36,13 @@ from caitlab.runs import (
     write_text_atomic,
 )
 from caitlab.secrets import redact
+from caitlab.training.ranks import (
+    RankWatch,
+    error_log_name,
+    error_text,
+    other_ranks_errors,
+    process_rank,
+)
 
 log = logging.getLogger("caitlab")
 
@@ -88,6 +95,15 @@ def is_rank_zero() -> bool:
         ):
             return False
     return True
+
+
+class RankDone(SystemExit):
+    """A rank other than 0 whose part of an interrupted attempt is done: it exits 0, so that
+    neither SLURM's ``--kill-on-bad-exit`` nor rank 0's watch (``RankWatch``) ends rank 0
+    before it has recorded the interruption and, under submitit, requeued the job."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
 
 
 def shown_path(path: Path) -> str:
@@ -160,6 +176,8 @@ class Run:
         self.name = name
         self.stage = stage or {}  # a chain's stage: its summary facts (caitlab.stages)
         self.rank_zero = is_rank_zero()
+        self.rank = process_rank()  # the trainer's own, once it exists (uses)
+        self.watch: RankWatch | None = None
         self.previous = read_summary(self.dir)
         self.summary = Summary(self.dir, {}, writable=False)  # until start()
         self.resume_from: Path | None = None
@@ -279,11 +297,18 @@ class Run:
         """Seconds trained, summed over attempts."""
         return self._wall_before + time.time() - self._t0
 
-    def uses(self, world_size: int, device: str) -> None:
-        """The attempt's devices (``trainer.world_size`` of them, ``cuda`` or ``cpu``): what
-        its device-hours count."""
-        self._devices = world_size
-        self.summary.update(world_size=world_size, device=device)
+    def uses(self, trainer: Any) -> None:
+        """The attempt's trainer: its devices (``world_size`` of them, ``cuda`` or ``cpu``),
+        what the device-hours count; under DDP on one machine rank 0 watches the others."""
+        # the trainer's own ranks are set only as fit starts: the environment's are the same
+        self._devices, self.rank = trainer.world_size, process_rank(trainer.num_devices)
+        self.summary.update(world_size=trainer.world_size,
+                            device=trainer.strategy.root_device.type)
+        if self.rank_zero and trainer.world_size > 1:
+            self.watch = RankWatch(trainer, self.dir, self._rank_died).start()
+
+    def _rank_died(self, message: str) -> None:
+        self.end("failed", error=redact(message))
 
     def device_hours(self) -> float:
         """Wall time x devices, summed over attempts (an attempt killed before it could write
@@ -315,6 +340,8 @@ class Run:
         """The same facts in wandb's run summary as in summary.json: reports read either."""
         from caitlab.training.tracking import wandb_run
 
+        if not self.rank_zero:  # other ranks hold Lightning's stand-in for the wandb run
+            return
         run = wandb_run(self.loggers)
         if run is not None:
             run.summary.update(values)
@@ -345,7 +372,10 @@ class Run:
             exit_code = 255
             if stopper is not None and stopper.requeue:
                 finish_wandb(exit_code)
-                stopper.requeue_now()  # submitit requeues this job and exits
+                stopper.requeue_now()  # on rank 0 submitit requeues this job and exits
+            if not self.rank_zero and stopper is not None and stopper.requested:
+                # the checkpoint is written (a collective save): the rest is rank 0's
+                raise RankDone() from None
             raise
         except DataConfigError as err:  # found while training, e.g. a corrupt image
             raise self._failed_on_data(err) from None
@@ -353,6 +383,8 @@ class Run:
             self._failed(err)
             raise
         finally:
+            if self.watch is not None:
+                self.watch.stop()
             finish_wandb(exit_code)
 
     def _failed_on_data(self, err: Exception) -> UserError:
@@ -362,8 +394,9 @@ class Run:
         if isinstance(err, ImageReadError):
             # the line names the file and the cause; the traceback (a DataLoader worker's
             # too) is for a bug report
-            (self.dir / "error.log").write_text(redact(traceback.format_exc()))
-            message += f"; traceback in {self.dir / 'error.log'}"
+            log_file = self.dir / error_log_name(self.rank)
+            log_file.write_text(redact(traceback.format_exc()))
+            message += f"; traceback in {log_file}"
         self.end("failed", error=redact(message))
         return UserError(message)
 
@@ -377,5 +410,13 @@ class Run:
                 self.end("interrupted", interrupted_by=refused.strerror,
                          error=redact(storage_message(refused, self.dir)))
             return
-        (self.dir / "error.log").write_text(redact(traceback.format_exc()))
-        self.end("failed", error=redact(f"{type(err).__name__}: {err}"))
+        error = f"{type(err).__name__}: {err}"
+        (self.dir / error_log_name(self.rank)).write_text(
+            redact(error_text(error, traceback.format_exc())))
+        others = other_ranks_errors(self.dir) if self.rank_zero else {}
+        if others:  # the rank that failed first holds the cause; this one's is what followed
+            rank, line = min(others.items())
+            error = f"rank {rank}: {line} ({error_log_name(rank)}); rank 0: {error}"
+        self.end("failed", error=redact(error),
+                 **({"rank_errors": {str(k): redact(v) for k, v in others.items()}}
+                    if others else {}))

@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab import compat
@@ -65,6 +65,35 @@ class TopKAccuracy(Metric):
         return {f"{self.prefix}top{k}": acc[i].float() for i, k in enumerate(self.ks)}
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class WeightedMean(Metric):
+    """The mean of per-batch values weighted by their batch sizes, kept on the device.
+
+    torchmetrics' ``MeanMetric`` copies a weight given as a number to the device every update
+    and, with ``nan_strategy="disable"``, ignores it; its other strategies read the value
+    back to the host to look for NaN. Here a batch costs two device additions: a non-finite
+    value makes the mean non-finite, as it should."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        """``value``: a batch's mean (a 0-d tensor); ``weight``: its number of images."""
+        self.total += value.detach().double() * weight  # a Python number: no copy to the device
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).float()
+
+
 def _has_dist_token(model: nn.Module) -> bool:
     return getattr(model, "dist_token", None) is not None
 
@@ -104,12 +133,15 @@ class ClassificationModule(L.LightningModule):
         self.test_metrics = TopKAccuracy(num_classes, prefix="test/")
         # Losses are averaged on the device too (weighted by batch size) and synchronised
         # across ranks once, at epoch end, like the accuracies.
-        # a non-finite loss never reaches it (training_step), so NaN checks would only add a
-        # device sync every step
-        self.train_loss_mean = MeanMetric(nan_strategy="disable")
-        self.val_loss_mean = MeanMetric()
-        self.test_loss_mean = MeanMetric()
+        self.train_loss_mean = WeightedMean()
+        self.val_loss_mean = WeightedMean()
+        self.test_loss_mean = WeightedMean()
         self.ema = ModelEmaV3(model, decay=self.cfg.ema.decay) if self.cfg.ema.enabled else None
+        if self.ema is not None:
+            # the average is no parameter to train: under DDP a submodule whose parameters
+            # want gradients but get none stops the first step ("parameters that were not
+            # used in producing the loss")
+            self.ema.requires_grad_(False)
         self.nonfinite_steps = 0
         # None: decided in setup (on CUDA when no non-finite step is tolerated)
         self.defer_divergence_check: bool | None = None
@@ -142,7 +174,7 @@ class ClassificationModule(L.LightningModule):
         logits = (outputs[0] + outputs[1]) / 2 if isinstance(outputs, tuple) else outputs
         if self.defer_divergence_check:
             self._note_nonfinite(loss)
-        elif not torch.isfinite(loss):
+        elif self._nonfinite_on_any_rank(loss):
             self.nonfinite_steps += 1
             if self.nonfinite_steps > self.cfg.recipe.max_nonfinite_steps:
                 raise DivergedError(self.global_step, self.current_epoch, loss.item())
@@ -157,6 +189,16 @@ class ClassificationModule(L.LightningModule):
                      prog_bar=True)
         self._epoch_images += x.shape[0]
         return loss
+
+    def _nonfinite_on_any_rank(self, loss: torch.Tensor) -> bool:
+        """Whether the step's loss is non-finite on this rank or any other: every rank skips
+        the step, or raises, together (one rank alone would leave the others waiting in the
+        gradients' all-reduce)."""
+        bad = ~torch.isfinite(loss.detach())
+        if _world_size() > 1:
+            bad = bad.to(torch.int32)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad)
 
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
         """Records the first non-finite loss on the device, without the device sync that
@@ -175,12 +217,20 @@ class ClassificationModule(L.LightningModule):
                               torch.where(first, loss.float(), value))
 
     def _check_diverged(self) -> None:
-        """Raises :class:`DivergedError` for a non-finite loss :meth:`_note_nonfinite` saw."""
+        """Raises :class:`DivergedError` for a non-finite loss :meth:`_note_nonfinite` saw, on
+        this rank or any other (the earliest step of any): every rank calls this at the same
+        steps, and all raise together."""
         if self._nonfinite_at is None:
             return
         step, value = self._nonfinite_at
-        if int(step) >= 0:  # the one device sync, at logging steps and epoch ends
-            raise DivergedError(int(step), self.current_epoch, float(value))
+        seen = torch.stack([step.double(), value.double()])
+        if _world_size() > 1:
+            ranks = self.all_gather(seen).reshape(-1, 2)
+            found = ranks[ranks[:, 0] >= 0]
+            seen = found[found[:, 0].argmin()] if len(found) else seen
+        first, loss = seen.tolist()  # the one device sync, at logging steps and epoch ends
+        if first >= 0:
+            raise DivergedError(int(first), self.current_epoch, loss)
 
     def _base_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The recipe's loss: soft targets after mixup; hard labels (smoothed) otherwise, and
@@ -203,7 +253,7 @@ class ClassificationModule(L.LightningModule):
         trainer = compat.attached_trainer(self)
         return trainer is not None and compat.logs_this_step(trainer)
 
-    def _eval_step(self, batch, metrics: TopKAccuracy, loss_mean: MeanMetric,
+    def _eval_step(self, batch, metrics: TopKAccuracy, loss_mean: WeightedMean,
                    stage: str) -> None:
         x, y = batch
         model = self._eval_model()
@@ -225,7 +275,7 @@ class ClassificationModule(L.LightningModule):
             self.log(f"{stage}/top1_{head}", metric.compute(), sync_dist=True)
             metric.reset()
 
-    def _log_epoch(self, metrics: Metric, loss_mean: MeanMetric, loss_name: str,
+    def _log_epoch(self, metrics: Metric, loss_mean: WeightedMean, loss_name: str,
                    prog_bar: bool = False) -> None:
         """Logs the epoch's values (compute() synchronises ranks) and resets for the next.
         Callers skip epochs without a single update (every step skipped as non-finite)."""
@@ -360,12 +410,22 @@ class ClassificationModule(L.LightningModule):
             self._check_diverged()  # never a checkpoint of weights a non-finite step made
         # RNG states too: a resumed run draws the same dropout/drop-path/mixup as one that
         # never stopped.
+        # Every rank's: under DDP each draws its own (seed + rank), and rank 0 writes the file.
+        rng = rng_state()
+        by_rank = [rng]
+        if _world_size() > 1:
+            by_rank = [None] * _world_size()
+            torch.distributed.all_gather_object(by_rank, rng)
         checkpoint["caitlab"] = {"nonfinite_steps": self.nonfinite_steps,
                                  "model_config": getattr(self.model, "config", None),
-                                 "rng": rng_state()}
+                                 "rng": by_rank[0], "rng_by_rank": by_rank}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("caitlab", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        if "rng" in state:
-            set_rng_state(state["rng"])
+        world = _world_size()
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        by_rank = state.get("rng_by_rank") or ([state["rng"]] if "rng" in state else [])
+        # on another number of ranks no state is this rank's: it keeps its seed's draws
+        if len(by_rank) == world:
+            set_rng_state(by_rank[rank])

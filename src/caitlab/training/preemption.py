@@ -34,14 +34,17 @@ from caitlab.runs import AtomicWrite, write_atomic
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file, fsync'ed, then renamed over the old one:
     a process killed at any moment leaves the previous checkpoint or the new one, never half.
-    Loading is ``weights_only`` (a checkpoint file cannot run code)."""
+    Loading is ``weights_only`` (a checkpoint file cannot run code), to the CPU: under DDP
+    every rank reads the file rank 0 wrote, and its CUDA tensors would all land on rank 0's
+    device; Lightning moves what it restores to each rank's own."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         write_atomic(Path(path), lambda f: torch.save(checkpoint, f), binary=True,
                      sync_folder=True)
 
-    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True):
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+    def load_checkpoint(self, path, map_location="cpu", weights_only: bool | None = True):
+        return super().load_checkpoint(path, map_location=map_location or "cpu",
+                                       weights_only=True)
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):
@@ -164,7 +167,12 @@ def submitit_signal() -> signal.Signals | None:
 
 
 class GracefulStop(Callback):
-    """Turns stop requests into a checkpoint at the next batch boundary (see module doc)."""
+    """Turns stop requests into a checkpoint at the next batch boundary (see module doc).
+
+    Under DDP a signal may reach one rank, or each at a slightly different moment: a rank
+    only notes it, and at every training and validation batch the ranks agree (one small
+    all-reduce) whether any was asked to stop, and with which signal. All of them then stop
+    at the same batch, write ``last.ckpt`` once together, and rank 0 alone requeues."""
 
     def __init__(self, last_ckpt: Path) -> None:
         self.last_ckpt = Path(last_ckpt)
@@ -172,20 +180,30 @@ class GracefulStop(Callback):
         self.requeue = False
         self._trainer = None
         self._previous: dict[int, Any] = {}
+        self._signum = 0  # the signal this rank received, until the ranks agree
 
     # --- signals ---------------------------------------------------------------------------
 
     def _request(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and self.requested is not None:
+        if signum == signal.SIGINT and self._signum:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.requested = signal.Signals(signum).name
-        if signum == submitit_signal():
-            self.requeue = True
+        self._signum = int(signum)
         if signum == signal.SIGINT:
             print("\ncaitlab: stopping at the next batch and saving last.ckpt "
                   "(Ctrl-C again to stop at once)", flush=True)
-        if self._trainer is not None:
-            compat.request_stop(self._trainer)
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            self._agree_on(self._signum)
+            if trainer is not None:
+                compat.request_stop(trainer)
+
+    def _agree_on(self, signum: int) -> None:
+        self.requested = signal.Signals(signum).name
+        self.requeue = signum == submitit_signal()
+
+    def _install(self) -> None:
+        for sig in self._previous:
+            signal.signal(sig, self._request)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self._previous:
@@ -196,7 +214,13 @@ class GracefulStop(Callback):
             wanted.append(sig)
         for sig in wanted:
             self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._request)
+        self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning puts its own SIGTERM handler first after setup: on rank 0 it signals the
+        # other ranks' processes, and on any rank it broadcasts from inside the handler, a
+        # collective the other ranks do not join. Ours alone decides.
+        self._install()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -207,18 +231,41 @@ class GracefulStop(Callback):
 
     # --- the safe point --------------------------------------------------------------------
 
+    def _ranks_agree_to_stop(self, trainer) -> bool:
+        """Whether any rank was asked to stop (every rank calls this at the same batch)."""
+        if trainer.world_size == 1:
+            return trainer.received_sigterm
+        import torch.distributed as dist
+
+        # submitit's signal (a requeue) wins over the others, so that a preemption seen by
+        # one rank requeues the job: its rank in the high bits, the signal in the low
+        mine = self._signum and (256 * (self._signum == submitit_signal()) + self._signum)
+        flag = torch.tensor([mine], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item()) % 256
+        if signum:
+            self._agree_on(signum)
+            compat.request_stop(trainer)
+        return bool(signum)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # Under DDP Lightning itself broadcasts rank 0's flag at every batch; alone, the flag
-        # is checked here so a stop does not wait for the end of the epoch.
-        if trainer.world_size == 1 and trainer.received_sigterm:
+        if self._ranks_agree_to_stop(trainer):
             raise SIGTERMException
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0) -> None:
+        # Lightning's evaluation loop stops after the batch once the flag is raised, on
+        # every rank alike now that they agreed
+        if trainer.world_size > 1 and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._ranks_agree_to_stop(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.last_ckpt)
 
     def requeue_now(self) -> None:
-        """Hands over to submitit's handler, which requeues this job and exits."""
+        """Hands over to submitit's handler, which requeues this job and exits (on rank 0;
+        on the other ranks it returns)."""
         sig = submitit_signal()
         handler = self._previous.get(sig) if sig is not None else None
         if callable(handler):

@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run.loggers = _loggers(cfg, run, resolved)
         module = parts.module(cfg)
         trainer, best = build_trainer(cfg, run)
-        run.uses(trainer.world_size, trainer.strategy.root_device.type)
+        run.uses(trainer)
         trainer.fit(module, datamodule=parts.datamodule,
                     ckpt_path=str(run.resume_from) if run.resume_from else None)
         if trainer.interrupted:
@@ -114,8 +114,8 @@ class Parts:
         module = ClassificationModule(self.model, num_classes=cfg.data.num_classes,
                                       cfg=self.recipe, batch_size=cfg.data.batch_size,
                                       teacher=self.teacher)
-        if self.recipe.compile:
-            module.model = torch.compile(module.model)
+        if self.recipe.compile_backend:
+            module.model = torch.compile(module.model, backend=self.recipe.compile_backend)
         return module
 
 
@@ -154,6 +154,7 @@ def build(cfg: DictConfig, run: Run, upstreams: dict[str, str] | None = None) ->
     from caitlab.errors import constructor_refusal
     from caitlab.models import CheckpointError, ModelConfigError, UnknownModelError, load_checkpoint
     from caitlab.sweeps import slots
+    from caitlab.training.ranks import process_rank
 
     user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
                    CheckpointError)
@@ -172,6 +173,12 @@ def build(cfg: DictConfig, run: Run, upstreams: dict[str, str] | None = None) ->
             say(log, warmup_note)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+        rank = process_rank(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
+        if rank:
+            # the same initial weights on every rank (above), then each its own draws, as
+            # DeiT seeds with seed + rank: drop-path masks, Mixup/CutMix and random erasing
+            # differ across ranks (Lightning re-seeds DDP ranks with the seed set last)
+            L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
         name = cfg.model.get("name", type(model).__name__)
         # before the run folder exists: a model that cannot take the data's images stops here
         macs = model_macs(model, datamodule, cfg.data, name)
@@ -281,11 +288,27 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     callbacks.append(EpochLines(console=not bar))
     if bar:
         callbacks.append(SteadyProgressBar(leave=True))
+    strategy = _ddp_with_timeout(cfg.trainer.get("strategy"), cfg.get("dist_timeout_s"))
     plugins: list = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
         # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = instantiate(cfg.trainer, logger=run.loggers, callbacks=callbacks,
                           enable_progress_bar=bar, plugins=plugins,
-                          default_root_dir=str(run.dir))
+                          default_root_dir=str(run.dir),
+                          **({"strategy": strategy} if strategy is not None else {}))
     return trainer, best
+
+
+def _ddp_with_timeout(strategy: Any, timeout_s: Any) -> Any:
+    """Lightning's DDP strategy named by ``trainer.strategy``, its process group's timeout
+    ``dist_timeout_s`` (Lightning's is 30 minutes: a hung rank would hold every GPU of the
+    job that long); None for any other strategy, which Lightning builds as named."""
+    if strategy not in ("ddp", "ddp_find_unused_parameters_true") or not timeout_s:
+        return None
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=timedelta(seconds=float(timeout_s)),
+                       find_unused_parameters=strategy.endswith("_true"))

@@ -460,6 +460,9 @@ class _SweepAwareMixin:
                                                "dependency": "afterok:" + ":".join(after)}
         if self.cluster == "slurm":
             check_partition(params)
+            # a DDP task that fails ends its job's step at once, instead of leaving the other
+            # ranks in a collective until the process group's timeout (caitlab.training.ranks)
+            params.setdefault("srun_args", ["--kill-on-bad-exit=1"])
         init_params = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
             init_params[f"{self.cluster}_max_num_timeout"] = params.pop("max_num_timeout")

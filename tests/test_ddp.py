@@ -1,0 +1,158 @@
+"""DDP as users run it, over two CPU ranks (gloo) started by Lightning on this machine: the
+defaults (wandb offline, EMA), ranks that decide together, and ranks that fail fast.
+
+Each run is the command itself in a fresh interpreter: Lightning starts rank 1 as a copy of
+it. The same over two tasks of a SLURM job is in test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import caitlab_train, make_image_folder
+
+pytestmark = pytest.mark.slow
+
+DDP = ("trainer.devices=2", "trainer.strategy=ddp", "threads=1")
+TINY = ("model.embed_dim=32", "model.depth=2", "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=2", "+callbacks.digest._target_=helpers.WeightsDigest")
+
+
+def _run_dir(out):
+    (summary,) = out.glob("*/*/summary.json")
+    return summary.parent
+
+
+def _summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _digests(run_dir) -> list[str]:
+    return [p.read_text() for p in sorted(run_dir.glob("weights.rank*.txt"))]
+
+
+def _no_rank_failed(proc) -> None:
+    # every rank prints one "caitlab-train: ..." line when it fails; none may have
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "caitlab-train:" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _images(root, per_class: int = 8):
+    from PIL import Image
+
+    make_image_folder(root)
+    for split in ("train", "val"):
+        for c, colour in enumerate(("red", "blue")):
+            for i in range(4, per_class):
+                Image.new("RGB", (20 + i, 24), colour).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_the_defaults_with_ema_evit_and_an_image_folder_complete_on_both_ranks(tmp_path):
+    data = _images(tmp_path / "images")
+    proc = caitlab_train(tmp_path, *DDP, *TINY, "ema.enabled=true", "model=vit_tiny",
+                         "model/token_reorg=evit", "data=imagefolder", f"data.root={data}",
+                         "data.num_classes=2", "data.batch_size=2", "data.num_workers=2",
+                         "model.img_size=32", "model.patch_size=8", fresh=True, check=False)
+    _no_rank_failed(proc)
+    run = _run_dir(tmp_path)
+    summary = _summary(run)
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["attempts"] == 1
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one wandb run, not one a rank
+    first, second = _digests(run)
+    assert first == second  # every rank ends with the same weights (EMA's included)
+
+
+def test_distillation_from_a_teacher_under_compile_completes_on_both_ranks(tmp_path):
+    import timm
+
+    kwargs = {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=1,
+                                num_classes=10, **kwargs)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    teacher_kwargs = [f"+distillation.teacher_kwargs.{k}={v}" for k, v in kwargs.items()]
+    proc = caitlab_train(tmp_path, *DDP, *TINY, "distillation=soft",
+                         "distillation.teacher=vit_tiny_patch16_224",
+                         f"distillation.teacher_weights={tmp_path / 'teacher.pth'}",
+                         *teacher_kwargs,
+                         "compile=aot_eager", fresh=True, check=False)
+    _no_rank_failed(proc)
+    run = _run_dir(tmp_path)
+    summary = _summary(run)
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["teacher"]["name"] == "vit_tiny_patch16_224"
+    first, second = _digests(run)
+    assert first == second
+
+
+def test_a_nan_on_one_rank_ends_both_as_diverged_within_seconds(tmp_path):
+    poison = ("+callbacks.nan._target_=helpers.PoisonLossAt", "+callbacks.nan.step=3",
+              "+callbacks.nan.rank=1")
+    t0 = time.monotonic()
+    proc = caitlab_train(tmp_path, *DDP, *TINY, "logger=csv", *poison, fresh=True,
+                         check=False, timeout=300)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = _summary(_run_dir(tmp_path))
+    assert summary["status"] == "diverged", summary.get("error")
+    assert summary["diverged_step"] == 3
+    assert took < 120  # the run's own time; a rank left waiting would take dist_timeout_s
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "validation"])
+def test_a_signal_to_one_rank_stops_both_at_one_checkpoint_and_resumes_exactly(tmp_path, where):
+    run_args = (*DDP, *TINY, "logger=csv", "trainer.max_epochs=3", "trainer.deterministic=true",
+                "model.drop_path_rate=0.1")
+    ref, out = tmp_path / "ref", tmp_path / "int"
+    ref.mkdir(), out.mkdir()
+    caitlab_train(ref, *run_args, fresh=True)
+    at = (("+callbacks.sig.step=8",) if where == "mid-epoch" else
+          ("+callbacks.sig.step=0", "+callbacks.sig.at_validation=true"))
+    first = caitlab_train(out, *run_args, "+callbacks.sig._target_=helpers.SignalAtStep",
+                          "+callbacks.sig.rank=1", "+callbacks.sig.sig=SIGTERM", *at,
+                          fresh=True, check=False, timeout=300)
+    assert first.returncode == 130, first.stderr[-3000:]
+    run = _run_dir(out)
+    summary = _summary(run)
+    assert summary["status"] == "interrupted" and summary["interrupted_by"] == "SIGTERM"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # stopped at the batch after the signal on every rank: one checkpoint of one step
+    assert ckpt["global_step"] == (9 if where == "mid-epoch" else 6)
+    assert len(ckpt["caitlab"]["rng_by_rank"]) == 2  # each rank's draws resume as its own
+
+    caitlab_train(out, *run_args, fresh=True)
+    assert _summary(run)["status"] == "completed"
+    assert _digests(run) == _digests(_run_dir(ref))
+
+
+def test_a_rank_that_fails_before_the_rendezvous_ends_the_run_with_its_cause(tmp_path):
+    t0 = time.monotonic()
+    proc = caitlab_train(tmp_path, *DDP, *TINY, "logger=csv",
+                         "+callbacks.die._target_=helpers.FailBeforeRendezvous", fresh=True,
+                         check=False, timeout=300)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert took < 90  # not the process group's timeout (dist_timeout_s: 300)
+    run = _run_dir(tmp_path)
+    assert "injected: rank 1 cannot start" in (run / "error.rank1.log").read_text()
+    summary = _summary(run)
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("rank 1 exited with status 1: ")
+    assert "error.rank1.log" in summary["error"]
+
+
+def test_a_rank_that_fails_mid_training_is_named_in_the_summary(tmp_path):
+    proc = caitlab_train(tmp_path, *DDP, *TINY, "logger=csv",
+                         "+callbacks.crash._target_=helpers.CrashAt", "+callbacks.crash.step=4",
+                         "+callbacks.crash.rank=1", fresh=True, check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    run = _run_dir(tmp_path)
+    assert "injected crash on rank 1" in (run / "error.rank1.log").read_text()
+    summary = _summary(run)
+    assert summary["status"] == "failed"
+    assert "rank 1" in summary["error"] and "injected crash on rank 1" in summary["error"]
