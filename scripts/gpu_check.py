@@ -14,12 +14,15 @@ It prints one table and writes it as JSON (``--json``, default ``gpu_check.json`
    start, and the first call's seconds (compilation).
 2. ``variant``: static-key attention and EViT token reorganisation (keep rate 0.7) on
    ``deit_small_patch16_224`` under ``torch.compile``: they compile, run, and their img/s.
-3. ``train``: ``caitlab-train`` itself (``trainer=gpu compile=true``, synthetic 224 px images
-   in memory, DeiT-S, the same batch) for 3 epochs: the whole training path's img/s
+3. ``train``: ``caitlab-train`` itself with the defaults users run (wandb, offline without a
+   key, and EMA) and ``trainer=gpu compile=true``, synthetic 224 px images
+   in memory, DeiT-S, the same batch, for 3 epochs: the whole training path's img/s
    (``summary.json``'s median after the first epoch) against the compiled model-only figure
    of (1): the framework's overhead.
-4. ``ddp``: where the machine has 2 GPUs or more, the same run on 2 GPUs with DDP (NCCL):
-   img/s and the scaling efficiency, img/s(2) / (2 x img/s(1)).
+4. ``ddp``: where the machine has 2 GPUs or more, the same run on 2 GPUs with DDP (NCCL),
+   as two tasks under ``srun`` inside a SLURM job that holds 2 GPUs: stopped with SIGTERM
+   after its first epoch and resumed (it must end ``completed`` in 2 attempts); img/s and
+   the scaling efficiency, img/s(2) / (2 x img/s(1)).
 
 A check that fails is a row ``FAILED: <one line>`` and the script exits 1: nothing fails
 silently. ``--budget-s`` (default 450) bounds the whole: a check that would start past it is
@@ -214,18 +217,63 @@ def train_command(plan: Plan, out: Path, name: str, extra: list[str]) -> list[st
     return [sys.executable, "-m", "caitlab.train", f"model={plan.train_model}",
             "data=synthetic", f"data.batch_size={batch}",
             f"data.num_train={batch * plan.train_batches}", f"data.num_val={batch}",
-            f"data.num_test={batch}", "data.drop_last=true", "logger=csv",
+            f"data.num_test={batch}", "data.drop_last=true", "ema.enabled=true",
             f"trainer.max_epochs={plan.train_epochs}", "trainer.limit_test_batches=1",
             f"compile={str(plan.train_compile).lower()}", f"paths.output_dir={out}",
             f"name={name}", *extra]
 
 
-def run_train(plan: Plan, out: Path, name: str, extra: list[str], timeout: float) -> dict:
-    """Runs caitlab-train; its summary.json, or an error naming its last line."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+def _env() -> dict[str, str]:
+    # the default logger as users have it: wandb, offline where no API key is configured
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run(train_command(plan, out, name, extra), capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=out)
+
+
+def srun_prefix(devices: int) -> list[str]:
+    """Inside a SLURM job that holds ``devices`` GPUs, the run's ranks as the job's tasks
+    (what ``hydra/launcher=slurm`` submits); elsewhere Lightning starts them itself."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE") or os.environ.get("SLURM_GPUS") or "0"
+    if not os.environ.get("SLURM_JOB_ID") or not gpus.isdigit() or int(gpus) < devices:
+        return []
+    return ["srun", f"--ntasks={devices}", f"--ntasks-per-node={devices}",
+            "--kill-on-bad-exit=1"]
+
+
+def interrupt_after_first_epoch(cmd: list[str], out: Path, name: str, timeout: float) -> None:
+    """Starts ``cmd``, sends it SIGTERM once its first epoch is in ``summary.json`` (as a
+    preemption would), and checks that it stopped as ``interrupted`` with a checkpoint."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=out)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list((out / name).glob("*/summary.json"))
+            if found and (json.loads(found[0].read_text()).get("epochs") or 0) >= 1:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads(next((out / name).glob("*/summary.json")).read_text())
+    if summary.get("status") != "interrupted":
+        lines = [ln for ln in err.splitlines() if ln.startswith("caitlab-train:")]
+        raise RuntimeError(f"SIGTERM after the first epoch left the run "
+                           f"{summary.get('status')!r}: {lines[-1] if lines else ''}")
+
+
+def run_train(plan: Plan, out: Path, name: str, extra: list[str], timeout: float,
+              resume: bool = False, prefix: list[str] | None = None) -> dict:
+    """Runs caitlab-train (``resume``: interrupted after its first epoch, then the same
+    command again, which resumes); its summary.json, or an error naming its last line."""
+    cmd = [*(prefix or []), *train_command(plan, out, name, extra)]
+    if resume:
+        interrupt_after_first_epoch(cmd, out, name, timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout,
+                          cwd=out)
     summaries = list((out / name).glob("*/summary.json"))
     if proc.returncode != 0 or len(summaries) != 1:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
@@ -236,6 +284,9 @@ def run_train(plan: Plan, out: Path, name: str, extra: list[str], timeout: float
     if summary.get("status") != "completed" or not summary.get("images_per_s"):
         raise RuntimeError(f"caitlab-train's run is {summary.get('status')!r} without a "
                            f"throughput ({summaries[0]})")
+    if resume and summary.get("attempts") != 2:
+        raise RuntimeError(f"the resumed run counts {summary.get('attempts')} attempts, not 2 "
+                           f"({summaries[0]})")
     return summary
 
 
@@ -257,7 +308,8 @@ def check_ddp(plan: Plan, single: float | None, out: Path, timeout: float) -> Ro
               batch)
     extra = [*plan.ddp_overrides, f"trainer.devices={plan.ddp_devices}"]
     t0 = time.perf_counter()
-    summary = run_train(plan, out, "ddp", extra, timeout)
+    summary = run_train(plan, out, "ddp", extra, timeout, resume=True,
+                        prefix=srun_prefix(plan.ddp_devices))
     row.first_call_s = time.perf_counter() - t0
     row.ours_img_s = float(summary["images_per_s"])  # all ranks together
     row.timm_img_s = single

@@ -84,3 +84,23 @@ def test_every_core_is_busy_with_a_torch_thread_per_core_and_not_with_one_to_spa
         assert not every_core_busy(trainer)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_checkpoints_load_to_the_cpu_whatever_device_wrote_them(tmp_path, monkeypatch):
+    """Under DDP every rank reads rank 0's file: tensors saved on ``cuda:0`` must not all land
+    there (Lightning moves what it restores to each rank's device)."""
+    from caitlab.training.preemption import AtomicCheckpointIO, BackgroundCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"w": torch.ones(2)}, path)
+    asked = []
+    load = torch.load
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("map_location"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for io in (AtomicCheckpointIO(), BackgroundCheckpointIO()):
+        assert torch.equal(io.load_checkpoint(path)["w"], torch.ones(2))
+    assert asked == ["cpu", "cpu"]

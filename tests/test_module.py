@@ -178,3 +178,61 @@ def test_bounded_non_finite_steps_are_skipped():
     assert module.nonfinite_steps == 2
     # a NaN loss would have made NaN gradients and NaN weights: the skipped steps made no update
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_the_loss_mean_is_weighted_by_batch_size():
+    from caitlab.training.module import WeightedMean
+
+    mean = WeightedMean()
+    mean.update(torch.tensor(1.0), weight=1)
+    mean.update(torch.tensor(3.0), weight=3)
+    assert mean.compute().item() == pytest.approx(2.5)
+
+
+def test_steady_training_steps_read_nothing_back_from_the_device(tmp_path):
+    """On a GPU a scalar read (``.item()``, ``bool(tensor)``) waits for the device; the
+    training step and its batch end make none but on the steps the loggers write and at
+    the epoch's last batch (the deferred divergence check)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from caitlab import compat
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    module = _module(ema=EmaConfig(enabled=True, decay=0.9))
+    module.defer_divergence_check = True  # what a CUDA run decides in setup
+    reads: dict[int, int] = {}
+    quiet: list[int] = []
+
+    def counted(method, batch_idx_at: int):
+        def run(*args, **kwargs):
+            step = args[batch_idx_at]  # one epoch: the batch's index is its step
+            before = ScalarReads.count
+            with ScalarReads():
+                out = method(*args, **kwargs)
+            reads[step] = reads.get(step, 0) + ScalarReads.count - before
+            return out
+        return run
+
+    module.training_step = counted(module.training_step, 1)
+    module.on_train_batch_end = counted(module.on_train_batch_end, 2)
+
+    class Quiet(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            last = batch_idx + 1 >= trainer.num_training_batches
+            if batch_idx > 0 and not last and not compat.logs_this_step(trainer):
+                quiet.append(batch_idx)
+
+    trainer = _trainer(max_epochs=1, limit_train_batches=12, limit_val_batches=0,
+                       log_every_n_steps=5, callbacks=[Quiet()],
+                       logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert len(quiet) >= 6
+    assert {step: reads[step] for step in quiet} == dict.fromkeys(quiet, 0)
+    assert reads[11] > 0  # the last batch does read: the count sees what it should

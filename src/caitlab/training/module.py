@@ -228,9 +228,8 @@ class ClassificationModule(L.LightningModule):
             ranks = self.all_gather(seen).reshape(-1, 2)
             found = ranks[ranks[:, 0] >= 0]
             seen = found[found[:, 0].argmin()] if len(found) else seen
-        first, loss = seen.tolist()  # the one device sync, at logging steps and epoch ends
-        if first >= 0:
-            raise DivergedError(int(first), self.current_epoch, loss)
+        if seen[0].item() >= 0:  # the one device sync, at logging steps and epoch ends
+            raise DivergedError(int(seen[0].item()), self.current_epoch, seen[1].item())
 
     def _base_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The recipe's loss: soft targets after mixup; hard labels (smoothed) otherwise, and
