@@ -291,3 +291,14 @@ def test_lightning_observer_kills_the_main_process_when_not_retired():
     failed.wait()
     _ChildProcessObserver(main.pid, [failed], sleep_period=0.2).start()
     assert main.wait(timeout=5) == -9  # what retire_lightning_observer prevents
+
+
+@pytest.mark.parametrize(("kwargs", "shards"), [
+    ({}, False),
+    ({"strategy": "ddp", "devices": 1}, True),  # a distributed strategy shards even alone
+    ({"strategy": "ddp", "devices": 1, "use_distributed_sampler": False}, False),
+])
+def test_shards_training_data_says_when_lightning_puts_in_a_distributed_sampler(kwargs, shards):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **kwargs)
+    assert compat.shards_training_data(trainer) is shards
+    assert compat.shards_training_data(object()) is None

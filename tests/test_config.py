@@ -144,3 +144,15 @@ def test_every_declared_axis_is_a_constructor_argument_and_its_group_switches_it
             choices = compose("train", [f"model={preset}"], return_hydra_config=True
                               ).hydra.runtime.choices
         assert set(groups) <= set(choices), preset
+
+
+def test_a_slurm_task_bound_to_one_gpu_of_several_is_refused_naming_the_binding():
+    from caitlab.config import ConfigError, check_trainer
+
+    trainer = {"max_epochs": 1, "devices": 4, "accelerator": "gpu"}
+    with pytest.raises(ConfigError, match=r"trainer.devices=4: this SLURM task sees 1 GPU, so "
+                                          r"the cluster binds one GPU per task"):
+        check_trainer(trainer, multirun=False, under_slurm=True, gpus_visible=1, cpus=8)
+    check_trainer(trainer, multirun=False, under_slurm=True, gpus_visible=4, cpus=8)
+    with pytest.raises(ConfigError, match="at most the 1 GPU"):  # no SLURM: too few GPUs
+        check_trainer(trainer, multirun=False, under_slurm=False, gpus_visible=1, cpus=8)

@@ -547,6 +547,161 @@ def test_repeated_augmentation_in_the_training_loader(tmp_path):
     assert len(alone) == 16 and alone[0::3][:5] == alone[1::3][:5] == alone[2::3][:5]
     plain = folder_dm(root)
     plain.setup("fit")
-    assert type(plain.train_dataloader().sampler).__name__ == "RandomSampler"
+    assert type(plain.train_dataloader().sampler).__name__ == "ShuffleSampler"
     with pytest.raises(DataConfigError, match="repeated_aug"):
         folder_dm(root, repeated_aug=0)
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def make_colour_folder(root: Path, classes: int, per_class: int) -> Path:
+    """``root/{train,val}/cNN/i.png``: every image one flat colour of its own. With one image
+    per class, an image's label is its index. The training transform's random crops and flips
+    leave a flat image as it is, so the batches a run trains on follow from the order alone."""
+    for split, n in (("train", per_class), ("val", 2)):
+        for c in range(classes):
+            folder = root / split / f"c{c:02d}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                colour = ((40 * c + 7 * i) % 256, 255 - 9 * i, 30 * c % 256)
+                Image.new("RGB", (12 + i, 10 + c % 5), colour).save(folder / f"{i}.png")
+    return root
+
+
+def _labelled_dm(root: Path, ranks: tuple[int, int] | None = None, **kw):
+    dm = folder_dm(root, **{"num_classes": 24, "batch_size": 4, "num_workers": 2, **kw})
+    if ranks is not None:
+        dm.trainer = SimpleNamespace(global_rank=ranks[0], world_size=ranks[1])
+    dm.setup("fit")
+    return dm
+
+
+def _epoch(loader, epoch: int | None = None, batches: int | None = None) -> list[list[int]]:
+    """The labels of an epoch's batches (the first ``batches``), the epoch set as Lightning
+    sets it (None: not set, as on a resumed loader's first epoch)."""
+    if epoch is not None and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    it = iter(loader)
+    return [next(it)[1].tolist() for _ in range(batches)] if batches else \
+        [y.tolist() for _, y in it]
+
+
+@pytest.mark.parametrize("ranks,kw", [
+    (None, {}),
+    ((0, 2), {}),  # DDP: each rank its shard
+    ((1, 2), {}),
+    (None, {"repeated_aug": 3}),
+], ids=["one-process", "rank0-of-2", "rank1-of-2", "repeated-aug"])
+def test_training_loader_stopped_mid_epoch_continues_with_its_next_batch(tmp_path, ranks, kw):
+    """Stopped after two batches of the second epoch, its state saved (as a checkpoint holds
+    it) and loaded into a fresh module: the new loader, with two workers, gives the rest of
+    that epoch and then the next, the batches of a loader that never stopped."""
+    root = make_colour_folder(tmp_path, classes=24, per_class=1)
+    whole = _labelled_dm(root, ranks, **kw).train_dataloader()
+    epochs = [_epoch(whole, e) for e in range(3)]
+    assert len(epochs[1]) >= 3 and epochs[1] != epochs[0]
+
+    stopped = _labelled_dm(root, ranks, **kw)
+    loader = stopped.train_dataloader()
+    _epoch(loader, 0)
+    assert _epoch(loader, 1, batches=2) == epochs[1][:2]
+    saved = tmp_path / "state.pt"
+    torch.save(stopped.state_dict(), saved)
+
+    resumed = _labelled_dm(root, ranks, **kw)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    loader = resumed.train_dataloader()
+    assert _epoch(loader) == epochs[1][2:]
+    assert _epoch(loader, 2) == epochs[2]
+
+
+@pytest.mark.parametrize("ranks", [None, (1, 2)], ids=["one-process", "rank1-of-2"])
+def test_training_loader_saved_at_an_epoch_end_continues_with_the_next_epoch(tmp_path, ranks):
+    """Saved once its second epoch has ended (as that epoch's checkpoint is) and loaded into
+    a fresh module: the new loader's first epoch is the third of a loader that never
+    stopped."""
+    root = make_colour_folder(tmp_path, classes=24, per_class=1)
+    whole = _labelled_dm(root, ranks).train_dataloader()
+    epochs = [_epoch(whole, e) for e in range(3)]
+
+    stopped = _labelled_dm(root, ranks)
+    loader = stopped.train_dataloader()
+    assert [_epoch(loader, 0), _epoch(loader, 1)] == epochs[:2]
+    saved = tmp_path / "state.pt"
+    torch.save(stopped.state_dict(), saved)
+
+    resumed = _labelled_dm(root, ranks)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert _epoch(resumed.train_dataloader()) == epochs[2]
+
+
+@pytest.mark.parametrize("ranks,workers,batches", [
+    (None, 0, None), (None, 2, None), (None, 0, 2), (None, 2, 1), ((0, 2), 2, None),
+    ((1, 2), 0, None),
+], ids=["no-workers", "two-workers", "no-workers-cut-short", "two-workers-cut-short",
+        "rank0-of-2", "rank1-of-2"])
+def test_training_order_is_the_one_runs_have_had(tmp_path, ranks, workers, batches):
+    """The order runs have always trained in: torch's shuffle drawing from the loader's
+    generator seeded with data.seed (the one its workers' seeds come from too), epochs read
+    to their end or cut short; under DDP the DistributedSampler Lightning puts in, seeded with
+    the same seed."""
+    from timm.data.loader import fast_collate
+    from torch.utils.data import DistributedSampler
+
+    root = make_colour_folder(tmp_path, classes=24, per_class=1)
+    dm = _labelled_dm(root, ranks, seed=5, num_workers=workers)
+    if ranks is None:
+        before = DataLoader(dm.train_set, batch_size=4, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(5),
+                            collate_fn=fast_collate, num_workers=workers,
+                            persistent_workers=workers > 0)
+    else:
+        before = DataLoader(dm.train_set, batch_size=4, drop_last=True,
+                            sampler=DistributedSampler(dm.train_set, num_replicas=ranks[1],
+                                                       rank=ranks[0], seed=5))
+    ours = dm.train_dataloader()
+    for epoch in range(3):
+        assert _epoch(ours, epoch, batches) == _epoch(before, epoch, batches), epoch
+
+
+# 24 training images in batches of 4: 6 batches an epoch, read by two loader workers. Flat
+# images (make_colour_folder): the workers' own random draws leave them unchanged.
+RESUMED = ("data=imagefolder", "data.num_classes=4", "data.batch_size=4", "data.num_workers=2",
+           "data.auto_augment=none", "data.color_jitter=null", "model=vit_tiny",
+           "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
+           "model.drop_path_rate=0.1", "trainer.max_epochs=3", "trainer.deterministic=true",
+           "threads=1", "logger=csv")
+
+
+def _last_weights(out: Path) -> tuple[dict, int]:
+    (run,) = [p.parent for p in out.glob("*/*/summary.json")]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
+
+
+@pytest.mark.slow
+def test_image_folder_run_stopped_mid_epoch_resumes_to_identical_weights(tmp_path,
+                                                                         forkserver):
+    root = make_colour_folder(tmp_path / "images", classes=4, per_class=6)
+    run_ = (*RESUMED, f"data.root={root}")
+    ref_out, out = tmp_path / "ref", tmp_path / "int"
+    ref_out.mkdir(), out.mkdir()
+    forkserver.run(ref_out, *run_)
+
+    stop = ("+callbacks.sig._target_=helpers.SignalAtStep", "+callbacks.sig.step=7")
+    first = forkserver.run(out, *run_, *stop, check=False)
+    assert first.returncode == 130, first.stderr[-3000:]
+    (run,) = [p.parent for p in out.glob("*/*/summary.json")]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # the signal came as step 7 started: stopped two batches into the second epoch
+    assert ckpt["global_step"] == 8 and ckpt["epoch"] == 1
+
+    forkserver.run(out, *run_)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["attempts"] == 2
+    ref_weights, ref_step = _last_weights(ref_out)
+    weights, step = _last_weights(out)
+    assert step == ref_step == 18
+    for key, value in ref_weights.items():
+        assert torch.equal(value, weights[key]), key

@@ -193,3 +193,17 @@ def test_waiting_launcher_stops_once_every_job_left_can_never_start(tmp_path, mo
     assert jobs[1].polls > 90  # it stopped at once, not when the job would have ended
     assert "job 9_1 (b) waits: InvalidAccount: never starts: SLURM does not know this " \
         "account: change cluster.account" in [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(("trainer", "gpus"), [(["trainer=gpu"], 1),
+                                               (["trainer=gpu", "trainer.devices=2"], 2),
+                                               (["trainer=cpu"], None)])
+def test_local_jobs_of_a_gpu_run_see_its_gpus(trainer, gpus):
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration("train", [*TASK, "hydra/launcher=local", *trainer],
+                                        run_mode=RunMode.MULTIRUN)
+    # submitit's local executor sets CUDA_VISIBLE_DEVICES to this many GPUs ("" for none)
+    assert cfg.hydra.launcher.gpus_per_node == gpus

@@ -69,6 +69,16 @@ def retire_lightning_observer() -> bool:
     return found
 
 
+def shards_training_data(trainer: Any) -> bool | None:
+    """Whether Lightning shards the training data across ranks for this trainer (a
+    distributed strategy, even on one device, with ``use_distributed_sampler``); None where
+    the trainer does not say."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if connector is None:
+        return None
+    return bool(connector.use_distributed_sampler and connector.is_distributed)
+
+
 def routes_saves(cls: type) -> type:
     """Class decorator for a ``ModelCheckpoint`` subclass with a ``save(trainer, filepath)``
     method: every save the callback decides on goes through it, to write the file another way

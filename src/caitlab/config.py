@@ -288,6 +288,14 @@ def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bo
              "trainer.devices", devices, "an integer >= 1 or auto")
     accelerator = str(t.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda"):
+        if under_slurm and devices > gpus_visible == 1:
+            # Lightning puts rank k of a node on its k-th GPU, so each task must see them all
+            raise ConfigError(
+                f"trainer.devices={devices}: this SLURM task sees 1 GPU, so the cluster binds "
+                "one GPU per task (--gpus-per-task, --gpu-bind or a site default), and "
+                "Lightning puts rank k of a node on the node's GPU k: every task must see all "
+                "of its node's GPUs (take gpus_per_task or gpu_bind out of "
+                "cluster.additional_parameters, or ask the site how to turn its binding off)")
         _require(devices <= gpus_visible, "trainer.devices", devices,
                  f"at most the {gpus_visible} GPU(s) visible here")
     elif accelerator == "cpu":

@@ -18,10 +18,12 @@ Two kinds of loaders:
   passes such an iterable through untouched (it only injects a ``DistributedSampler`` into a
   real ``DataLoader``), so DDP sharding is done here: see :func:`shard_indices`.
 * Files (:class:`Cifar10DataModule`, :class:`Cifar100DataModule`,
-  :class:`ImageFolderDataModule`): ordinary ``DataLoader``\\ s with workers; Lightning injects
-  the ``DistributedSampler`` under DDP. ``num_workers: auto`` is one fewer than the CPUs of the
-  rank (:func:`caitlab.cpus.available_cpus`: affinity mask, ``SLURM_CPUS_PER_TASK``), and a
-  count above them is capped, said once.
+  :class:`ImageFolderDataModule`): ``DataLoader``\\ s with workers, the training one on a
+  sampler that shards under DDP as Lightning's ``DistributedSampler`` does and whose position
+  each checkpoint holds (:class:`~caitlab.data.sampling.ResumableSampler`), so that a run
+  stopped mid-epoch resumes with its next batch. ``num_workers: auto`` is one fewer than the
+  CPUs of the rank (:func:`caitlab.cpus.available_cpus`: affinity mask,
+  ``SLURM_CPUS_PER_TASK``), and a count above them is capped, said once.
 
 Every module refuses in ``setup('fit')`` a training split that makes no batch under
 ``drop_last`` (per rank under DDP), instead of an epoch that trains nothing.

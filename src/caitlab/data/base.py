@@ -1,7 +1,7 @@
 """What every data module shares: the checked common arguments, the uniform properties, the
 fixed split order, loader workers and the refusal of a split too small for one batch; and the
 two ways of serving batches, in memory (:class:`InMemoryDataModule`) or from files
-(:class:`FileDataModule`)."""
+(:class:`FileDataModule`), each of which a run stopped mid-epoch resumes at its next batch."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from caitlab import compat
 from caitlab.cpus import available_cpus
 from caitlab.data.errors import DataConfigError, check_int, check_workers
-from caitlab.data.sampling import TensorBatches, dist_rank_world
+from caitlab.data.sampling import (
+    ResumableSampler,
+    ShuffleSampler,
+    TensorBatches,
+    dist_rank_world,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +214,67 @@ class InMemoryDataModule(DataModuleBase):
         return self._batches("test", train=False)
 
 
+class LoaderRecord:
+    """What a :class:`ResumableLoader` keeps, shared with the copies Lightning makes of it
+    (under DDP it makes the evaluation loaders anew, with a DistributedSampler in, from the
+    arguments they were made with): the batches handed out this iteration (``batches_out``),
+    the iterations (``iterations``), and ``seed_from``, a generator the next iterator draws
+    its workers' base seed from instead of the global RNG."""
+
+    def __init__(self) -> None:
+        self.batches_out = 0
+        self.iterations = 0
+        self.seed_from: torch.Generator | None = None
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that keeps a :class:`LoaderRecord` of its iterations.
+
+    A loader without a generator draws its workers' base seed from the global RNG, once per
+    iterator it makes. A resumed run gives ``record.seed_from`` to a loader whose draw the
+    stopped run had made already (:meth:`seed_drawn`): the checkpoint restored the global RNG
+    to after that draw, and a second one would shift every draw of the run after it.
+    """
+
+    def __init__(self, *args, record: LoaderRecord | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.record = record if record is not None else LoaderRecord()
+
+    def __iter__(self):
+        record = self.record
+        record.batches_out = 0
+        record.iterations += 1
+        if record.seed_from is None or self.generator is not None:
+            return map(self._count, super().__iter__())
+        self.generator, record.seed_from = record.seed_from, None
+        try:
+            return map(self._count, super().__iter__())
+        finally:
+            self.generator = None
+
+    def _count(self, batch):
+        self.record.batches_out += 1
+        return batch
+
+    def seed_drawn(self, in_progress: bool) -> bool:
+        """Whether this run has drawn from the global RNG the workers' seed that a resumed
+        run's first iterator of this loader would draw: with persistent workers, once it has
+        made an iterator (it makes no other); otherwise for an iteration still in progress
+        (``in_progress``)."""
+        if self.generator is not None:
+            return False
+        return self.record.iterations > 0 if self.persistent_workers else in_progress
+
+
 class FileDataModule(DataModuleBase):
     """Splits held as map-style datasets ``train_set``, ``val_set``, ``test_set`` (set by
-    ``setup``), served by per-sample DataLoaders with workers."""
+    ``setup``), served by per-sample DataLoaders with workers.
+
+    A stop mid-epoch resumes at the next batch of the same order: ``state_dict()`` (which
+    Lightning saves in every checkpoint) holds the training sampler's position, and
+    ``load_state_dict()`` hands it to the next training loader (:class:`ResumableSampler`),
+    the epoch's end included: the next epoch then draws the order it would have.
+    """
 
     test_set: Dataset | None
 
@@ -218,34 +282,95 @@ class FileDataModule(DataModuleBase):
         super().__init__(**kwargs)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._loaders: dict[str, ResumableLoader] = {}
+        self._resume: dict[str, Any] = {}
 
-    def _file_loader(self, ds: Dataset | None, train: bool) -> DataLoader:
-        """A per-sample DataLoader; Lightning injects its DistributedSampler under DDP."""
+    def _file_loader(self, ds: Dataset | None, split: str) -> DataLoader:
+        """A per-sample DataLoader with workers."""
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() first")
-        sampler = self.train_sampler(ds) if train else None
-        gen = torch.Generator().manual_seed(self.seed) if train and sampler is None else None
+        train = split == "train"
         workers = self.loader_workers()
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None,
-                          sampler=sampler, generator=gen, drop_last=train and self.drop_last,
-                          collate_fn=self.collate_fn(train),
-                          num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0)
+        sampler, gen = None, None
+        if train:
+            sampler = self.train_sampler(ds)
+            if sampler is None:
+                sampler = self.shuffle_sampler(ds, persistent_workers=workers > 0)
+                # the workers' base seed comes from this generator, as it always has; the
+                # sampler draws what RandomSampler drew from it, on a generator of its own
+                gen = torch.Generator().manual_seed(self.seed)
+            if "train" in self._resume:
+                sampler.resume_from(self._resume.pop("train"))
+        loader = ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, generator=gen,
+                                 drop_last=train and self.drop_last,
+                                 collate_fn=self.collate_fn(train), num_workers=workers,
+                                 pin_memory=torch.cuda.is_available(),
+                                 persistent_workers=workers > 0, record=LoaderRecord())
+        if self._resume.pop(f"{split}_seed_drawn", False):
+            loader.record.seed_from = torch.Generator().manual_seed(self.seed)
+        self._loaders[split] = loader
+        return loader
 
     def collate_fn(self, train: bool):
         """The loader's collate function (None: PyTorch's default)."""
         return None
 
-    def train_sampler(self, ds: Dataset):
-        """The training loader's sampler (None: a seeded shuffle; Lightning puts its
-        DistributedSampler in under DDP, and leaves a DistributedSampler it is given)."""
+    def train_sampler(self, ds: Dataset) -> ResumableSampler | None:
+        """The training loader's sampler (None: :meth:`shuffle_sampler`'s)."""
         return None
 
+    def shuffle_sampler(self, ds: Dataset, persistent_workers: bool) -> ShuffleSampler:
+        """A new order every epoch: under a strategy that shards the data (DDP), Lightning's
+        DistributedSampler's; otherwise a seeded shuffle (:class:`ShuffleSampler`)."""
+        rank, world = self._rank_world()
+        return ShuffleSampler(ds, num_replicas=world, rank=rank, seed=self.seed,
+                              batch_size=self.batch_size, drop_last=self.drop_last,
+                              shard=self._shards_data(world),
+                              loader_draws_every_epoch=not persistent_workers)
+
+    def _shards_data(self, world: int) -> bool:
+        """Whether Lightning would shard the training images: under a distributed strategy
+        (even on one device) unless ``use_distributed_sampler`` is off; without a trainer,
+        when several processes train."""
+        shards = compat.shards_training_data(self.trainer) if self.trainer is not None else None
+        return world > 1 if shards is None else shards
+
+    def train_position(self) -> tuple[int, bool]:
+        """``(batches, finished)``: batches of the current epoch trained, and whether the
+        epoch is over. Under a trainer its loop's count (its fetcher takes a batch ahead of
+        the one training); without one, the batches the training loader handed out."""
+        loop = getattr(self.trainer, "fit_loop", None)
+        if loop is not None:
+            done = int(loop.epoch_loop.batch_progress.current.processed)
+            return done, done >= self.trainer.num_training_batches
+        loader = self._loaders["train"]
+        done = loader.record.batches_out
+        return done, done >= loader.sampler.batches_per_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position, and which loaders' workers' seeds the run has
+        drawn (:meth:`ResumableLoader.seed_drawn`); empty before a training loader exists."""
+        loader = self._loaders.get("train")
+        if loader is None or not isinstance(loader.sampler, ResumableSampler):
+            return {}
+        batches, finished = self.train_position()
+        train = loader.sampler.position(batches, finished)
+        state: dict[str, Any] = {"train": train}
+        in_progress = {"train": train["started"]}
+        for split, split_loader in self._loaders.items():
+            state[f"{split}_seed_drawn"] = split_loader.seed_drawn(in_progress.get(split, False))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """For the loaders made next (Lightning restores a checkpoint before it asks for
+        them)."""
+        self._resume = dict(state)
+
     def train_dataloader(self) -> DataLoader:
-        return self._file_loader(self.train_set, train=True)
+        return self._file_loader(self.train_set, "train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._file_loader(self.val_set, train=False)
+        return self._file_loader(self.val_set, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._file_loader(self.test_set, train=False)
+        return self._file_loader(self.test_set, "test")

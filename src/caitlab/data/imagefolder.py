@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from caitlab.data.base import FileDataModule
 from caitlab.data.errors import (
@@ -25,7 +25,7 @@ from caitlab.data.images import (
     checked_image_folder,
     find_class_folders,
 )
-from caitlab.data.sampling import RepeatedAugSampler
+from caitlab.data.sampling import RepeatedAugSampler, ResumableSampler
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
@@ -211,12 +211,13 @@ class ImageFolderDataModule(FileDataModule):
             return fast_collate
         return None
 
-    def train_sampler(self, ds: Dataset) -> Sampler | None:
+    def train_sampler(self, ds: Dataset) -> ResumableSampler | None:
         if self.repeated_aug == 1:
             return None
         rank, world = self._rank_world()
         return RepeatedAugSampler(ds, num_replicas=world, rank=rank, seed=self.seed,
-                                  repeats=self.repeated_aug)
+                                  repeats=self.repeated_aug, batch_size=self.batch_size,
+                                  drop_last=self.drop_last)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """A uint8 training batch, now on the device: normalised (ImageNet mean and std, as

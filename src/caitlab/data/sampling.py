@@ -1,17 +1,23 @@
-"""In-memory batches drawn in a seeded per-epoch order, and their DDP sharding.
+"""Training orders: in-memory batches drawn in a seeded per-epoch order, and the samplers of
+the file datasets' loaders, each of which can stop after any batch and continue there.
 
 Lightning passes an iterable that is not a ``DataLoader`` through untouched (it injects a
 ``DistributedSampler`` only into a real ``DataLoader``), so :class:`TensorBatches` shards for
-itself, the way that sampler does: :func:`shard_indices`.
+itself, the way that sampler does: :func:`shard_indices`. The file datasets' samplers are
+``DistributedSampler``\\ s (:class:`ResumableSampler`), which Lightning leaves in place.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -119,23 +125,165 @@ class TensorBatches:
 
 
 
-class RepeatedAugSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
+    """A training sampler whose epoch can stop after any batch and continue, in a fresh
+    process, with the next batch of the same order.
+
+    A ``DistributedSampler``, so that Lightning leaves it in place under DDP (it would put its
+    own in instead of any other). Subclasses give the order of an epoch (:meth:`order`) and
+    which epoch an iteration draws (:meth:`next_epoch`). :meth:`position` is where the latest
+    iteration stands after some of its batches; after :meth:`resume_from` the next iteration
+    continues from there, whatever epoch was set: Lightning iterates a resumed loader before
+    it sets the epoch.
+
+    ``batch_size`` and ``drop_last``: those of the loader's batches, for counting them
+    (DistributedSampler's own ``drop_last`` is whether to pad the shards, and stays False).
+    """
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+                 batch_size: int = 1, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.drops_last_batch = bool(drop_last)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) the next iteration skips
+        self._latest: int | None = None  # the epoch of the latest iteration
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch``."""
+        raise NotImplementedError
+
+    def next_epoch(self) -> int:
+        """The epoch the next iteration draws (not resuming): the one set last."""
+        return self.epoch
+
+    def after_epoch(self) -> None:
+        """Called once an iteration has yielded its last index."""
+
+    def batches_per_epoch(self) -> int:
+        n = len(self)
+        return n // self.batch_size if self.drops_last_batch else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, skip = self._resume if self._resume is not None else (self.next_epoch(), 0)
+        self._resume = None
+        self._latest = epoch
+        yield from self.order(epoch)[skip * self.batch_size:]
+        self.after_epoch()
+
+    def position(self, batches: int, finished: bool = False) -> dict[str, Any]:
+        """Where the latest iteration stands after ``batches`` batches (``finished``: its
+        epoch is over even if it had more, as with ``limit_train_batches``; then the next
+        epoch's start), with what the order is drawn from; plain values and tensors, for a
+        checkpoint. ``started``: whether that epoch's iteration had begun."""
+        epoch = self._latest
+        started = epoch is not None
+        if epoch is None:
+            epoch, batches = self.next_epoch(), 0
+        elif finished or batches >= self.batches_per_epoch():
+            epoch, batches, started = epoch + 1, 0, False
+        return {"epoch": epoch, "batches": int(batches), "started": started, "seed": self.seed,
+                "num_images": len(self.dataset), "num_replicas": self.num_replicas,
+                "batch_size": self.batch_size, **self.generator_state(epoch)}
+
+    def resume_from(self, state: dict[str, Any]) -> None:
+        """Continues at ``state`` (a :meth:`position`) on the next iteration; a position saved
+        for another seed, number of images, ranks or batch size starts its epoch over."""
+        batches = int(state["batches"])
+        mine = {"seed": self.seed, "num_images": len(self.dataset),
+                "num_replicas": self.num_replicas, "batch_size": self.batch_size}
+        other = {k: state.get(k) for k in mine if state.get(k) != mine[k]}
+        if other and batches:
+            log.warning("data: the checkpoint's data position was saved with %s, not %s: "
+                        "epoch %d starts over from its first batch", other,
+                        {k: mine[k] for k in other}, state["epoch"])
+            batches = 0
+        self.load_generator_state(int(state["epoch"]), state)
+        self._resume = (int(state["epoch"]), batches)
+
+    def generator_state(self, epoch: int) -> dict[str, Any]:
+        """What drawing ``epoch``'s order needs besides the seed (nothing: drawn afresh)."""
+        return {}
+
+    def load_generator_state(self, epoch: int, state: dict[str, Any]) -> None:
+        pass
+
+
+class ShuffleSampler(ResumableSampler):
+    """The file datasets' training order: a new permutation of the images every epoch.
+
+    ``shard`` (under DDP, where Lightning would put its own DistributedSampler in): that
+    sampler's order, each rank its :func:`shard_indices` share of a permutation seeded with
+    ``seed + epoch``, the epoch as set. Otherwise the permutations that torch's
+    ``RandomSampler`` draws from the DataLoader's generator seeded with ``seed``, one per
+    iteration, so that runs train in the order they always have. That generator is also the
+    one the loader draws its workers' base seed from, one ``int64`` per iterator it makes
+    (once with ``persistent_workers``, every epoch otherwise: ``loader_draws_every_epoch``);
+    and ``RandomSampler`` draws a second, empty permutation when run to its end. Both draws
+    are made here, on a generator of the sampler's own.
+    """
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+                 batch_size: int = 1, drop_last: bool = False, shard: bool = True,
+                 loader_draws_every_epoch: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas if shard else 1,
+                         rank=rank if shard else 0, seed=seed, batch_size=batch_size,
+                         drop_last=drop_last)
+        self.shard = shard
+        self.loader_draws_every_epoch = loader_draws_every_epoch
+        self._gen = torch.Generator().manual_seed(seed)
+        self._drawn = 0  # iterations drawn from _gen: the next one's epoch, unsharded
+        self._gen_before = self._gen.get_state()  # before the latest iteration's draws
+
+    def next_epoch(self) -> int:
+        return self.epoch if self.shard else self._drawn
+
+    def order(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if self.shard:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            return shard_indices(torch.randperm(n, generator=gen), self.rank,
+                                 self.num_replicas).tolist()
+        self._gen_before = self._gen.get_state()
+        if self.loader_draws_every_epoch or epoch == 0:
+            torch.empty((), dtype=torch.int64).random_(generator=self._gen)
+        self._drawn = epoch + 1
+        return torch.randperm(n, generator=self._gen).tolist()
+
+    def after_epoch(self) -> None:
+        if not self.shard:
+            torch.randperm(len(self.dataset), generator=self._gen)
+
+    def generator_state(self, epoch: int) -> dict[str, Any]:
+        if self.shard:
+            return {}
+        # before `epoch`'s draws: the latest iteration's, or the next one's
+        return {"generator": self._gen_before if epoch < self._drawn else self._gen.get_state()}
+
+    def load_generator_state(self, epoch: int, state: dict[str, Any]) -> None:
+        if not self.shard and "generator" in state:
+            self._gen.set_state(state["generator"])
+            self._drawn = epoch
+
+
+class RepeatedAugSampler(ResumableSampler):
     """DeiT's repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``): timm's
     ``RepeatAugSampler``, each image ``repeats`` times an epoch in a seeded order, the copies
     spread over the ranks (each augmented on its own), an epoch as many images per rank as
     DeiT's (the dataset rounded down to 256, over the ranks).
 
-    A ``DistributedSampler`` so that Lightning leaves it in place under DDP (it would wrap any
-    other sampler in its own); the order is ``seed + epoch``'s, as DistributedSampler's is
-    (timm's is the epoch's alone, the same for every seed).
+    The order is ``seed + epoch``'s, as DistributedSampler's is (timm's is the epoch's alone,
+    the same for every seed).
     """
 
     def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
-                 repeats: int = 3) -> None:
+                 repeats: int = 3, batch_size: int = 1, drop_last: bool = False) -> None:
         from timm.data.distributed_sampler import RepeatAugSampler
 
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
-                         seed=seed)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed,
+                         batch_size=batch_size, drop_last=drop_last)
         self.inner = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank,
                                       shuffle=True, num_repeats=repeats)
         self.set_epoch(0)
@@ -144,8 +292,9 @@ class RepeatedAugSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.inner.set_epoch(self.seed + epoch)
 
-    def __iter__(self):
-        return iter(self.inner)
+    def order(self, epoch: int) -> list[int]:
+        self.inner.set_epoch(self.seed + epoch)
+        return list(self.inner)
 
     def __len__(self) -> int:
         return len(self.inner)

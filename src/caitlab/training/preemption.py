@@ -249,8 +249,16 @@ class GracefulStop(Callback):
         return bool(signum)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._ranks_agree_to_stop(trainer):
+        # alone, a flag raised while the batch was fetched stops before it trains
+        if trainer.world_size == 1 and trainer.received_sigterm:
             raise SIGTERMException
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Agreed as a batch ends, so that Lightning stops every rank before it fetches the
+        # next batch: a stop at the next batch's start would follow its transfer, whose
+        # random erasing has drawn from the RNGs the checkpoint then saves one batch ahead.
+        if trainer.world_size > 1:
+            self._ranks_agree_to_stop(trainer)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
                                   dataloader_idx=0) -> None:
