@@ -75,11 +75,13 @@ class CrashAt(Callback):
 
 
 class FailBeforeRendezvous(Callback):
-    """Fails as it is built on the process started as local rank ``rank``: before that rank
-    joins the others (a missing package, a wrong path on one node)."""
+    """Fails as it is built on rank ``rank`` (Lightning's child process, or a SLURM task):
+    before that rank joins the others (a missing package, a wrong path on one node)."""
 
     def __init__(self, rank: int = 1) -> None:
-        if os.environ.get("LOCAL_RANK", "0") == str(rank):
+        from caitlab.training.ranks import process_rank
+
+        if process_rank() == rank:
             raise FileNotFoundError(f"injected: rank {rank} cannot start")
 
 

@@ -104,20 +104,27 @@ def test_a_nan_on_one_rank_ends_both_as_diverged_within_seconds(tmp_path):
     assert took < 120  # the run's own time; a rank left waiting would take dist_timeout_s
 
 
+# deterministic, with drop-path: a resumed rank must draw what it would have drawn
+RESUMABLE = (*DDP, *TINY, "logger=csv", "trainer.deterministic=true", "model.drop_path_rate=0.1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    caitlab_train(out, *RESUMABLE, fresh=True)
+    return _run_dir(out)
+
+
 @pytest.mark.parametrize("where", ["mid-epoch", "validation"])
-def test_a_signal_to_one_rank_stops_both_at_one_checkpoint_and_resumes_exactly(tmp_path, where):
-    run_args = (*DDP, *TINY, "logger=csv", "trainer.max_epochs=3", "trainer.deterministic=true",
-                "model.drop_path_rate=0.1")
-    ref, out = tmp_path / "ref", tmp_path / "int"
-    ref.mkdir(), out.mkdir()
-    caitlab_train(ref, *run_args, fresh=True)
+def test_a_signal_to_one_rank_stops_both_at_one_checkpoint_and_resumes_exactly(
+        tmp_path, uninterrupted, where):
     at = (("+callbacks.sig.step=8",) if where == "mid-epoch" else
           ("+callbacks.sig.step=0", "+callbacks.sig.at_validation=true"))
-    first = caitlab_train(out, *run_args, "+callbacks.sig._target_=helpers.SignalAtStep",
+    first = caitlab_train(tmp_path, *RESUMABLE, "+callbacks.sig._target_=helpers.SignalAtStep",
                           "+callbacks.sig.rank=1", "+callbacks.sig.sig=SIGTERM", *at,
                           fresh=True, check=False, timeout=300)
     assert first.returncode == 130, first.stderr[-3000:]
-    run = _run_dir(out)
+    run = _run_dir(tmp_path)
     summary = _summary(run)
     assert summary["status"] == "interrupted" and summary["interrupted_by"] == "SIGTERM"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -125,9 +132,9 @@ def test_a_signal_to_one_rank_stops_both_at_one_checkpoint_and_resumes_exactly(t
     assert ckpt["global_step"] == (9 if where == "mid-epoch" else 6)
     assert len(ckpt["caitlab"]["rng_by_rank"]) == 2  # each rank's draws resume as its own
 
-    caitlab_train(out, *run_args, fresh=True)
+    caitlab_train(tmp_path, *RESUMABLE, fresh=True)
     assert _summary(run)["status"] == "completed"
-    assert _digests(run) == _digests(_run_dir(ref))
+    assert _digests(run) == _digests(uninterrupted)
 
 
 def test_a_rank_that_fails_before_the_rendezvous_ends_the_run_with_its_cause(tmp_path):

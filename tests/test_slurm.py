@@ -73,6 +73,22 @@ def test_ddp_over_two_slurm_tasks_with_the_defaults_completes_on_both(tmp_path):
     assert _wait_for(ended, 60, "the job to end") == ["COMPLETED"]
 
 
+def test_a_slurm_task_that_fails_before_the_rendezvous_ends_the_job_with_its_cause(tmp_path):
+    t0 = time.monotonic()
+    proc = caitlab_train(tmp_path, "-m", *DDP_TASKS, "trainer=debug", "logger=csv",
+                         "+callbacks.die._target_=helpers.FailBeforeRendezvous", "name=die",
+                         check=False)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert took < 120  # srun --kill-on-bad-exit, not the process group's timeout (300 s)
+    ((name, summary),) = _summaries(tmp_path / "die").items()
+    assert "injected: rank 1 cannot start" in (tmp_path / "die" / name /
+                                               "error.rank1.log").read_text()
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("rank 1: InstantiationException: ")
+    assert "injected: rank 1 cannot start" in summary["error"]
+
+
 def test_a_preemption_signal_to_one_slurm_task_requeues_the_job_once(tmp_path):
     # rank 1 alone gets submitit's signal, mid-epoch; the step runs --kill-on-bad-exit
     caitlab_train(tmp_path, "-m", *DDP_TASKS, "trainer.max_epochs=2",

@@ -584,8 +584,26 @@ def _result(job: Any, overrides: list[str], run_dir: Path) -> JobReturn:
             return _skipped(overrides, read_summary(run_dir) or {}, failed=failed[1])
         line = (f"job {job.job_id} ({run_dir}) ended without a result: "
                 f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+        line = _rank_failure(run_dir, line)
         log.error(line)
         return _skipped(overrides, read_summary(run_dir) or {}, failed=line)
+
+
+def _rank_failure(run_dir: Path, line: str) -> str:
+    """Where a DDP job ended because one of its tasks failed (srun --kill-on-bad-exit ends the
+    others before rank 0 can write anything), the run's summary says so, naming that rank's
+    error (``error.rank<k>.log``); ``line`` with the rank's cause in front."""
+    from caitlab.training.ranks import error_log_name, other_ranks_errors
+
+    summary = read_summary(run_dir) or {}
+    others = other_ranks_errors(run_dir)
+    if not others or summary.get("status") not in slurm.LIVE_SUMMARY:
+        return line
+    rank, error = min(others.items())
+    line = f"rank {rank}: {error} ({error_log_name(rank)}); {line}"
+    Summary(run_dir, {}).update(status="failed", error=line,
+                                rank_errors={str(k): v for k, v in others.items()})
+    return line
 
 
 class ArrayTask:
