@@ -55,17 +55,33 @@ def caitlab_train(out: Path, *overrides: str, env: dict[str, str] | None = None,
     return proc
 
 
-def make_image_folder(root: Path) -> Path:
-    """``root/{train,val}/class{0,1}/{0..3}.png``: a tiny ImageNet-layout folder, two colours."""
+def make_image_folder(root: Path, per_class: int = 4) -> Path:
+    """``root/{train,val}/class{0,1}/{0..per_class-1}.png``: a tiny ImageNet-layout folder,
+    two colours."""
     from PIL import Image
 
     for split in ("train", "val"):
         for c, colour in enumerate(("red", "blue")):
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
-            for i in range(4):
+            for i in range(per_class):
                 Image.new("RGB", (20 + i, 24), colour).save(folder / f"{i}.png")
     return root
+
+
+def tiny_teacher(folder, in_chans: int = 1, num_classes: int = 10, img_size: int = 8) -> list[str]:
+    """A tiny timm teacher's weights, saved in ``folder``; the overrides that distil from it."""
+    import timm
+    import torch
+
+    kwargs = {"img_size": img_size, "patch_size": 2, "embed_dim": 16, "depth": 1,
+              "num_heads": 2}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=in_chans,
+                              num_classes=num_classes, **kwargs)
+    torch.save(model.state_dict(), folder / "teacher.pth")
+    return ["distillation=soft", "distillation.teacher=vit_tiny_patch16_224",
+            f"distillation.teacher_weights={folder / 'teacher.pth'}",
+            *(f"+distillation.teacher_kwargs.{k}={v}" for k, v in kwargs.items())]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import caitlab_train, make_image_folder
+from conftest import caitlab_train, make_image_folder, tiny_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +41,8 @@ def _no_rank_failed(proc) -> None:
     assert "caitlab-train:" not in proc.stderr, proc.stderr[-3000:]
 
 
-def _images(root, per_class: int = 8):
-    from PIL import Image
-
-    make_image_folder(root)
-    for split in ("train", "val"):
-        for c, colour in enumerate(("red", "blue")):
-            for i in range(4, per_class):
-                Image.new("RGB", (20 + i, 24), colour).save(root / split / f"class{c}" / f"{i}.png")
-    return root
-
-
 def test_the_defaults_with_ema_evit_and_an_image_folder_complete_on_both_ranks(tmp_path):
-    data = _images(tmp_path / "images")
+    data = make_image_folder(tmp_path / "images", per_class=8)
     proc = caitlab_train(tmp_path, *DDP, *TINY, "ema.enabled=true", "model=vit_tiny",
                          "model/token_reorg=evit", "data=imagefolder", f"data.root={data}",
                          "data.num_classes=2", "data.batch_size=2", "data.num_workers=2",
@@ -69,18 +58,8 @@ def test_the_defaults_with_ema_evit_and_an_image_folder_complete_on_both_ranks(t
 
 
 def test_distillation_from_a_teacher_under_compile_completes_on_both_ranks(tmp_path):
-    import timm
-
-    kwargs = {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 2}
-    teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=1,
-                                num_classes=10, **kwargs)
-    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
-    teacher_kwargs = [f"+distillation.teacher_kwargs.{k}={v}" for k, v in kwargs.items()]
-    proc = caitlab_train(tmp_path, *DDP, *TINY, "distillation=soft",
-                         "distillation.teacher=vit_tiny_patch16_224",
-                         f"distillation.teacher_weights={tmp_path / 'teacher.pth'}",
-                         *teacher_kwargs,
-                         "compile=aot_eager", fresh=True, check=False)
+    proc = caitlab_train(tmp_path, *DDP, *TINY, *tiny_teacher(tmp_path), "compile=aot_eager",
+                         fresh=True, check=False)
     _no_rank_failed(proc)
     run = _run_dir(tmp_path)
     summary = _summary(run)

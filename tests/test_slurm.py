@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import caitlab_train
+from conftest import caitlab_train, make_image_folder, tiny_teacher
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -53,7 +53,14 @@ DDP_TASKS = ("hydra/launcher=slurm", "cluster.cpus_per_task=1", "cluster.timeout
 
 
 def test_ddp_over_two_slurm_tasks_with_the_defaults_completes_on_both(tmp_path):
-    caitlab_train(tmp_path, "-m", *DDP_TASKS, "trainer=debug", "name=ddp")
+    # what users combine: an image folder with a loader worker, EViT, a teacher, compile
+    data = make_image_folder(tmp_path / "images", per_class=8)
+    caitlab_train(tmp_path, "-m", *DDP_TASKS, "trainer=debug", "name=ddp",
+                  "model/token_reorg=evit", "data=imagefolder", f"data.root={data}",
+                  "data.num_classes=2", "data.batch_size=2", "data.num_workers=1",
+                  "model.img_size=32", "model.patch_size=8",
+                  *tiny_teacher(tmp_path, in_chans=3, num_classes=2, img_size=32),
+                  "compile=aot_eager")
     ((name, summary),) = _summaries(tmp_path / "ddp").items()
     assert summary["status"] == "completed", summary.get("error")
     assert summary["world_size"] == 2
