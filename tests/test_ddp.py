@@ -142,3 +142,38 @@ def test_a_rank_that_fails_mid_training_is_named_in_the_summary(tmp_path):
     summary = _summary(run)
     assert summary["status"] == "failed"
     assert "rank 1" in summary["error"] and "injected crash on rank 1" in summary["error"]
+
+
+def test_ctrl_c_twice_on_every_rank_leaves_the_run_interrupted(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the command; the second one stops at once:
+    rank 0 records an interruption, not a failure of the rank it stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    cmd = [sys.executable, "-m", "caitlab.train", f"paths.output_dir={tmp_path}",
+           "trainer.enable_progress_bar=false", *DDP, *TINY, "logger=csv",
+           "trainer.max_epochs=50"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = list(tmp_path.glob("*/*/summary.json"))
+            if found and (json.loads(found[0].read_text()).get("epochs") or 0) >= 1:
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    summary = _summary(_run_dir(tmp_path))
+    assert summary["status"] == "interrupted", (summary.get("error"), err[-2000:])
+    # 130, or ended by the second SIGINT itself while exiting: a shell reads both as 130
+    assert proc.returncode in (130, -2), err[-2000:]

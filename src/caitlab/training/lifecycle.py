@@ -305,7 +305,9 @@ class Run:
         self.summary.update(world_size=trainer.world_size,
                             device=trainer.strategy.root_device.type)
         if self.rank_zero and trainer.world_size > 1:
-            self.watch = RankWatch(trainer, self.dir, self._rank_died).start()
+            self.watch = RankWatch(trainer, self.dir, self._rank_died,
+                                   stopping=lambda: bool(self.stopper and self.stopper.signalled)
+                                   ).start()
 
     def _rank_died(self, message: str) -> None:
         self.end("failed", error=redact(message))
@@ -373,7 +375,7 @@ class Run:
             if stopper is not None and stopper.requeue:
                 finish_wandb(exit_code)
                 stopper.requeue_now()  # on rank 0 submitit requeues this job and exits
-            if not self.rank_zero and stopper is not None and stopper.requested:
+            if not self.rank_zero and stopper is not None and stopper.signalled:
                 # the checkpoint is written (a collective save): the rest is rank 0's
                 raise RankDone() from None
             raise

@@ -197,6 +197,11 @@ class GracefulStop(Callback):
             if trainer is not None:
                 compat.request_stop(trainer)
 
+    @property
+    def signalled(self) -> bool:
+        """Whether this process was asked to stop (agreed with the other ranks or not)."""
+        return bool(self._signum)
+
     def _agree_on(self, signum: int) -> None:
         self.requested = signal.Signals(signum).name
         self.requeue = signum == submitit_signal()

@@ -79,12 +79,15 @@ class RankWatch:
     run_dir: the run folder, where a dead rank's error log is.
     on_death: called with one line naming the rank, its exit status and its error.
     first_rank: the global rank of this machine's first child (``node_rank * devices + 1``).
+    stopping: whether this process is being stopped (Ctrl-C, a signal): then the ranks'
+        exits are that stop's, which rank 0 records itself.
     """
 
     def __init__(self, trainer: Any, run_dir: Path, on_death: Callable[[str], None],
-                 first_rank: int = 1, poll_s: float = 0.5) -> None:
+                 first_rank: int = 1, poll_s: float = 0.5,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.trainer, self.run_dir, self.on_death = trainer, Path(run_dir), on_death
-        self.first_rank, self.poll_s = first_rank, poll_s
+        self.first_rank, self.poll_s, self.stopping = first_rank, poll_s, stopping
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="caitlab-rank-watch",
                                         daemon=True)
@@ -110,7 +113,7 @@ class RankWatch:
             if not retired and compat.launched_ranks(self.trainer):
                 retired = compat.retire_lightning_observer()
             dead = self._dead()
-            if dead is None:
+            if dead is None or self.stopping():
                 continue
             rank, code = dead
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
