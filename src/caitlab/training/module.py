@@ -407,9 +407,9 @@ class ClassificationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.defer_divergence_check:
             self._check_diverged()  # never a checkpoint of weights a non-finite step made
-        # RNG states too: a resumed run draws the same dropout/drop-path/mixup as one that
+        # RNG states too, every rank's (under DDP each draws its own, seed + rank, and rank 0
+        # writes the file): a resumed run draws the same dropout/drop-path/mixup as one that
         # never stopped.
-        # Every rank's: under DDP each draws its own (seed + rank), and rank 0 writes the file.
         rng = rng_state()
         by_rank = [rng]
         if _world_size() > 1:

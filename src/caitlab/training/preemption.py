@@ -237,9 +237,7 @@ class GracefulStop(Callback):
     # --- the safe point --------------------------------------------------------------------
 
     def _ranks_agree_to_stop(self, trainer) -> bool:
-        """Whether any rank was asked to stop (every rank calls this at the same batch)."""
-        if trainer.world_size == 1:
-            return trainer.received_sigterm
+        """Whether any of the ranks was asked to stop (each calls this at the same batch)."""
         import torch.distributed as dist
 
         # submitit's signal (a requeue) wins over the others, so that a preemption seen by
