@@ -146,13 +146,13 @@ def test_every_declared_axis_is_a_constructor_argument_and_its_group_switches_it
         assert set(groups) <= set(choices), preset
 
 
-def test_a_slurm_task_bound_to_one_gpu_of_several_is_refused_naming_the_binding():
-    from caitlab.config import ConfigError, check_trainer
+def test_a_slurm_task_bound_to_one_gpu_of_several_is_taken_as_bound_not_refused():
+    from caitlab.config import ConfigError, check_trainer, gpus_bound_per_task
 
     trainer = {"max_epochs": 1, "devices": 4, "accelerator": "gpu"}
-    with pytest.raises(ConfigError, match=r"trainer.devices=4: this SLURM task sees 1 GPU, so "
-                                          r"the cluster binds one GPU per task"):
-        check_trainer(trainer, multirun=False, under_slurm=True, gpus_visible=1, cpus=8)
-    check_trainer(trainer, multirun=False, under_slurm=True, gpus_visible=4, cpus=8)
+    assert gpus_bound_per_task(trainer, under_slurm=True, gpus_visible=1)
+    check_trainer(trainer, multirun=False, under_slurm=True, gpus_visible=1, cpus=8)
+    assert not gpus_bound_per_task(trainer, under_slurm=True, gpus_visible=4)  # not bound
+    assert not gpus_bound_per_task(trainer, under_slurm=False, gpus_visible=1)
     with pytest.raises(ConfigError, match="at most the 1 GPU"):  # no SLURM: too few GPUs
         check_trainer(trainer, multirun=False, under_slurm=False, gpus_visible=1, cpus=8)

@@ -270,6 +270,15 @@ def check_recipe_choice(overrides: list[str]) -> None:
     check_choice("recipe", choice, options, given)
 
 
+def gpus_bound_per_task(trainer: dict[str, Any], under_slurm: bool, gpus_visible: int) -> bool:
+    """Whether this SLURM task sees just its own GPU of the ``trainer.devices`` its node runs
+    (``--gpus-per-task``, ``--gpu-bind`` or a site's default): each rank then trains on its
+    task's only GPU, where without binding rank k of a node takes the node's GPU k."""
+    devices = trainer.get("devices", 1)
+    return (under_slurm and str(trainer.get("accelerator")) in ("gpu", "cuda")
+            and isinstance(devices, int) and devices > 1 and gpus_visible == 1)
+
+
 def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bool,
                   gpus_visible: int, cpus: int) -> None:
     """What Lightning would accept but cannot work, caught before anything is trained."""
@@ -287,15 +296,7 @@ def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bo
     _require(isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1,
              "trainer.devices", devices, "an integer >= 1 or auto")
     accelerator = str(t.get("accelerator", "cpu"))
-    if accelerator in ("gpu", "cuda"):
-        if under_slurm and devices > gpus_visible == 1:
-            # Lightning puts rank k of a node on its k-th GPU, so each task must see them all
-            raise ConfigError(
-                f"trainer.devices={devices}: this SLURM task sees 1 GPU, so the cluster binds "
-                "one GPU per task (--gpus-per-task, --gpu-bind or a site default), and "
-                "Lightning puts rank k of a node on the node's GPU k: every task must see all "
-                "of its node's GPUs (take gpus_per_task or gpu_bind out of "
-                "cluster.additional_parameters, or ask the site how to turn its binding off)")
+    if accelerator in ("gpu", "cuda") and not gpus_bound_per_task(t, under_slurm, gpus_visible):
         _require(devices <= gpus_visible, "trainer.devices", devices,
                  f"at most the {gpus_visible} GPU(s) visible here")
     elif accelerator == "cpu":

@@ -288,7 +288,13 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     callbacks.append(EpochLines(console=not bar))
     if bar:
         callbacks.append(SteadyProgressBar(leave=True))
-    strategy = _ddp_with_timeout(cfg.trainer.get("strategy"), cfg.get("dist_timeout_s"))
+    import torch
+
+    from caitlab.config import gpus_bound_per_task
+
+    bound = gpus_bound_per_task(cfg.trainer, SLURMEnvironment.detect(), torch.cuda.device_count())
+    strategy = _ddp_strategy(cfg.trainer.get("strategy"), cfg.get("dist_timeout_s"),
+                             [torch.device("cuda", 0)] * cfg.trainer.devices if bound else None)
     plugins: list = [BackgroundCheckpointIO()]
     if SLURMEnvironment.detect():
         # ranks from SLURM (one task per device); requeue is submitit's job, not Lightning's
@@ -296,19 +302,29 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     trainer = instantiate(cfg.trainer, logger=run.loggers, callbacks=callbacks,
                           enable_progress_bar=bar, plugins=plugins,
                           default_root_dir=str(run.dir),
-                          **({"strategy": strategy} if strategy is not None else {}))
+                          **({"strategy": strategy} if strategy is not None else {}),
+                          # a task bound to its GPU: the node's ranks are the strategy's
+                          **({"devices": 1} if bound else {}))
     return trainer, best
 
 
-def _ddp_with_timeout(strategy: Any, timeout_s: Any) -> Any:
+def _ddp_strategy(strategy: Any, timeout_s: Any, parallel_devices: list | None = None) -> Any:
     """Lightning's DDP strategy named by ``trainer.strategy``, its process group's timeout
     ``dist_timeout_s`` (Lightning's is 30 minutes: a hung rank would hold every GPU of the
-    job that long); None for any other strategy, which Lightning builds as named."""
-    if strategy not in ("ddp", "ddp_find_unused_parameters_true") or not timeout_s:
+    job that long); None for any other strategy, which Lightning builds as named.
+
+    ``parallel_devices``: each of the node's ranks' device, where SLURM binds each task to its
+    own GPU (every rank's is then ``cuda:0``, the one its task sees), for the trainer to run
+    with ``devices=1``: Lightning would look for GPU k of the task for rank k."""
+    if parallel_devices is not None and strategy in (None, "auto"):
+        strategy = "ddp"  # what Lightning picks for several devices
+    if strategy not in ("ddp", "ddp_find_unused_parameters_true") or not (
+            timeout_s or parallel_devices):
         return None
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    return DDPStrategy(timeout=timedelta(seconds=float(timeout_s)),
-                       find_unused_parameters=strategy.endswith("_true"))
+    timeout = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
+    return DDPStrategy(find_unused_parameters=strategy.endswith("_true"),
+                       parallel_devices=parallel_devices, **timeout)
