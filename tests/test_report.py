@@ -279,3 +279,32 @@ def test_run_folders_inside_a_code_snapshot_are_not_the_sweeps(tmp_path):
     _run(s, "a0")
     _run(s / ".submitit" / "code-1" / "code" / "tests" / "fixtures", "zz")
     assert [r.folder.name for r in collect_runs(s)] == ["a0"]
+
+
+def test_an_unreadable_run_is_named_and_left_out_of_every_statistic(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _run(sweep, "a0", top1=0.90)
+    _run(sweep, "b0", residual="layerscale", top1=0.95)
+    _run(sweep, "c0", residual="rezero", top1=0.99)
+    cut = sweep / "c0" / "summary.json"
+    cut.write_text(cut.read_text()[:40])  # a crash or a full disk cut it short
+    assert main([str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    assert f"caitlab-report: warning: {cut}: " in err
+    assert "left out of every table and verdict" in err
+    rows = json.loads((sweep / "report.json").read_text())["rows"]
+    assert sorted(r["residual"] for r in rows) == ["layerscale", "none"]
+    assert "| unreadable |" not in out and "\n2 runs, 2 variants" in out
+
+
+def test_a_completed_run_with_a_nan_top1_is_left_out_of_its_variants_statistics(tmp_path,
+                                                                                capsys):
+    sweep = tmp_path / "sweep"
+    for seed, top1 in enumerate((0.90, 0.91, 0.92)):
+        _run(sweep, f"a{seed}", seed=seed, top1=top1)
+    for seed, top1 in enumerate((float("nan"), 0.95, 0.96)):
+        _run(sweep, f"b{seed}", seed=seed, residual="layerscale", top1=top1)
+    assert main([str(sweep)]) == 0
+    rows = {r["residual"]: r for r in json.loads((sweep / "report.json").read_text())["rows"]}
+    assert rows["layerscale"]["test_top1_n"] == 2
+    assert rows["layerscale"]["test_top1_mean"] == pytest.approx(95.5)

@@ -217,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.sweep_dir.is_dir():
             return fail(f"{args.sweep_dir} is not a folder")
         runs = collect_runs(args.sweep_dir)
+        for run in runs:
+            if run.summary.get("status") == "unreadable":
+                # a folder whose record cannot be read says nothing a statistic may count
+                print(f"caitlab-report: warning: {run.summary['error']}: not a readable "
+                      "summary.json; left out of every table and verdict", file=sys.stderr)
+        runs = [run for run in runs if run.summary.get("status") != "unreadable"]
         out_dir = args.out or args.sweep_dir
         source = str(args.sweep_dir)
     else:

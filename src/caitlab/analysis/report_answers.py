@@ -10,6 +10,7 @@ that do not record overrides fall back to their architecture axes.
 from __future__ import annotations
 
 import difflib
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -36,11 +37,13 @@ def metric_name(metric: str) -> str:
 
 
 def by_seed(variant: Variant, metric: str) -> dict[Any, float]:
-    """Seed -> the metric in points (top-1 100 = every image right), completed runs only."""
+    """Seed -> the metric in points (top-1 100 = every image right), completed runs with a
+    finite value only."""
     out = {}
     for run in variant.runs:
         value = run.summary.get(metric)
-        if run.status == "completed" and isinstance(value, (int, float)):
+        if run.status == "completed" and isinstance(value, (int, float)) \
+                and math.isfinite(value):
             out[run.summary.get("seed", run.name)] = 100.0 * value
     return out
 

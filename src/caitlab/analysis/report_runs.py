@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -65,7 +66,9 @@ class Variant:
         return [r.summary for r in self.runs if r.status == "completed"]
 
     def values(self, metric: str) -> list[float]:
-        return [s[metric] for s in self.completed() if s.get(metric) is not None]
+        """The metric of each completed run that has a finite one (a NaN says nothing)."""
+        return [s[metric] for s in self.completed()
+                if isinstance(s.get(metric), (int, float)) and math.isfinite(s[metric])]
 
     @property
     def images_per_s(self) -> float | None:
@@ -124,7 +127,7 @@ def _read_metrics(metrics_csv: Path) -> tuple[list[tuple[int, float]], dict[int,
             if not row.get("epoch"):
                 continue
             epoch = int(float(row["epoch"]))
-            if row.get("val/top1"):
+            if row.get("val/top1") and math.isfinite(float(row["val/top1"])):
                 curve[epoch] = float(row["val/top1"])
             if row.get(IPS):
                 ips[epoch] = float(row[IPS])
@@ -141,8 +144,9 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
             continue
         try:
             summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            summary = {"status": "unreadable"}
+        except (OSError, ValueError) as err:  # cut short by a crash or a full disk
+            summary = {"status": "unreadable",
+                       "error": f"{path}: {getattr(err, 'strerror', None) or err}"}
         curve, ips = _read_metrics(path.parent / "metrics.csv")
         runs.append(Run(path.parent.name, summary, curve, folder=path.parent,
                         by_epoch_ips=ips))
