@@ -127,8 +127,9 @@ def _read_metrics(metrics_csv: Path) -> tuple[list[tuple[int, float]], dict[int,
             if not row.get("epoch"):
                 continue
             epoch = int(float(row["epoch"]))
-            if row.get("val/top1") and math.isfinite(float(row["val/top1"])):
-                curve[epoch] = float(row["val/top1"])
+            top1 = float(row["val/top1"]) if row.get("val/top1") else math.nan
+            if math.isfinite(top1):
+                curve[epoch] = top1
             if row.get(IPS):
                 ips[epoch] = float(row[IPS])
     return sorted(curve.items()), ips

@@ -332,7 +332,7 @@ class FileDataModule(DataModuleBase):
         """Whether Lightning would shard the training images: under a distributed strategy
         (even on one device) unless ``use_distributed_sampler`` is off; without a trainer,
         when several processes train."""
-        shards = compat.shards_training_data(self.trainer) if self.trainer is not None else None
+        shards = compat.shards_training_data(self.trainer)
         return world > 1 if shards is None else shards
 
     def train_position(self) -> tuple[int, bool]:

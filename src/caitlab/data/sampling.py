@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -125,7 +126,7 @@ class TensorBatches:
 
 
 
-class ResumableSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler, metaclass=ABCMeta):
     """A training sampler whose epoch can stop after any batch and continue, in a fresh
     process, with the next batch of the same order.
 
@@ -151,9 +152,9 @@ class ResumableSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None  # (epoch, batches) the next iteration skips
         self._latest: int | None = None  # the epoch of the latest iteration
 
+    @abstractmethod
     def order(self, epoch: int) -> list[int]:
         """This rank's indices of ``epoch``."""
-        raise NotImplementedError
 
     def next_epoch(self) -> int:
         """The epoch the next iteration draws (not resuming): the one set last."""
@@ -286,11 +287,6 @@ class RepeatedAugSampler(ResumableSampler):
                          batch_size=batch_size, drop_last=drop_last)
         self.inner = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank,
                                       shuffle=True, num_repeats=repeats)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.inner.set_epoch(self.seed + epoch)
 
     def order(self, epoch: int) -> list[int]:
         self.inner.set_epoch(self.seed + epoch)

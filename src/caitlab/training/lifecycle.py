@@ -40,7 +40,7 @@ from caitlab.training.ranks import (
     RankWatch,
     error_log_name,
     error_text,
-    other_ranks_errors,
+    first_rank_error,
     process_rank,
 )
 
@@ -415,10 +415,11 @@ class Run:
         error = f"{type(err).__name__}: {err}"
         (self.dir / error_log_name(self.rank)).write_text(
             redact(error_text(error, traceback.format_exc())))
-        others = other_ranks_errors(self.dir) if self.rank_zero else {}
-        if others:  # the rank that failed first holds the cause; this one's is what followed
-            rank, line = min(others.items())
-            error = f"rank {rank}: {line} ({error_log_name(rank)}); rank 0: {error}"
-        self.end("failed", error=redact(error),
-                 **({"rank_errors": {str(k): redact(v) for k, v in others.items()}}
-                    if others else {}))
+        others = first_rank_error(self.dir) if self.rank_zero else None
+        if others is None:
+            self.end("failed", error=redact(error))
+            return
+        # the rank that failed first holds the cause; this one's is what followed
+        first, by_rank = others
+        self.end("failed", error=redact(f"{first}; rank 0: {error}"),
+                 rank_errors={k: redact(v) for k, v in by_rank.items()})

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab import compat
 from caitlab.config import TrainConfig
+from caitlab.data.sampling import dist_rank_world
 from caitlab.training.distillation import DistillationLoss
 from caitlab.training.preemption import rng_state, set_rng_state
 
@@ -63,11 +64,6 @@ class TopKAccuracy(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         acc = self.hits.double() / self.total.clamp(min=1)
         return {f"{self.prefix}top{k}": acc[i].float() for i, k in enumerate(self.ks)}
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class WeightedMean(Metric):
@@ -195,7 +191,7 @@ class ClassificationModule(L.LightningModule):
         the step, or raises, together (one rank alone would leave the others waiting in the
         gradients' all-reduce)."""
         bad = ~torch.isfinite(loss.detach())
-        if _world_size() > 1:
+        if dist_rank_world()[1] > 1:
             bad = bad.to(torch.int32)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bool(bad)
@@ -224,7 +220,7 @@ class ClassificationModule(L.LightningModule):
             return
         step, value = self._nonfinite_at
         seen = torch.stack([step.double(), value.double()])
-        if _world_size() > 1:
+        if dist_rank_world()[1] > 1:
             ranks = self.all_gather(seen).reshape(-1, 2)
             found = ranks[ranks[:, 0] >= 0]
             seen = found[found[:, 0].argmin()] if len(found) else seen
@@ -412,8 +408,9 @@ class ClassificationModule(L.LightningModule):
         # never stopped.
         rng = rng_state()
         by_rank = [rng]
-        if _world_size() > 1:
-            by_rank = [None] * _world_size()
+        world = dist_rank_world()[1]
+        if world > 1:
+            by_rank = [None] * world
             torch.distributed.all_gather_object(by_rank, rng)
         checkpoint["caitlab"] = {"nonfinite_steps": self.nonfinite_steps,
                                  "model_config": getattr(self.model, "config", None),
@@ -422,8 +419,7 @@ class ClassificationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("caitlab", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        world = _world_size()
-        rank = torch.distributed.get_rank() if world > 1 else 0
+        rank, world = dist_rank_world()
         by_rank = state.get("rng_by_rank") or ([state["rng"]] if "rng" in state else [])
         # on another number of ranks no state is this rank's: it keeps its seed's draws
         if len(by_rank) == world:

@@ -67,6 +67,17 @@ def other_ranks_errors(run_dir: Path) -> dict[int, str]:
     return found
 
 
+def first_rank_error(run_dir: Path) -> tuple[str, dict[str, str]] | None:
+    """Where other ranks left error logs: the lowest one's error as one line, ``rank k:
+    <error> (error.rank<k>.log)``, and every one's error by rank (for the summary's
+    ``rank_errors``); None where none did."""
+    others = other_ranks_errors(run_dir)
+    if not others:
+        return None
+    rank, error = min(others.items())
+    return f"rank {rank}: {error} ({error_log_name(rank)})", {str(k): v for k, v in others.items()}
+
+
 class RankWatch:
     """Rank 0 watching the ranks Lightning started on this machine: when one exits with an
     error, ``on_death(message)`` records the cause, the other ranks are killed and this

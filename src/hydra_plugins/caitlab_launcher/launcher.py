@@ -593,16 +593,15 @@ def _rank_failure(run_dir: Path, line: str) -> str:
     """Where a DDP job ended because one of its tasks failed (srun --kill-on-bad-exit ends the
     others before rank 0 can write anything), the run's summary says so, naming that rank's
     error (``error.rank<k>.log``); ``line`` with the rank's cause in front."""
-    from caitlab.training.ranks import error_log_name, other_ranks_errors
+    from caitlab.training.ranks import first_rank_error
 
     summary = read_summary(run_dir) or {}
-    others = other_ranks_errors(run_dir)
-    if not others or summary.get("status") not in slurm.LIVE_SUMMARY:
+    others = first_rank_error(run_dir)
+    if others is None or summary.get("status") not in slurm.LIVE_SUMMARY:
         return line
-    rank, error = min(others.items())
-    line = f"rank {rank}: {error} ({error_log_name(rank)}); {line}"
-    Summary(run_dir, {}).update(status="failed", error=line,
-                                rank_errors={str(k): v for k, v in others.items()})
+    first, by_rank = others
+    line = f"{first}; {line}"
+    Summary(run_dir, {}).update(status="failed", error=line, rank_errors=by_rank)
     return line
 
 
