@@ -55,6 +55,22 @@ def caitlab_train(out: Path, *overrides: str, env: dict[str, str] | None = None,
     return proc
 
 
+def last_weights(run_dir: Path) -> tuple[dict, int]:
+    """The weights in a run folder's ``last.ckpt``, and the global step they were saved at."""
+    import torch
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
+
+
+def assert_same_weights(ref: dict, got: dict) -> None:
+    """Every tensor of ``ref`` equals ``got``'s, bit for bit."""
+    import torch
+
+    for key, value in ref.items():
+        assert torch.equal(value, got[key]), key
+
+
 def make_image_folder(root: Path, per_class: int = 4) -> Path:
     """``root/{train,val}/class{0,1}/{0..per_class-1}.png``: a tiny ImageNet-layout folder,
     two colours."""

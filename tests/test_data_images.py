@@ -36,7 +36,7 @@ from caitlab.data import (
 )
 from caitlab.data.augment import augment_ops, guard_augment_ops, posterize
 from caitlab.train import CONF_DIR
-from conftest import clean_env
+from conftest import assert_same_weights, clean_env, last_weights
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -674,12 +674,6 @@ RESUMED = ("data=imagefolder", "data.num_classes=4", "data.batch_size=4", "data.
            "threads=1", "logger=csv")
 
 
-def _last_weights(out: Path) -> tuple[dict, int]:
-    (run,) = [p.parent for p in out.glob("*/*/summary.json")]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    return ckpt["state_dict"], ckpt["global_step"]
-
-
 @pytest.mark.slow
 def test_image_folder_run_stopped_mid_epoch_resumes_to_identical_weights(tmp_path,
                                                                          forkserver):
@@ -700,8 +694,8 @@ def test_image_folder_run_stopped_mid_epoch_resumes_to_identical_weights(tmp_pat
     forkserver.run(out, *run_)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["attempts"] == 2
-    ref_weights, ref_step = _last_weights(ref_out)
-    weights, step = _last_weights(out)
+    (ref_run,) = [p.parent for p in ref_out.glob("*/*/summary.json")]
+    ref_weights, ref_step = last_weights(ref_run)
+    weights, step = last_weights(run)
     assert step == ref_step == 18
-    for key, value in ref_weights.items():
-        assert torch.equal(value, weights[key]), key
+    assert_same_weights(ref_weights, weights)

@@ -7,16 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import caitlab_train
+from conftest import assert_same_weights, caitlab_train, last_weights
 
 # deterministic CPU training, small but several batches per epoch (digits: 1258 / 64 = 20)
 RUN = ("model=cait_tiny", "model.embed_dim=32", "model.depth=2", "trainer.max_epochs=3",
        "trainer.deterministic=true", "logger=csv", "model.drop_path_rate=0.1")
-
-
-def _final_weights(run_dir):
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    return ckpt["state_dict"], ckpt["global_step"]
 
 
 @pytest.mark.slow
@@ -43,8 +38,7 @@ def test_signal_mid_epoch_then_resume_gives_identical_weights(tmp_path, sig):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["attempts"] == 2
 
-    ref_weights, ref_step = _final_weights(ref_run)
-    weights, step = _final_weights(run)
+    ref_weights, ref_step = last_weights(ref_run)
+    weights, step = last_weights(run)
     assert step == ref_step == 60
-    for key, value in ref_weights.items():
-        assert torch.equal(value, weights[key]), key
+    assert_same_weights(ref_weights, weights)
