@@ -72,6 +72,18 @@ def test_user_errors_are_one_line_with_the_key(tmp_path, forkserver, overrides, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_classes", "notes.txt"]
 
 
+def test_a_local_option_that_changes_the_result_is_refused_in_one_line(tmp_path, forkserver):
+    local = tmp_path / "conf" / "local" / "default.yaml"
+    local.parent.mkdir(parents=True)
+    local.write_text("# @package _global_\ndata:\n  batch_size: 256\n")
+    proc = forkserver.run(tmp_path, "logger=csv", check=False)
+    assert proc.returncode == 2
+    assert _error_line(proc).startswith(
+        "caitlab-train: error: local/default.yaml sets data.batch_size=256: a local option may "
+        "set only what changes no result")
+    assert [p.name for p in tmp_path.iterdir()] == ["conf"]
+
+
 @pytest.mark.parametrize("overrides,message", [
         (["model=vit_tine"], "In 'train': Could not find 'model/vit_tine'; did you mean "
                              "vit_tiny?"),

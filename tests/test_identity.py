@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from caitlab import identity
+from caitlab.errors import UserError
 from caitlab.runs import register_resolvers, signature, variant_signature
 from caitlab.stages import Chain
 from caitlab.train import CONF_DIR
@@ -102,6 +103,10 @@ def test_configs_that_train_differently_never_share_a_signature():
         ["experiment=demo", "model=cait_tiny", "model/residual=layerscale"],
         ["data=synthetic"], ["data=synthetic", "data.num_classes=10"],
         ["trainer=debug"], ["trainer.precision=bf16-mixed"], ["trainer.devices=2"],
+        # a deleted group trains with what is left
+        ["~recipe"], ["model=vit_tiny", "~model/residual"], ["~model/class_token"],
+        # callbacks that may change training
+        ["callbacks=early_stopping"], ["+callbacks.x._target_=a.B"],
     ]
     sigs = _signatures(*runs)
     assert len(set(sigs)) == len(runs), [(r, s) for r, s in zip(runs, sigs, strict=True)
@@ -112,9 +117,55 @@ def test_the_same_training_asked_two_ways_is_one_run():
     bare, *same = _signatures(
         [], ["model=cait_tiny"], ["model/residual=layerscale"], ["optim.lr=2e-3"],
         ["logger=csv"], ["name=other"], ["trainer.enable_progress_bar=false"],
-        ["paths.output_dir=/elsewhere"], ["+callbacks.x._target_=a.B"], ["data.num_workers=3"],
+        ["paths.output_dir=/elsewhere"], ["data.num_workers=3"],
+        ["+callbacks.bar._target_=lightning.pytorch.callbacks.RichProgressBar"],
         ["hydra/launcher=slurm"], ["cluster.partition=gpu"], ["retry_failed=true"])
     assert same == [bare] * len(same)
+
+
+def test_numbers_compare_by_value_and_unordered_lists_by_their_members():
+    evit = ["model/token_reorg=evit", "model.depth=4"]
+    a, b, c, d, e, f = _signatures(
+        ["model.mlp_ratio=2"], ["model.mlp_ratio=2.0"],
+        ["sched.warmup_epochs=3"], ["sched.warmup_epochs=3.0"],
+        [*evit, "model.reorg_layers=[2,1]"], [*evit, "model.reorg_layers=[1,2]"])
+    assert (a, c, e) == (b, d, f)
+
+
+def _user_conf(tmp_path: Path, files: dict[str, str]) -> str:
+    for name, text in files.items():
+        path = tmp_path / "conf" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+
+
+def test_an_excluded_groups_option_counts_by_the_values_it_sets(tmp_path):
+    search = _user_conf(tmp_path, {
+        "local/bigbatch.yaml": "# @package _global_\ndata:\n  batch_size: 256\n"
+                               "optim:\n  lr: 0.01\n",
+        "paths/scratch.yaml": "output_dir: /scratch/out\ndata_dir: /scratch/data\n"
+                              "run_dir: ${hydra:runtime.output_dir}\n"})
+    bare, local, asked, scratch = _signatures(
+        [search], [search, "local=bigbatch"], [search, "data.batch_size=256", "optim.lr=0.01"],
+        [search, "paths=scratch"])
+    assert local == asked != bare
+    assert scratch == bare  # where the data lies is no part of what it trains
+
+
+def test_a_local_default_that_changes_the_result_is_refused(tmp_path):
+    search = _user_conf(tmp_path, {
+        "local/default.yaml": "# @package _global_\ncluster:\n  partition: gpu\n"
+                              "data:\n  batch_size: 256\n"})
+    with pytest.raises(UserError, match=r"local/default.yaml sets data.batch_size=256"):
+        _signatures([search])
+
+
+def test_a_local_default_with_cluster_settings_only_keeps_the_signature(tmp_path):
+    search = _user_conf(tmp_path, {
+        "local/default.yaml": "# @package _global_\ncluster:\n  partition: gpu\n"
+                              "data:\n  num_workers: 2\n"})
+    assert _signatures([search]) == _signatures([])
 
 
 def test_variants_group_seeds_and_the_delta_says_what_differs():

@@ -163,6 +163,10 @@ def one_line(err: BaseException) -> str:
     known = mistyped_name(err)
     if known is not None:
         return known
+    # caitlab's own refusal, raised inside a resolver (the run folder's signature), is the line
+    mine = next((e for e in _chain(err) if isinstance(e, UserError)), None)
+    if mine is not None:
+        return str(mine)
     parts = []
     for e in _chain(err):
         # Hydra appends every option of a group and its whole search path

@@ -31,10 +31,25 @@ from omegaconf import DictConfig, OmegaConf
 from caitlab import compat
 
 SIGNATURE_LENGTH = 10
-DELETED = "<deleted>"  # a value the run removed (``~ema``)
+DELETED = "<deleted>"  # a value (``~ema``) or a config group (``~recipe``) the run removed
 # For configs composed without train.yaml's list (a user's own primary config)
-DEFAULT_EXCLUDE = ("hydra.*", "logger.*", "paths.*", "callbacks.*", "cluster.*", "local.*",
-                   "name", "tags", "retry_failed", "signature_exclude")
+DEFAULT_EXCLUDE = ("hydra.*", "logger.*", "paths.*", "cluster.*", "local.*", "name", "tags",
+                   "retry_failed", "signature_exclude")
+# Where things are, not what they are: a group the signature leaves out (paths, local) may
+# move them without making another run. What lies there is checked where a folder is reused
+# (caitlab.reuse), not named.
+LOCATION_KEYS = ("data.root",)
+# Lists the model reads as sets (it sorts them): [2, 1] and [1, 2] are one run
+UNORDERED_KEYS = ("model.reorg_layers",)
+# Lightning callbacks that only show or log: any other callback (early stopping, SWA...) may
+# change what is trained, and counts
+DISPLAY_CALLBACKS = frozenset(
+    f"lightning.pytorch.callbacks.{name}" for name in (
+        "RichProgressBar", "TQDMProgressBar", "ProgressBar", "RichModelSummary",
+        "ModelSummary", "LearningRateMonitor", "DeviceStatsMonitor"))
+# Groups whose choice the signature leaves out: an option chosen in them counts by the
+# values it sets outside the excluded keys (``local=bigbatch`` setting data.batch_size)
+VALUE_ONLY_GROUPS = ("local", "paths", "logger")
 
 
 def exclusions(cfg: DictConfig | dict) -> tuple[str, ...]:
@@ -58,8 +73,15 @@ def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
         if OmegaConf.is_missing(cfg, key):
             out[key] = "???"
             continue
-        _flatten(_resolved(cfg, key), key, out, patterns)
+        value = _resolved(cfg, key)
+        if key == "callbacks" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if not _display_only(v)}
+        _flatten(value, key, out, patterns)
     return out
+
+
+def _display_only(callback: Any) -> bool:
+    return isinstance(callback, dict) and callback.get("_target_") in DISPLAY_CALLBACKS
 
 
 def _resolved(cfg: DictConfig, key: str) -> Any:
@@ -85,8 +107,24 @@ def _same(a: Any, b: Any) -> bool:
                                                                     default=str)
 
 
+def _normal(key: str, value: Any, base: Any) -> Any:
+    """``value`` as the default writes it, where it means the same: a number in the type of
+    the default's (``mlp_ratio=2`` is 4.0's 2.0), an unordered list sorted."""
+    if key in UNORDERED_KEYS and isinstance(value, list):
+        return sorted(value, key=str)
+    if isinstance(value, bool) or isinstance(base, bool):
+        return value
+    if isinstance(base, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(base, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def value_delta(run: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    delta = {k: v for k, v in run.items() if k not in base or not _same(base[k], v)}
+    run = {k: _normal(k, v, base.get(k)) for k, v in run.items()}
+    delta = {k: v for k, v in run.items()
+             if k not in base or not _same(_normal(k, base[k], base[k]), v)}
     delta.update({k: DELETED for k in base if k not in run})
     return dict(sorted(delta.items()))
 
@@ -146,7 +184,10 @@ class Identity:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         self._compose = compose
-        self._group_exists = group_exists
+        self._repository_has = group_exists
+        # groups a composed config chose from: a project's own (./conf/local/) are missing
+        # from the loader's repository, which lacks the primary config's searchpath
+        self._groups: set[str] = set()
         self._parser = OverridesParser.create()
         self._parsed: dict[str, bool] = {}
         self._bases: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -156,6 +197,15 @@ class Identity:
         return cls(lambda groups: loader.load_configuration(config_name, list(groups),
                                                             run_mode=run_mode),
                    loader.repository.group_exists)
+
+    def _group_exists(self, group: str) -> bool:
+        return group in self._groups or self._repository_has(group)
+
+    def learn_groups(self, choices: Iterable[str]) -> None:
+        new = set(choices) - self._groups
+        if new:
+            self._groups |= new
+            self._parsed.clear()  # a line read as a value override may be a group's
 
     def composing(self, line: str) -> bool:
         if line not in self._parsed:
@@ -174,21 +224,75 @@ class Identity:
                                    dict(OmegaConf.to_container(cfg.hydra.runtime.choices)))
         return self._bases[groups]
 
+    def _parse(self, line: str) -> Any:
+        (o,) = self._parser.parse_overrides([line])
+        return o
+
+    def deleted(self, overrides: Iterable[str]) -> list[str]:
+        """The config groups ``overrides`` delete (``~recipe``, ``~model/residual``)."""
+        found = []
+        for line in overrides:
+            if line.startswith("~") and self.composing(line):
+                o = self._parse(line)
+                if o.is_delete() and self._group_exists(o.key_or_group):
+                    found.append(o.key_or_group)
+        return found
+
     def delta(self, cfg: DictConfig, overrides: Iterable[str],
               choices: Any = None) -> dict[str, Any]:
         """What makes ``cfg`` (composed from ``overrides``, with ``choices``: by default its
-        ``hydra.runtime.choices``) differ from the defaults."""
+        ``hydra.runtime.choices``) differ from the defaults.
+
+        Raises:
+            UserError: the ``local`` option in effect sets a key that changes the result.
+        """
+        overrides = list(overrides)
+        if choices is None:
+            choices = cfg.hydra.runtime.choices
+        choices = OmegaConf.to_container(choices) if OmegaConf.is_config(choices) \
+            else dict(choices)
+        self.learn_groups(choices)
         groups = self.split(overrides)
         patterns = exclusions(cfg)
         base_values, _ = self._base(groups)
         # the defaults are those of the same hydra.* overrides (a searchpath finds options)
         _, default_choices = self._base(tuple(g for g in groups if g.startswith("hydra")))
-        if choices is None:
-            choices = cfg.hydra.runtime.choices
-        choices = OmegaConf.to_container(choices) if OmegaConf.is_config(choices) \
-            else dict(choices)
-        return {"choices": choice_delta(choices, default_choices, patterns),
-                "values": value_delta(values(cfg, patterns), base_values)}
+        chosen = choice_delta(choices, default_choices, patterns)
+        chosen.update({g: DELETED for g in self.deleted(overrides)
+                       if not excluded(g.replace("/", "."), patterns)})
+        run_values = values(cfg, patterns)
+        delta = value_delta(run_values, base_values)
+        kept = tuple(g for g in groups if self._parse(g).key_or_group not in VALUE_ONLY_GROUPS)
+        if kept != groups:  # what the options chosen in groups left out of it set count
+            plain, _ = self._base(kept)
+            moved = {k for k in LOCATION_KEYS if k not in delta}  # where, not what
+            delta = {k: v for k, v in value_delta(run_values, plain).items()
+                     if k not in moved}
+        if choices.get("local") is not None:
+            self._check_local(kept, choices["local"])
+        return {"choices": dict(sorted(chosen.items())), "values": dict(sorted(delta.items()))}
+
+    def _check_local(self, groups: tuple[str, ...], option: str) -> None:
+        """The ``local`` option composed by default (a git-ignored ``conf/local/default.yaml``)
+        differs between machines, so it must not set what a run's result depends on."""
+        from caitlab.errors import UserError
+
+        with_local, _ = self._base(groups)
+        without, _ = self._base((*groups, "~local"))
+        changed = _set_by(with_local, without)
+        if changed:
+            key, value = next(iter(changed.items()))
+            raise UserError(
+                f"local/{option}.yaml sets {key}={json.dumps(value, default=str)}: a local "
+                "option may set only what changes no result (cluster.*, paths.*, ...: "
+                "signature_exclude); set it on the command line or in an experiment")
+
+
+def _set_by(with_option: dict[str, Any], without: dict[str, Any]) -> dict[str, Any]:
+    """The values an option sets: where the compositions ``with_option`` and ``without`` it
+    differ, locations aside."""
+    return {k: v for k, v in value_delta(with_option, without).items()
+            if k not in LOCATION_KEYS}
 
 
 _identities: dict[int, Identity] = {}
