@@ -38,16 +38,17 @@ def _p_df4(t: float) -> float:
 # --- statistics ------------------------------------------------------------------------------
 
 
-def test_paired_interval_and_p_value_by_hand():
-    # differences 1, 2, 3: mean 2, sd 1, t = 2 / (1/sqrt 3), 2 degrees of freedom
+def test_paired_exact_p_value_and_interval_by_hand():
+    # differences 1, 2, 3: of the 8 sign flips only +++ and --- reach |sum| 6: p = 2/8; the
+    # 7 subset means are 1, 1.5, 2, 2, 2, 2.5, 3, and at alpha 0.5 (k = floor(0.5 * 4) = 2)
+    # the interval runs from the 2nd smallest to the 2nd largest
     d = difference({0: 91.0, 1: 92.0, 2: 93.0}, {0: 90.0, 1: 90.0, 2: 90.0})
-    half = T975_DF2 / math.sqrt(3)
-    assert T975_DF2 == pytest.approx(4.302653, abs=1e-6)
-    assert d.test == "paired" and d.n == 3
-    assert d.delta == pytest.approx(2.0)
-    assert (d.low, d.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
-    assert d.p == pytest.approx(_p_df2(2 * math.sqrt(3)))  # 0.0742
-    assert d.outcome == "no detectable difference"  # the interval holds 0
+    assert d.test == "paired" and d.n == 3 and d.method == "exact sign-flip"
+    assert d.delta == pytest.approx(2.0) and d.p == 0.25
+    assert (d.low, d.high) == (None, None)  # 3 pairs are too few for any 95% interval
+    half = difference({0: 91.0, 1: 92.0, 2: 93.0}, {0: 90.0, 1: 90.0, 2: 90.0}, alpha=0.5)
+    assert (half.low, half.high) == (pytest.approx(1.5), pytest.approx(2.5))
+    assert d.outcome == "too few seeds for a verdict at α=0.05: need 6 paired"
 
 
 def test_unpaired_welch_interval_and_p_value_by_hand():
@@ -67,10 +68,11 @@ def test_shared_seeds_pair_and_the_rest_fall_back_to_welch():
     paired = difference(a, b)  # seeds 0-2 shared: paired on those, the delta theirs too
     assert paired.test == "paired" and paired.n == 3 and paired.n_variant == 4
     diffs = [1.0, 2.0, 0.3]
-    assert paired.delta == pytest.approx(sum(diffs) / 3)
-    mean = sum(diffs) / 3
-    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
-    assert paired.low == pytest.approx(mean - T975_DF2 * sd / math.sqrt(3))
+    assert paired.delta == pytest.approx(sum(diffs) / 3) and paired.p == 0.25
+    # the table's means differ by more (seed 3 counts there): the line says which is which
+    assert paired.means_delta == pytest.approx((93 + 94.5 + 93.2 + 95) / 4
+                                               - (92 + 92.5 + 92.9) / 3)
+    assert paired.seeds() == "3 paired (of 4 and 3 seeds)"
     unpaired = difference(a, {7: 92.0, 8: 92.5, 9: 92.9})
     assert unpaired.test == "unpaired" and unpaired.seeds() == "4 and 3 seeds, unpaired"
 
@@ -86,9 +88,22 @@ def test_fewer_than_three_seeds_give_no_interval_and_say_so():
                                pytest.approx(2 + T975_DF2 / math.sqrt(3)))
 
 
-def test_identical_differences_are_certain_not_nan():
+def test_identical_differences_are_not_certain():
+    # every seed +1: the sign flips still give 2 of 8 as extreme, and no zero-width interval
     d = difference({0: 91.0, 1: 92.0, 2: 93.0}, {0: 90.0, 1: 91.0, 2: 92.0})
-    assert (d.low, d.high, d.p, d.outcome) == (1.0, 1.0, 0.0, "better")
+    assert (d.low, d.high, d.p, d.same) == (None, None, 0.25, True)
+    assert d.outcome == "too few seeds for a verdict at α=0.05: need 6 paired"
+
+
+def test_one_image_on_each_of_three_float32_seeds_is_no_certain_better():
+    # the case: a 360-image test set, +1 image on each seed, float32 top-1
+    import numpy as np
+
+    base = np.array([300, 310, 320], dtype=np.float32) / np.float32(360)
+    plus = (np.array([301, 311, 321], dtype=np.float32) / np.float32(360))
+    d = difference({s: 100 * float(x) for s, x in enumerate(plus)},
+                   {s: 100 * float(x) for s, x in enumerate(base)})
+    assert d.p == 0.25 and d.low is None and d.outcome.startswith("too few seeds")
 
 
 def test_throughput_is_the_median_after_the_first_epoch():
@@ -180,19 +195,32 @@ def test_the_grid_is_what_the_overrides_varied_in_the_sweeps_order(demo):
 def test_verdicts_per_question_with_cost(demo):
     a = answers(_variants(demo), demo)
     lines = [v.line() for v in a.verdicts]
-    half = T975_DF2 / math.sqrt(3)
-    p = f"{_p_df2(2 * math.sqrt(3)):.2g}"
-    assert (f"layerscale vs none (cait_tiny, digits): +2.0 pts [{2 - half:.1f}, "
-            f"{2 + half:.1f}], p={p}, 3 seeds -> no detectable difference") in lines
-    # cait - vit at residual=none: +2.0, +1.5, +1.0: sd 0.5
-    half = T975_DF2 * 0.5 / math.sqrt(3)
-    p = f"{_p_df2(1.5 / (0.5 / math.sqrt(3))):.2g}"
-    assert (f"cait_tiny vs vit_tiny (none, digits): +1.5 pts [{1.5 - half:.1f}, "
-            f"{1.5 + half:.1f}], p={p}, 3 seeds -> better, at 1.32x the MACs") in lines
+    # 3 pairs: the exact test's p is at least 2/8, and Holm over 4 verdicts holds the first
+    # to 0.05/4: 2/2^n <= 0.0125 from n = 8
+    too_few = "too few seeds for a verdict at α=0.05: need 8 paired"
+    assert ("layerscale vs none (cait_tiny, digits): +2.0 pts, p=0.25 (Holm: 1), 3 paired "
+            f"seeds -> {too_few}") in lines
+    assert ("cait_tiny vs vit_tiny (none, digits): +1.5 pts, p=0.25 (Holm: 1), 3 paired seeds "
+            f"-> {too_few}, at 1.32x the MACs") in lines
     assert len(lines) == 4
     # the table's differences are to the baseline, vit_tiny + none
     assert a.baseline_variant.key == "vit_tiny-none"
     assert a.differences["cait_tiny-layerscale"].delta == pytest.approx(94.0 - 90.5)
+
+
+def test_a_verdict_with_enough_pairs_shows_the_interval_its_holm_threshold_gives(tmp_path):
+    # cait - vit: +1 on 8 seeds but one (+0.5): every sign flip but +...+ and -...- has a
+    # smaller |sum|, p = 2/256; Holm over 1 verdict: the nominal 0.05, k = floor(0.05 * 128)
+    # = 6: of the 255 subset means the 6th smallest is 0.75 (the 0.5 with one 1; 0.5 alone
+    # is the smallest), the 6th largest 1.0 (127 subsets without the 0.5)
+    sweep = tmp_path / "eight"
+    for seed in range(8):
+        _write_run(sweep, "vit_tiny", "none", seed, 90.0 + seed / 10)
+        _write_run(sweep, "cait_tiny", "none", seed, 91.0 + seed / 10 - 0.5 * (seed == 0))
+    (v,) = answers(_variants(sweep), sweep, ["model=vit_tiny"]).verdicts
+    assert (v.difference.low, v.difference.high) == (pytest.approx(0.75), pytest.approx(1.0))
+    assert v.line() == ("cait_tiny vs vit_tiny (digits): +0.9 pts [0.8, 1.0], p=0.0078 "
+                    "(Holm: 0.0078), 8 paired seeds -> better"), v.line()
 
 
 def test_a_chosen_baseline_and_the_cli(demo, capsys):
@@ -217,8 +245,8 @@ def test_csv_and_json_hold_numbers_in_their_own_columns(demo):
     assert float(row["test_top1_ci_low"]) == pytest.approx(94 - T975_DF2 / math.sqrt(3))
     assert float(row["test_top1_ci_high"]) == pytest.approx(94 + T975_DF2 / math.sqrt(3))
     assert float(row["delta"]) == pytest.approx(3.5)
-    assert float(row["delta_ci_low"]) < 3.5 < float(row["delta_ci_high"])
-    assert 0 < float(row["p"]) < 1 and row["comparison"] == "paired"
+    assert row["delta_ci_low"] == row["delta_ci_high"] == ""  # 3 pairs: no exact 95% CI
+    assert float(row["p"]) == 0.25 and row["comparison"] == "paired"
     assert float(row["images_per_s"]) == pytest.approx(2050.0)  # median of 2000, 2100
     assert rows[("vit_tiny", "none")]["comparison"] == "baseline"
     assert rows[("vit_tiny", "none")]["delta"] == ""

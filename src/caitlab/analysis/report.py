@@ -10,7 +10,11 @@ Reads a sweep folder (every ``summary.json`` and ``metrics.csv`` below it) or a 
   p-value, paired by seed where the seeds pair; runs in progress, failed or diverged keep
   their state. ``report.md`` as text, ``report.csv`` and ``report.json`` as numbers;
 - a verdict per question (one key changed, the others held): ``layerscale vs none
-  (cait_tiny, digits): +1.4 pts [0.6, 2.2], p=0.01, 5 seeds -> better``;
+  (cait_tiny, digits): +1.4 pts [0.6, 2.2] 98.8% CI, p=0.004 (Holm: 0.016), 8 paired
+  seeds -> better``; all of a report's verdicts corrected together (``--correction``:
+  Holm by default), each interval at the level its verdict is held to; runs that diverged
+  or failed counted in the line, a line of its own where two arms diverge at different
+  rates, and a question the runs cannot answer listed with why;
 - plots (PNG): top-1 vs depth by residual scaling (paper Table 1 as a picture), top-1 vs MACs
   and vs images/s with the Pareto front, the validation curves as mean and band per variant;
 - ``report.html``: all of it in one self-contained page;
@@ -56,7 +60,8 @@ from caitlab.analysis.report_table import (
     to_markdown,
     variant_label,
 )
-from caitlab.analysis.stats import MIN_SEEDS, THROUGHPUT_RULE
+from caitlab.analysis.report_verdicts import method_text
+from caitlab.analysis.stats import CORRECTIONS, EXACT_MAX, MIN_SEEDS, THROUGHPUT_RULE
 
 __all__ = ["Report", "Run", "Variant", "answers", "build_report", "cell", "collect_runs",
            "commits", "data_rows", "extra_axes", "group_variants", "log_to_wandb", "main",
@@ -85,21 +90,29 @@ class Report:
         if self.notes:
             text += "\n\n" + "\n".join(f"- {n}" for n in self.notes)
         if self.verdicts:
-            text += (f"\n\nVerdicts ({metric_name(self.answers.metric)}, 95% CI):\n"
-                     + "\n".join(f"- {v}" for v in self.verdicts))
+            text += (f"\n\nVerdicts ({metric_name(self.answers.metric)}; "
+                     f"{self.method}):\n" + "\n".join(f"- {v}" for v in self.verdicts))
         return text
+
+    @property
+    def method(self) -> str:
+        """How the verdicts are held together (the correction and what it controls)."""
+        return method_text(self.answers.verdicts, self.answers.correction)
 
     def as_json(self, source: str) -> dict[str, Any]:
         a = self.answers
         return {"source": source, "metric": a.metric, "baseline": a.baseline,
                 **({"stage_baselines": a.stage_baselines} if a.stage_baselines else {}),
                 "varied": a.grid.keys, "notes": self.notes,
+                "correction": a.correction, "correction_text": self.method,
                 "verdicts": [{"line": v.line(), "question": v.question(), "key": v.key,
                               "value": v.value, "baseline": v.base, "context": v.context,
-                              "data": v.data, "stage": v.stage,
-                              "outcome": v.difference.outcome,
-                              "macs_ratio": v.macs_ratio,
-                              **asdict(v.difference)} for v in a.verdicts],
+                              "data": v.data, "stage": v.stage, "kind": v.kind,
+                              "outcome": v.outcome, "why": v.why,
+                              "not_counted": v.not_counted, "macs_ratio": v.macs_ratio,
+                              **dict.fromkeys(("delta", "low", "high", "p", "p_adjusted", "test",
+                                               "n")),
+                              **(asdict(v.test) if v.test else {})} for v in a.verdicts],
                 "rows": self.data}
 
 
@@ -109,9 +122,11 @@ def _notes(answers: Answers) -> list[str]:
         notes.append(
             f"Δ top-1: each variant's {metric_name(answers.metric)} minus "
             f"{'that of its stage’s baseline' if answers.stage_baselines else 'the baseline’s'}"
-            f" ({answers.baseline_text()}), in points, with its 95% CI; p: the test's p-value "
-            f"(a paired t-test over the seeds both ran, Welch's where fewer than {MIN_SEEDS} "
-            "pair).")
+            f" ({answers.baseline_text()}), in points, with its 95% CI; p: the test's p-value,"
+            f" each on its own (the verdicts below are corrected together): paired over the "
+            f"seeds both ran, by the exact sign-flip test up to {EXACT_MAX} pairs (its "
+            f"interval the test inverted: none where the pairs are too few for 95%) and a "
+            f"t-test above; Welch's where fewer than {MIN_SEEDS} pair.")
     elif answers.baseline:
         notes.append(f"the baseline ({answers.baseline_text()}) has no completed runs: "
                      "no differences; choose another with --baseline KEY=VALUE")
@@ -124,13 +139,14 @@ def _notes(answers: Answers) -> list[str]:
 
 def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
                  baseline: Iterable[str] = (), sweep_dir: Path | None = None,
-                 title: str | None = None) -> Report:
+                 title: str | None = None, correction: str = "holm") -> Report:
     """The table, answers and plots of ``runs``, written into ``out_dir`` (report.md,
-    report.csv, report.json, report.html, plots/)."""
+    report.csv, report.json, report.html, plots/). ``correction``: how the verdicts are
+    held together (:func:`caitlab.analysis.stats.correct`)."""
     from caitlab.runs import write_text_atomic
 
     variants = ordered(group_variants(runs, by_commit))
-    answers_ = answers(variants, sweep_dir, baseline)
+    answers_ = answers(variants, sweep_dir, baseline, correction)
     rows, data = tables(variants, answers_)
     if len(commits(runs)) < 2 and not by_commit:  # one version of the code: said once, below
         for row in rows:
@@ -143,7 +159,7 @@ def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
              "report.json": json.dumps(report.as_json(str(sweep_dir or out_dir)), indent=1,
                                        default=str) + "\n",
              "report.html": to_html(title, rows, report.verdicts, report.notes,
-                                    report.plots)}
+                                    report.plots, method=report.method)}
     for name, text in files.items():
         write_text_atomic(out_dir / name, text)
     report.files = [out_dir / name for name in files]
@@ -167,7 +183,8 @@ def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None
     try:
         cols = list(report.data[0]) if report.data else []
         verdicts = report.as_json("")["verdicts"]
-        vcols = ["line", "outcome", "delta", "low", "high", "p", "test", "n", "macs_ratio"]
+        vcols = ["line", "kind", "outcome", "delta", "low", "high", "p", "p_adjusted", "test",
+                 "n", "macs_ratio"]
         run.log({"comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols]
                                                                  for r in report.data]),
                  "verdicts": wandb.Table(columns=vcols,
@@ -193,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the variant every other is compared with, by the values of the "
                              "keys the sweep varies (default: the first value of each in the "
                              "grid), e.g. --baseline model=vit_tiny residual=none")
+    parser.add_argument("--correction", choices=list(CORRECTIONS), default="holm",
+                        help="how all of the report's verdicts are held together: holm (the "
+                             "chance of any wrong better/worse line <= 0.05; default), fdr_bh "
+                             "(Benjamini-Hochberg: the expected share of wrong lines <= 0.05) "
+                             "or none (each line on its own at 0.05)")
     parser.add_argument("--wandb-project", help="read runs from wandb: entity/project")
     parser.add_argument("--group", help="with --wandb-project: the sweep's wandb group")
     parser.add_argument("--tag", action="append", default=[], help="with --wandb-project")
@@ -234,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = build_report(runs, out_dir, args.by_commit, args.baseline, args.sweep_dir,
-                              title=f"caitlab report: {source}")
+                              title=f"caitlab report: {source}", correction=args.correction)
     except UserError as err:
         return fail(str(err))
     print(report.markdown())

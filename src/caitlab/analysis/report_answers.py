@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from caitlab.analysis.report_runs import Run, Variant
-from caitlab.analysis.stats import MIN_SEEDS, Difference, difference, pareto_front
+from caitlab.analysis.report_verdicts import (
+    DEFAULT,
+    Verdict,
+    apply_correction,
+    compare,
+    shown,
+)
+from caitlab.analysis.report_verdicts import few_seeds_note as _few_seeds_note
+from caitlab.analysis.stats import Difference, difference, pareto_front
 from caitlab.models import axes as declared
 
 METRICS = ("test/top1", "val/top1_best")  # the first that some run has is the answer's
@@ -94,33 +102,47 @@ class Grid:
         return {k: self.values[k][0] for k in self.keys}
 
 
-DEFAULT = "(default)"  # the value of a key a variant did not set
+ORDER_FILE = "sweep_order.yaml"  # the grid's order as the sweep's first launch listed it
 
 
-def _sweep_order(sweep_dir: Path | None) -> dict[str, list[str]]:
-    """key -> values in the order the sweep's last launch listed them (``multirun.yaml``'s
-    sweep overrides and sweeper params)."""
-    path = None if sweep_dir is None else Path(sweep_dir) / "multirun.yaml"
-    if path is None or not path.is_file():
-        return {}
+def order_of(saved: dict[str, Any]) -> dict[str, list[str]]:
+    """key -> values in the order a composed sweep config (``multirun.yaml``'s content)
+    lists them: its sweep overrides, sweeper params and a chain's stages."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = saved.get("hydra") or {}
+    lines = [str(x) for x in (hydra.get("overrides") or {}).get("task") or []]
+    params = dict((hydra.get("sweeper") or {}).get("params") or {})
+    for delta in (saved.get("stages") or {}).values():  # a chain's (caitlab.stages)
+        params.update({k: v for k, v in (delta or {}).items() if "${" not in str(v)})
+    lines += [f"{k}={v}" for k, v in params.items()]
+    order: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(lines):
+        if o.is_sweep_override():
+            order.setdefault(o.key_or_group, list(o.sweep_string_iterator()))
+    return order
+
+
+def _sweep_order(sweep_dir: Path | None) -> tuple[dict[str, list[str]], bool]:
+    """(key -> values in the grid's order, whether that order was recorded at the sweep's
+    first launch). The record (``sweep_order.yaml``, :mod:`caitlab.sweeps.order`) is never
+    reordered by a re-launch; ``multirun.yaml`` is the last launch's, which may list the
+    values in another order or only some of the keys."""
+    if sweep_dir is None:
+        return {}, False
     try:
         import yaml
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        saved = yaml.safe_load(path.read_text()) or {}
-        hydra = saved.get("hydra") or {}
-        lines = list((hydra.get("overrides") or {}).get("task") or [])
-        params = dict((hydra.get("sweeper") or {}).get("params") or {})
-        for delta in (saved.get("stages") or {}).values():  # a chain's (caitlab.stages)
-            params.update({k: v for k, v in (delta or {}).items() if "${" not in str(v)})
-        lines += [f"{k}={v}" for k, v in params.items()]
-        order: dict[str, list[str]] = {}
-        for o in OverridesParser.create().parse_overrides(lines):
-            if o.is_sweep_override():
-                order.setdefault(o.key_or_group, list(o.sweep_string_iterator()))
-        return order
-    except Exception:  # an unreadable or foreign multirun.yaml: the table's order serves
-        return {}
+        recorded = Path(sweep_dir) / ORDER_FILE
+        if recorded.is_file():
+            order = yaml.safe_load(recorded.read_text()) or {}
+            return {str(k): [str(x) for x in v] for k, v in order.items()}, True
+        path = Path(sweep_dir) / "multirun.yaml"
+        if path.is_file():
+            return order_of(yaml.safe_load(path.read_text()) or {}), False
+    except Exception:  # an unreadable or foreign record: the table's order serves
+        pass
+    return {}, False
 
 
 def grid(variants: list[Variant], sweep_dir: Path | None = None) -> Grid:
@@ -130,7 +152,11 @@ def grid(variants: list[Variant], sweep_dir: Path | None = None) -> Grid:
     varied = [k for k in keys if len({s.get(k, DEFAULT) for s in per.values()}) > 1]
     if not all(_override_settings(r) is not None for v in variants for r in v.runs):
         varied = _independent(variants, varied)
-    order = _sweep_order(sweep_dir)
+    order, recorded = _sweep_order(sweep_dir)
+    if not recorded and not all(k in order for k in varied):
+        # the last launch listed only some keys (a partial re-launch): its order for those
+        # and the table's for the rest could make a baseline no launch asked for
+        order = {}
     varied.sort(key=lambda k: list(order).index(k) if k in order else len(order))
     values = {}
     for k in varied:
@@ -202,61 +228,6 @@ def choose_baseline(g: Grid, given: Iterable[str] = ()) -> dict[str, str]:
 # --- comparisons and verdicts ---------------------------------------------------------------
 
 
-def shown(key: str, value: str) -> str:
-    """A value as a verdict names it: a config choice by its name (``layerscale``,
-    ``cait_tiny``), any other value with its key (``embed_dim=64``, ``compile=true``)."""
-    choice = key in ("model", "data") or "/" in key or (
-        "." not in key and not _scalar(value))
-    return value if choice else f"{key.replace('/', '.').split('.')[-1]}={value}"
-
-
-def _scalar(value: str) -> bool:
-    if value.lower() in ("true", "false", "null", DEFAULT):
-        return True
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
-@dataclass
-class Verdict:
-    key: str
-    value: str
-    base: str
-    context: dict[str, str]
-    data: str | None
-    difference: Difference
-    macs_ratio: float | None = None
-    stage: str | None = None  # a chain's stage: its runs are compared among themselves
-
-    def question(self) -> str:
-        where = [shown(k, v) for k, v in self.context.items()]
-        where += [self.data] if self.data else []
-        return ((f"{self.stage}: " if self.stage else "")
-                + f"{shown(self.key, self.value)} vs {shown(self.key, self.base)}"
-                + (f" ({', '.join(where)})" if where else ""))
-
-    def line(self) -> str:
-        d = self.difference
-        parts = [f"{d.delta:+.1f} pts"]
-        if d.low is not None:
-            parts[0] += f" [{d.low:.1f}, {d.high:.1f}]"
-            parts.append(format_p(d.p))
-        parts.append(d.seeds())
-        text = f"{self.question()}: {', '.join(parts)} -> {d.outcome}"
-        if self.macs_ratio is not None and abs(self.macs_ratio - 1) >= 0.005:
-            text += f", at {self.macs_ratio:.2f}x the MACs"
-        return text
-
-
-def format_p(p: float | None) -> str:
-    if p is None:
-        return ""
-    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
-
-
 @dataclass
 class Answers:
     metric: str
@@ -270,6 +241,7 @@ class Answers:
     # a chain's: each stage's baseline, its runs compared with it (caitlab.stages)
     stage_baselines: dict[str, dict[str, str]] = field(default_factory=dict)
     baseline_variants: list[Variant] = field(default_factory=list)
+    correction: str = "holm"  # how the verdicts' p-values are held together (stats.correct)
 
     @property
     def baseline_keys(self) -> set[str]:
@@ -303,10 +275,19 @@ def _data_name(variant: Variant) -> str | None:
 
 
 def answers(variants: list[Variant], sweep_dir: Path | None = None,
-            given: Iterable[str] = ()) -> Answers:
+            given: Iterable[str] = (), correction: str = "holm") -> Answers:
     """``variants`` in the table's order. A chain's stages (``caitlab.stages``) are answered
     each on its own (a teacher is no baseline for its students), with ``given`` applied to
-    the stages that vary its key."""
+    the stages that vary its key. ``correction``: how all the verdicts' p-values are held
+    together (:func:`caitlab.analysis.stats.correct`: holm, fdr_bh or none)."""
+    result = _all_answers(variants, sweep_dir, given)
+    result.verdicts = apply_correction(result.verdicts, correction)
+    result.correction = correction
+    return result
+
+
+def _all_answers(variants: list[Variant], sweep_dir: Path | None,
+                 given: Iterable[str]) -> Answers:
     stages = list(dict.fromkeys(v.stage for v in variants if v.stage is not None))
     if not stages:
         return _answers(variants, sweep_dir, given)
@@ -391,25 +372,32 @@ def _at(g: Grid, variants: list[Variant], seeds: dict[str, dict[Any, float]]
 def _verdicts(g: Grid, base: dict[str, str], variants: list[Variant],
               seeds: dict[str, dict[Any, float]]) -> list[Verdict]:
     """For each varied key, each variant off the baseline's value of it against its partner:
-    the variant with that key at the baseline's value and every other key as it is."""
+    the variant with that key at the baseline's value and every other key as it is; a
+    question whose partner has runs but none that count is listed with why."""
     at = _at(g, variants, seeds)
     data = {v.key: _data_name(v) for v in variants}
     single_data = len(set(data.values())) == 1
+    # a grid point answered by one variant is not also "not answered" by another one there
+    # (a chain's student blocked by a failed teacher, then trained under the good one)
+    counted = {tuple(sorted(g.points[v.key].items())) for v in variants if seeds[v.key]}
     out = []
     for key in g.keys:
         for v in variants:
             point = g.points[v.key]
             if point[key] == base[key]:
                 continue
+            if not seeds[v.key] and tuple(sorted(point.items())) in counted:
+                continue
             partner = at.get(tuple(sorted({**point, key: base[key]}.items())))
-            d = None if partner is None else difference(seeds[v.key], seeds[partner.key])
-            if d is None:
+            if partner is None:  # the grid has no such point: a question nobody asked
                 continue
             mv, mb = v.macs, partner.macs
-            out.append(Verdict(
-                key, point[key], base[key], {k: x for k, x in point.items() if k != key},
-                data[v.key] if single_data or data[v.key] == data[partner.key] else None,
-                d, mv / mb if mv and mb else None))
+            out += compare(v, partner, (shown(key, point[key]), shown(key, base[key])),
+                           (seeds[v.key], seeds[partner.key]),
+                           key=key, value=point[key], base=base[key],
+                           context={k: x for k, x in point.items() if k != key},
+                           data=data[v.key] if single_data or data[v.key] == data[partner.key]
+                           else None, macs_ratio=mv / mb if mv and mb else None)
     return out
 
 
@@ -426,8 +414,5 @@ def fronts(variants: list[Variant], seeds: dict[str, dict[Any, float]]) -> dict[
 
 
 def few_seeds_note(answers_: Answers) -> str | None:
-    if any(d.low is None for d in answers_.differences.values()) or any(
-            v.difference.low is None for v in answers_.verdicts):
-        return (f"intervals and p-values need {MIN_SEEDS} seeds or more on each side: rerun "
-                "with e.g. seed=0,1,2,3,4")
-    return None
+    """What more seeds would buy: an interval at all, or a verdict at the threshold."""
+    return _few_seeds_note(answers_.differences.values(), answers_.verdicts)

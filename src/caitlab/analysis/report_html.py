@@ -43,10 +43,13 @@ def _image(path: Path) -> str:
 
 
 def to_html(title: str, rows: list[dict[str, str]], verdicts: list[str], notes: list[str],
-            plots: list[Path]) -> str:
+            plots: list[Path], method: str = "") -> str:
+    """The page; ``method``: how the verdicts are held together (their correction)."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if verdicts:
-        parts.append("<h2>Verdicts</h2>\n<ul class=\"verdicts\">"
+        parts.append("<h2>Verdicts</h2>\n"
+                     + (f'<p class="note method">{html.escape(method)}</p>\n' if method else "")
+                     + '<ul class="verdicts">'
                      + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>")
     parts += ["<h2>Results</h2>", _table(rows)]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]

@@ -11,8 +11,9 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from caitlab.analysis.report_answers import Answers, format_p
+from caitlab.analysis.report_answers import Answers
 from caitlab.analysis.report_runs import Variant, commits
+from caitlab.analysis.report_verdicts import format_p, number, sign_digits
 from caitlab.analysis.stats import MIN_SEEDS, Estimate, estimate
 from caitlab.models import axes as declared  # stdlib only: the package loads torch lazily
 
@@ -140,9 +141,14 @@ def delta_cell(n: dict[str, Any]) -> str:
         return "baseline"
     if n.get("delta") is None:
         return ""
-    if n["delta_ci_low"] is None:
+    if n["p"] is None:
         return f"{n['delta']:+.2f} (n<{MIN_SEEDS})"
-    return f"{n['delta']:+.2f} [{n['delta_ci_low']:+.2f}, {n['delta_ci_high']:+.2f}]"
+    if n["delta_ci_low"] is None:  # too few pairs for a 95% interval, or no spread to size one
+        return f"{n['delta']:+.2f} (no 95% CI)"
+    low, high = n["delta_ci_low"], n["delta_ci_high"]
+    digits = sign_digits(low, high, digits=2)
+    return (f"{number(n['delta'], digits, sign=True)} [{number(low, digits, sign=True)}, "
+            f"{number(high, digits, sign=True)}]")
 
 
 def _result_cells(n: dict[str, Any]) -> dict[str, str]:
