@@ -428,6 +428,11 @@ def test_real_photo_folder_trains_an_epoch_with_the_default_recipe(tmp_path, for
     (run,) = [p.parent for p in out.rglob("summary.json")]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["test/top1"] is not None
+    # val/ chose best.ckpt and is the test split: the last checkpoint is scored, on the
+    # images the last epoch was validated on
+    assert summary["selection"] == {"split": "val/", "scored": "last",
+                                    "test_is_selection": False}
+    assert summary["test/top1"] == pytest.approx(summary["val/top1"], abs=1e-6)
     assert "num_workers" not in proc.stdout + proc.stderr
     rows = (run / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")

@@ -353,6 +353,8 @@ LEGACY_ADDED = ("signature_exclude", "threads", "dist_timeout_s")
 LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stages": None}
 # data keys added since, with the value every earlier data config had implicitly
 LEGACY_ADDED_DATA_DEFAULTS = {"normalize_on_device": True, "repeated_aug": 1}
+# keys added since to one data config, with the value its earlier runs had implicitly
+LEGACY_ADDED_TARGET_DEFAULTS = {"caitlab.data.ImageFolderDataModule": {"val_fraction": 0.0}}
 # data.num_workers became `auto` where these data configs had a count
 LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
                       "caitlab.data.Cifar10DataModule": 4, "caitlab.data.Cifar100DataModule": 4}
@@ -378,8 +380,10 @@ def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
                            if k not in LEGACY_NON_RESULT_TRAINER_KEYS}
     dataset = data.get("data")
     if isinstance(dataset, dict):
+        added = {**LEGACY_ADDED_DATA_DEFAULTS,
+                 **LEGACY_ADDED_TARGET_DEFAULTS.get(str(dataset.get("_target_")), {})}
         dataset = data["data"] = {k: v for k, v in dataset.items() if not (
-            k in LEGACY_ADDED_DATA_DEFAULTS and v == LEGACY_ADDED_DATA_DEFAULTS[k])}
+            k in added and v == added[k])}
     if isinstance(dataset, dict) and dataset.get("num_workers") == "auto":
         old = LEGACY_NUM_WORKERS.get(str(dataset.get("_target_")))
         if old is not None:  # the previous rule hashed the count these files then gave

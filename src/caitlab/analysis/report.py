@@ -47,6 +47,7 @@ from caitlab.analysis.report_runs import (
     group_variants,
     mixed_code_warning,
     runs_from_wandb,
+    selection_warning,
 )
 from caitlab.analysis.report_table import (
     cell,
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(runs)} runs, {len(report.rows)} variants{cost}, code {', '.join(code[:4])}; "
           "written: " + ", ".join(str(p) for p in [*report.files, *report.plots]))
     warning = mixed_code_warning(runs)
+    if warning:
+        print(warning, file=sys.stderr)
+    warning = selection_warning(runs, args.sweep_dir)
     if warning:
         print(warning, file=sys.stderr)
     if args.wandb:

@@ -209,3 +209,41 @@ def mixed_code_warning(runs: list[Run]) -> str | None:
     return (f"warning: these runs come from {len(found)} versions of the code "
             f"({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): a difference may "
             "be the code's; --by-commit gives each its own rows")
+
+
+def measured_on_selection(summary: dict[str, Any]) -> bool:
+    """Whether a run's ``test/top1`` was measured on the images that chose its checkpoint: its
+    summary says so (``selection.test_is_selection``), or, written before caitlab recorded
+    it, its data validated on its test images (``imagefolder``, whose val/ was both; CIFAR
+    with ``data.val_fraction=0``) and the best checkpoint was scored."""
+    selection = summary.get("selection")
+    if selection is not None and hasattr(selection, "get"):  # wandb's nested summary too
+        return selection.get("test_is_selection") is True
+    data = summary.get("data")
+    values = (summary.get("delta") or {}).get("values") or {}
+    return data == "imagefolder" or (
+        data in ("cifar10", "cifar100") and values.get("data.val_fraction") == 0)
+
+
+def selection_warning(runs: list[Run], root: Path | None = None) -> str | None:
+    """One line naming the run folders (relative to ``root``) whose ``test/top1`` was measured
+    on the images that chose their checkpoint (:func:`measured_on_selection`); None if none.
+
+    The best of a run's epochs on some images scores above its worth on those same images,
+    and the more, the noisier the variant's epochs: a verdict between such runs may be
+    that, not the variants."""
+    found = [run for run in runs
+             if run.summary.get("test/top1") is not None and measured_on_selection(run.summary)]
+    if not found:
+        return None
+
+    def named(run: Run) -> str:
+        if run.folder is not None and root is not None and run.folder.is_relative_to(root):
+            return str(run.folder.relative_to(root))
+        return str(run.folder or run.name)
+
+    return (f"warning: test/top1 of {len(found)} run{'s' * (len(found) > 1)} was measured on "
+            "the images that chose its checkpoint (best on val, scored on val: biased up, "
+            "the more for noisier variants); a completed folder is not trained again, so move "
+            "these aside and rerun them to score apart from the selection: "
+            + ", ".join(named(run) for run in found))

@@ -36,6 +36,31 @@ def split_permutation(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
 
 
+def selection_facts(split: str, test_is_val: bool) -> dict[str, Any]:
+    """The summary's ``selection``: which images choose ``best.ckpt`` and which checkpoint
+    ``test/top1`` scores.
+
+    Args:
+        split: what the validation split is, in words (``held out 10% of train``, ``val``).
+        test_is_val: whether the test split is that same split (no images apart from the
+            test images to choose on).
+
+    Returns:
+        ``{"split", "scored", "test_is_selection"}``. A checkpoint chosen as the best of
+        several on some images scores above its worth on those images, the more so the
+        noisier a variant's epochs: where the test split is the validation split, the last
+        checkpoint is scored (it was chosen by nothing), so ``test_is_selection`` (the
+        number was measured on the images that chose its checkpoint) is false either way.
+    """
+    return {"split": split, "scored": "last" if test_is_val else "best",
+            "test_is_selection": False}
+
+
+def held_out_words(fraction: float, source: str) -> str:
+    """``held out 5% of train/``: a held-out validation split in the summary's words."""
+    return f"held out {100 * fraction:g}% of {source}"
+
+
 
 def loader_workers(requested: int | str, cpus: int) -> tuple[int, str | None]:
     """Workers per DataLoader for ``requested`` (an integer or ``auto``) given ``cpus`` for this
@@ -112,6 +137,13 @@ class DataModuleBase(LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.num_train_samples is known only after "
                                "setup('fit')")
         return self._num_train_samples
+
+    def selection(self) -> dict[str, Any]:
+        """Which split chooses the checkpoint and which checkpoint is scored
+        (:func:`selection_facts`); here a validation split apart from the test split, as a
+        module with its own test images has. A module whose test split is its validation
+        split says so by overriding this."""
+        return selection_facts("val", test_is_val=False)
 
     def describe(self) -> dict[str, Any]:
         """The uniform facts; ``num_train_samples`` is None before ``setup``."""

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
 
-from caitlab.data.base import FileDataModule, split_permutation
+from caitlab.data.base import (
+    FileDataModule,
+    held_out_words,
+    selection_facts,
+    split_permutation,
+)
 from caitlab.data.errors import DataConfigError, check_float, one_line
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -22,7 +27,8 @@ class CifarDataModule(FileDataModule):
 
     The held-out split is a fixed permutation (:func:`~caitlab.data.base.split_permutation`);
     the test set is the official one. ``val_fraction=0`` trains on all 50k images and
-    validates on the test set.
+    validates on the test set; ``best.ckpt`` is then chosen on the test images, so the test
+    scores the last checkpoint instead (:meth:`selection`).
     Train: RandomCrop(32, padding=4) + horizontal flip (+ bicubic resize to ``img_size``);
     eval: (+ resize); both ToTensor + Normalize with the dataset's per-channel mean/std.
     """
@@ -60,6 +66,15 @@ class CifarDataModule(FileDataModule):
         if not self.download:
             self._check_files()
         self.test_set: Dataset | None = None
+
+    def selection(self) -> dict:
+        """The held-out split chooses ``best.ckpt`` and the test set scores it; with
+        ``val_fraction=0`` the test set is the validation split, and scores the last
+        checkpoint."""
+        # after setup, a fraction too small to hold out one image validates on the test set
+        if self.val_fraction and (self.val_set is None or self.val_set is not self.test_set):
+            return selection_facts(held_out_words(self.val_fraction, "train"), test_is_val=False)
+        return selection_facts("test", test_is_val=True)
 
     @property
     def dataset_cls(self) -> type:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -9,9 +10,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from caitlab.data.base import FileDataModule
+from caitlab.data.base import (
+    FileDataModule,
+    held_out_words,
+    selection_facts,
+    split_permutation,
+)
 from caitlab.data.errors import (
     DataConfigError,
     check_choice,
@@ -33,9 +39,15 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 class ImageFolderDataModule(FileDataModule):
     """ImageNet layout: ``root/train/<class>/*`` and ``root/val/<class>/*``.
 
-    ImageNet has no labelled test set, so the test split *is* the val split
-    (``test_dataloader`` returns the val images). Class indices follow the sorted folder names
-    (hidden folders ignored); ``val/`` must have the same class folders as ``train/``.
+    ImageNet has no labelled test set. By default (``val_fraction=0``) the val images are both
+    the validation and the test split, and the test scores the *last* checkpoint: ``best.ckpt``
+    is chosen on the val images, and scoring it on them would favour the variants whose epochs
+    are noisiest. ``val_fraction > 0`` holds that fraction of ``train/`` out of training as the
+    validation split (a fixed subset: :func:`~caitlab.data.base.split_permutation` of the
+    sorted file list, the same images for every seed and on resume), which chooses
+    ``best.ckpt``; the val images are then the test split only, and score it.
+    Class indices follow the sorted folder names (hidden folders ignored); ``val/`` must have
+    the same class folders as ``train/``.
     Transforms are timm's (DeiT/CaiT recipe): training ``create_transform(is_training=True,
     auto_augment, re_prob=reprob, interpolation, color_jitter)`` -- note that timm ignores
     ``color_jitter`` when a RandAugment policy is set, as in DeiT -- and evaluation
@@ -72,6 +84,7 @@ class ImageFolderDataModule(FileDataModule):
         on_corrupt: str = "stop",
         normalize_on_device: bool = True,
         repeated_aug: int = 1,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(batch_size=batch_size, img_size=img_size, in_chans=in_chans,
                          num_classes=num_classes, seed=seed, num_workers=num_workers,
@@ -89,11 +102,16 @@ class ImageFolderDataModule(FileDataModule):
         self.auto_augment = auto_augment
         self.normalize_on_device = bool(normalize_on_device)
         self.repeated_aug = check_int("repeated_aug", repeated_aug, 1)
+        self.val_fraction = check_float("val_fraction", val_fraction, 0.0, 0.9)
+        self._train_folder: Dataset | None = None
+        self.test_set: Dataset | None = None
         self._on_device: tuple[torch.Tensor, torch.Tensor, Callable | None] | None = None
         self.root = Path(root).expanduser()
         self.classes = self._check_folders()
         self._check_img_size()
         self.train_transform, self.eval_transform = self._transforms()
+        if self.val_fraction:
+            self.held_out()  # a fraction that holds out no image: refused before the run starts
 
     def _check_folders(self) -> list[str]:
         root = self.root
@@ -197,11 +215,54 @@ class ImageFolderDataModule(FileDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._load("train", self.train_transform)
+            train = self._train_images()
+            self.train_set = Subset(train, self.held_out()[0]) if self.val_fraction else train
             self._num_train_samples = len(self.train_set)
         self.check_train_batches(stage)
         if self.val_set is None:
-            self.val_set = self._load("val", self.eval_transform)
+            if self.val_fraction:
+                # the same files, read with the evaluation transform
+                train = copy.copy(self._train_images())
+                train.transform = self.eval_transform
+                train.transforms = type(train.transforms)(self.eval_transform, None)
+                self.val_set = Subset(train, self.held_out()[1])
+            else:
+                self.val_set = self._load("val", self.eval_transform)
+        if self.test_set is None:
+            self.test_set = (self._load("val", self.eval_transform) if self.val_fraction
+                             else self.val_set)
+
+    def _train_images(self) -> Dataset:
+        """``train/`` with the training transform, listed once."""
+        if self._train_folder is None:
+            self._train_folder = self._load("train", self.train_transform)
+        return self._train_folder
+
+    def held_out(self) -> tuple[list[int], list[int]]:
+        """``(training, validation)`` indices into ``train/``'s sorted images: the first
+        ``val_fraction`` of :func:`~caitlab.data.base.split_permutation` held out, each in
+        file order. A pure function of the file list, so a resumed run holds out the same
+        images.
+
+        Raises:
+            DataConfigError: ``val_fraction`` holds out no image, or leaves none to train on.
+        """
+        n = len(self._train_images())
+        n_val = round(self.val_fraction * n)
+        if not 0 < n_val < n:
+            raise DataConfigError(f"data.val_fraction={self.val_fraction} of {n} training "
+                                  f"images holds out {n_val}; hold out at least one and leave "
+                                  "some to train on, or set data.val_fraction=0")
+        perm = split_permutation(n).tolist()
+        return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+    def selection(self) -> dict:
+        """A held-out part of ``train/`` chooses ``best.ckpt`` and ``val/`` scores it; without
+        one, ``val/`` validates and scores the last checkpoint."""
+        if self.val_fraction:
+            return selection_facts(held_out_words(self.val_fraction, "train/"),
+                                   test_is_val=False)
+        return selection_facts("val/", test_is_val=True)
 
     def collate_fn(self, train: bool) -> Callable | None:
         """uint8 training batches (timm's ``fast_collate``) when normalising on the device."""
@@ -238,8 +299,3 @@ class ImageFolderDataModule(FileDataModule):
         mean, std, erase = self._on_device
         x = x.float().sub_(mean).div_(std)
         return (erase(x) if erase is not None else x), y
-
-    @property
-    def test_set(self) -> Dataset | None:
-        """The val images: ImageNet has no labelled test set."""
-        return self.val_set

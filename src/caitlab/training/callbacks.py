@@ -70,6 +70,22 @@ class BestCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.latest = latest
 
+    def to_score(self, scored: str) -> str | None:
+        """The checkpoint file the test scores.
+
+        Args:
+            scored: ``best`` (this callback's file) or ``last`` (``latest``'s: the end of
+                training), as the data's ``selection()`` says.
+
+        Returns:
+            The path; None where no such file was written (the test then scores the weights
+            in memory, which are the last).
+        """
+        if scored not in ("best", "last"):
+            raise ValueError(f"scored: 'best' or 'last', got {scored!r}")
+        # latest monitors nothing: Lightning keeps its newest file as its best_model_path
+        return (self.best_model_path if scored == "best" else self.latest.best_model_path) or None
+
     def save(self, trainer, filepath: str) -> None:
         step, source = compat.last_save(self.latest)
         if step != trainer.global_step or not source or self.save_weights_only:

@@ -116,7 +116,7 @@ def shown_path(path: Path) -> str:
 
 def result_line(summary: Mapping[str, Any], run_dir: Path) -> str:
     """A run's result in one line: ``test/top1 94.4  best val/top1 92.8  30 epochs  29 s  ->
-    outputs/demo/029503e85c`` (test/top1 is the best validation epoch's checkpoint's)."""
+    outputs/demo/029503e85c`` (test/top1 scores the checkpoint its data's ``selection`` names)."""
     parts = []
     for key, name in (("test/top1", "test/top1"), ("val/top1_best", "best val/top1")):
         value = summary.get(key)

@@ -43,10 +43,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     ckpt_path=str(run.resume_from) if run.resume_from else None)
         if trainer.interrupted:
             raise KeyboardInterrupt
+        # the number verdicts compare is never measured on the images that chose its
+        # checkpoint: where those are the test images, the last checkpoint is scored
+        selection = data_selection(parts.datamodule)
+        run.summary.update(selection=selection)
+        run._mirror({"selection": selection})  # a report from wandb reads it there
         # the path itself: ckpt_path="best" would read the first ModelCheckpoint (latest)
         results = trainer.test(module, datamodule=parts.datamodule,
-                               ckpt_path=best.best_model_path or None, verbose=False)
+                               ckpt_path=best.to_score(selection["scored"]), verbose=False)
         return run.complete({k: float(v) for k, v in (results[0] if results else {}).items()})
+
+
+def data_selection(datamodule: Any) -> dict[str, Any]:
+    """The summary's ``selection`` (``caitlab.data.base.selection_facts``): which split chose
+    the checkpoint, which one is scored, and whether the test measured it on the images that
+    chose it.
+
+    Args:
+        datamodule: the run's data module; a project's own one that does not say
+            (no ``selection()``) keeps the best checkpoint, ``test_is_selection`` unknown (None).
+    """
+    own = getattr(datamodule, "selection", None)
+    if callable(own):
+        return own()
+    return {"split": "val", "scored": "best", "test_is_selection": None}
 
 
 @dataclass
