@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,22 @@ def test_a_slurm_task_bound_to_one_gpu_of_several_is_taken_as_bound_not_refused(
     assert not gpus_bound_per_task(trainer, under_slurm=False, gpus_visible=1)
     with pytest.raises(ConfigError, match="at most the 1 GPU"):  # no SLURM: too few GPUs
         check_trainer(trainer, multirun=False, under_slurm=False, gpus_visible=1, cpus=8)
+
+
+def test_only_a_projects_options_named_like_caitlabs_are_shadowed(tmp_path):
+    from caitlab.config import CONF_DIR, shadowed_options
+
+    mine = tmp_path / "conf"
+    for name in ("model/cait_tiny.yaml", "model/my_net.yaml", "model/residual/none.yaml",
+                 "train.yaml"):
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text("{}\n")
+    snapshot = tmp_path / "snapshot" / "src" / "caitlab" / "conf"  # a sweep's code snapshot
+    shutil.copytree(CONF_DIR, snapshot)
+    sources = [{"schema": "file", "path": CONF_DIR, "provider": "main"},
+               {"schema": "file", "path": str(snapshot), "provider": "main"},
+               {"schema": "file", "path": str(mine), "provider": "main"},
+               {"schema": "pkg", "path": "hydra.conf", "provider": "hydra"}]
+    assert shadowed_options(sources) == [
+        (mine / "model/cait_tiny.yaml", Path(CONF_DIR) / "model/cait_tiny.yaml"),
+        (mine / "model/residual/none.yaml", Path(CONF_DIR) / "model/residual/none.yaml")]

@@ -14,10 +14,11 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from caitlab.training.lifecycle import remove_unstarted_run_folder
-from conftest import clean_env
+from conftest import FAULTS_OUTSIDE_SIGNATURE, clean_env
 
 TINY = ("model=vit_tiny", "model.embed_dim=32", "model.depth=1", "trainer.limit_train_batches=3",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "sched=constant")
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "sched=constant",
+        FAULTS_OUTSIDE_SIGNATURE)
 EPOCH = re.compile(r"^epoch (\d+)/3  train/loss \d+\.\d{3}  val/loss \d+\.\d{3}  "
                    r"val/top1 (\d+\.\d)  \d+\.\d s$")
 
@@ -76,7 +77,7 @@ def test_a_failed_run_is_skipped_in_one_line_and_exits_non_zero(tmp_path, forkse
     assert first.returncode == 1
     run_dir, summary = _summary(tmp_path)
     assert summary["status"] == "failed" and summary["error"].count("\n") == 30
-    # the same config again (callbacks do not change the signature): skipped, in one line
+    # the same config again (the fault is no part of its signature): skipped, in one line
     again = forkserver.run(tmp_path, *TINY, "trainer.max_epochs=1", "logger=csv", check=False)
     assert again.returncode == 1
     assert again.stderr.splitlines() == [

@@ -36,7 +36,7 @@ from caitlab.data import (
 )
 from caitlab.data.augment import augment_ops, guard_augment_ops, posterize
 from caitlab.train import CONF_DIR
-from conftest import assert_same_weights, clean_env, last_weights
+from conftest import FAULTS_OUTSIDE_SIGNATURE, assert_same_weights, clean_env, last_weights
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -676,7 +676,8 @@ RESUMED = ("data=imagefolder", "data.num_classes=4", "data.batch_size=4", "data.
            "data.auto_augment=none", "data.color_jitter=null", "model=vit_tiny",
            "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
            "model.drop_path_rate=0.1", "trainer.max_epochs=3", "trainer.deterministic=true",
-           "threads=1", "logger=csv")
+           "threads=1", "logger=csv",
+           FAULTS_OUTSIDE_SIGNATURE)
 
 
 @pytest.mark.slow

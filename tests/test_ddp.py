@@ -12,14 +12,15 @@ import time
 import pytest
 import torch
 
-from conftest import caitlab_train, make_image_folder, tiny_teacher
+from conftest import FAULTS_OUTSIDE_SIGNATURE, caitlab_train, make_image_folder, tiny_teacher
 
 pytestmark = pytest.mark.slow
 
 DDP = ("trainer.devices=2", "trainer.strategy=ddp", "threads=1")
 TINY = ("model.embed_dim=32", "model.depth=2", "trainer.max_epochs=2",
         "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=2",
-        "+trainer.limit_test_batches=2", "+callbacks.digest._target_=helpers.WeightsDigest")
+        "+trainer.limit_test_batches=2", "+callbacks.digest._target_=helpers.WeightsDigest",
+        FAULTS_OUTSIDE_SIGNATURE)
 
 
 def _run_dir(out):

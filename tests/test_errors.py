@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from caitlab.config import CONF_DIR
 from caitlab.runs import ResumeError, RunLock, resume_checkpoint
 from conftest import clean_env, make_image_folder
 
@@ -79,9 +80,21 @@ def test_a_local_option_that_changes_the_result_is_refused_in_one_line(tmp_path,
     proc = forkserver.run(tmp_path, "logger=csv", check=False)
     assert proc.returncode == 2
     assert _error_line(proc).startswith(
-        "caitlab-train: error: local/default.yaml sets data.batch_size=256: a local option may "
-        "set only what changes no result")
+        "caitlab-train: error: conf/local/default.yaml sets data.batch_size=256: the local "
+        "option in effect by default may set only what changes no result")
     assert [p.name for p in tmp_path.iterdir()] == ["conf"]
+
+
+def test_a_project_option_named_like_caitlabs_is_refused_naming_both(tmp_path, forkserver):
+    mine = tmp_path / "conf" / "model" / "cait_tiny.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("defaults:\n  - cait_tiny\n  - _self_\ndepth: 12\n")
+    proc = forkserver.run(tmp_path, "logger=csv", check=False)
+    assert proc.returncode == 2
+    assert _error_line(proc) == (
+        "caitlab-train: error: conf/model/cait_tiny.yaml has the name of caitlab's "
+        f"model/cait_tiny.yaml ({CONF_DIR}/model/cait_tiny.yaml), which Hydra would use "
+        "instead: rename yours (model=my_cait_tiny)")
 
 
 @pytest.mark.parametrize("overrides,message", [

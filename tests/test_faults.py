@@ -19,13 +19,15 @@ import torch
 import yaml
 
 from caitlab.cpus import available_cpus
+from conftest import FAULTS_OUTSIDE_SIGNATURE
 from helpers import SigkillAt
 
 # deterministic CPU training on digits, drop-path on (it draws random numbers every step):
 # 3 epochs of 5 batches, so a kill can land in any epoch and between any two checkpoints
 RUN = ("model=cait_tiny", "model.embed_dim=32", "model.depth=2", "model.drop_path_rate=0.1",
        "trainer.max_epochs=3", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
-       "trainer.limit_test_batches=2", "trainer.deterministic=true", "logger=csv")
+       "trainer.limit_test_batches=2", "trainer.deterministic=true", "logger=csv",
+       FAULTS_OUTSIDE_SIGNATURE)
 STEPS = 15
 KILL_SEED = 20251123
 KILLS = 4  # one per kind of moment in SigkillAt.WHERE, in a seeded order at seeded steps

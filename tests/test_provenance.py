@@ -78,6 +78,8 @@ def test_a_run_records_the_code_that_produced_it(tmp_path):
     assert b"provenance" in record and prov["git"]["commit"].encode() in record
     assert prov["git"]["dirty"] is True and prov["git"]["root"] == str(repo)
     assert "+# an uncommitted change" in (run / "code.diff").read_text()
+    assert prov["git"]["diff_sha"] == provenance.diff_hash(
+        provenance.git_state(repo)["diff"])
     import lightning
     import timm
     import torch
@@ -90,7 +92,7 @@ def test_a_run_records_the_code_that_produced_it(tmp_path):
                           capture_output=True, text=True, env=_env(repo), check=True).stdout
     assert line.startswith(f"{run.name}: trainer=debug ")
     assert "model.depth=1 model.embed_dim=16" in line
-    assert f"code {prov['git']['commit'][:10]}+dirty" in line
+    assert f"code {prov['git']['commit'][:10]}+dirty.{prov['git']['diff_sha']}" in line
 
 
 def _run(name: str, commit: str | None, variant: str = "v1", top1: float = 0.9) -> Run:
@@ -115,6 +117,22 @@ def test_report_warns_about_mixed_code_and_splits_by_commit(tmp_path):
     rows = build_report(mixed, tmp_path / "split", by_commit=True).rows
     assert sorted(r["code"] for r in rows) == ["1111111111", "2222222222", "unknown"]
     assert sorted(r["test top-1"] for r in rows) == ["50.00", "90.00", "90.00"]
+
+
+def test_report_warns_when_runs_differ_only_in_uncommitted_edits():
+    runs = [_run("a", "1" * 40), _run("b", "1" * 40)]
+    for run, diff in zip(runs, ("+# one edit\n", "+# another\n"), strict=True):
+        run.summary["provenance"]["git"].update(dirty=True, diff_sha=provenance.diff_hash(diff))
+    warning = mixed_code_warning(runs)
+    assert "2 versions of the code" in warning
+    assert f"1111111111+dirty.{provenance.diff_hash('+# one edit' + chr(10))}" in warning
+
+
+def test_the_same_uncommitted_edits_are_one_version_of_the_code():
+    runs = [_run("a", "1" * 40), _run("b", "1" * 40)]
+    for run in runs:
+        run.summary["provenance"]["git"].update(dirty=True, diff_sha=provenance.diff_hash("+x"))
+    assert mixed_code_warning(runs) is None
 
 
 def test_sweep_show_refuses_what_is_not_a_run(tmp_path, capsys):

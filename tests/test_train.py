@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import caitlab_train, clean_env, make_image_folder
+from conftest import FAULTS_OUTSIDE_SIGNATURE, caitlab_train, clean_env, make_image_folder
 
 TINY_RUN = ("model.embed_dim=32", "model.depth=2", "trainer.max_epochs=2",
             "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
@@ -39,7 +39,8 @@ def _epochs_in_metrics(run: Path) -> list[int]:
 def test_interrupt_resume_skip_wandb_and_no_secret_leaks(tmp_path):
     env = clean_env(WANDB_API_KEY=FAKE_KEY, MY_SERVICE_TOKEN=FAKE_TOKEN, WANDB_MODE="offline")
     # a config that interpolates a secret must not leak it into any dump either
-    overrides = (*TINY_RUN, "logger=wandb", "+logger.wandb.notes=${oc.env:MY_SERVICE_TOKEN}")
+    overrides = (*TINY_RUN, "logger=wandb", "+logger.wandb.notes=${oc.env:MY_SERVICE_TOKEN}",
+                 FAULTS_OUTSIDE_SIGNATURE)
 
     interrupt = ("+callbacks.stop._target_=helpers.InterruptAtEpochStart",
                  "+callbacks.stop.epoch=1")
@@ -55,7 +56,7 @@ def test_interrupt_resume_skip_wandb_and_no_secret_leaks(tmp_path):
     wandb_id = s1["wandb_run_id"]
     assert re.fullmatch(r"[a-z0-9]{8}", wandb_id)
 
-    # same command without the interruption: callbacks are not part of the signature
+    # same command without the interruption: the fault is no part of the signature
     t0 = time.time()
     caitlab_train(tmp_path, *overrides, env=env)
     both_s = first_s + time.time() - t0

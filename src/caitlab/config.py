@@ -21,6 +21,34 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
+def shadowed_options(sources: Any) -> list[tuple[Path, Path]]:
+    """(a project's option file, caitlab's of the same group and name) for each option in
+    ``sources`` (``hydra.runtime.config_sources``) that caitlab ships too. Hydra reads
+    caitlab's, found first, and would ignore the project's without a word.
+
+    Parameters:
+        sources: the config sources of the running Hydra job (their ``schema`` and ``path``).
+    Returns:
+        The pairs, in a stable order; empty when nothing is shadowed.
+    """
+    ours = Path(CONF_DIR)
+    found = []
+    for source in sources or ():
+        if source.get("schema") != "file" or not source.get("path"):
+            continue
+        folder = Path(source["path"]).resolve()
+        # caitlab's own, or another copy of it (a sweep's job runs from a code snapshot)
+        if folder == ours or not folder.is_dir() or (
+                folder.name == "conf" and folder.parent.name == "caitlab"
+                and (folder / "train.yaml").is_file()):
+            continue
+        for path in sorted(folder.rglob("*.yaml")):
+            rel = path.relative_to(folder)
+            if len(rel.parts) > 1 and (ours / rel).is_file():
+                found.append((path, ours / rel))
+    return found
+
+
 class ConfigError(ValueError):
     """A user error in the config: one line that names the key, the value and what is allowed."""
 

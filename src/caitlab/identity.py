@@ -41,12 +41,12 @@ DEFAULT_EXCLUDE = ("hydra.*", "logger.*", "paths.*", "cluster.*", "local.*", "na
 LOCATION_KEYS = ("data.root",)
 # Lists the model reads as sets (it sorts them): [2, 1] and [1, 2] are one run
 UNORDERED_KEYS = ("model.reorg_layers",)
-# Lightning callbacks that only show or log: any other callback (early stopping, SWA...) may
-# change what is trained, and counts
-DISPLAY_CALLBACKS = frozenset(
+# Callbacks (by ``_target_``) that change no result, for configs without train.yaml's
+# ``signature_exclude_callbacks``: any other callback (early stopping, SWA...) counts
+DISPLAY_CALLBACKS = tuple(
     f"lightning.pytorch.callbacks.{name}" for name in (
-        "RichProgressBar", "TQDMProgressBar", "ProgressBar", "RichModelSummary",
-        "ModelSummary", "LearningRateMonitor", "DeviceStatsMonitor"))
+        "RichProgressBar", "TQDMProgressBar", "RichModelSummary", "ModelSummary",
+        "LearningRateMonitor", "DeviceStatsMonitor"))
 # Groups whose choice the signature leaves out: an option chosen in them counts by the
 # values it sets outside the excluded keys (``local=bigbatch`` setting data.batch_size)
 VALUE_ONLY_GROUPS = ("local", "paths", "logger")
@@ -75,13 +75,18 @@ def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
             continue
         value = _resolved(cfg, key)
         if key == "callbacks" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if not _display_only(v)}
+            value = without_display_callbacks(value, cfg)
         _flatten(value, key, out, patterns)
     return out
 
 
-def _display_only(callback: Any) -> bool:
-    return isinstance(callback, dict) and callback.get("_target_") in DISPLAY_CALLBACKS
+def without_display_callbacks(callbacks: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``callbacks`` less those ``signature_exclude_callbacks`` names: they change no
+    result."""
+    names = cfg.get("signature_exclude_callbacks") if hasattr(cfg, "get") else None
+    display = set(DISPLAY_CALLBACKS if names is None else names)
+    return {k: v for k, v in callbacks.items()
+            if not (isinstance(v, dict) and v.get("_target_") in display)}
 
 
 def _resolved(cfg: DictConfig, key: str) -> Any:
@@ -268,11 +273,13 @@ class Identity:
             moved = {k for k in LOCATION_KEYS if k not in delta}  # where, not what
             delta = {k: v for k, v in value_delta(run_values, plain).items()
                      if k not in moved}
-        if choices.get("local") is not None:
-            self._check_local(kept, choices["local"])
+        if not any(self._parse(g).key_or_group == "local" for g in groups):
+            local = option_file(cfg, "local", choices.get("local"))
+            if local is not None:
+                self._check_local(kept, local)
         return {"choices": dict(sorted(chosen.items())), "values": dict(sorted(delta.items()))}
 
-    def _check_local(self, groups: tuple[str, ...], option: str) -> None:
+    def _check_local(self, groups: tuple[str, ...], path: Path) -> None:
         """The ``local`` option composed by default (a git-ignored ``conf/local/default.yaml``)
         differs between machines, so it must not set what a run's result depends on."""
         from caitlab.errors import UserError
@@ -282,10 +289,27 @@ class Identity:
         changed = _set_by(with_local, without)
         if changed:
             key, value = next(iter(changed.items()))
+            try:
+                shown = path.resolve().relative_to(Path.cwd())
+            except ValueError:
+                shown = path
             raise UserError(
-                f"local/{option}.yaml sets {key}={json.dumps(value, default=str)}: a local "
-                "option may set only what changes no result (cluster.*, paths.*, ...: "
-                "signature_exclude); set it on the command line or in an experiment")
+                f"{shown} sets {key}={json.dumps(value, default=str)}: the local option in "
+                "effect by default may set only what changes no result (cluster.*, paths.*, "
+                "...: signature_exclude); set it on the command line or in an experiment")
+
+
+def option_file(cfg: DictConfig, group: str, option: str | None) -> Path | None:
+    """The file of ``group``'s ``option`` among the job's config folders, if one holds it."""
+    hydra = hydra_node(cfg)
+    if option is None or hydra is None:
+        return None
+    for source in hydra.runtime.get("config_sources") or ():
+        if source.get("schema") == "file" and source.get("path"):
+            path = Path(source["path"]) / group / f"{option}.yaml"
+            if path.is_file():
+                return path
+    return None
 
 
 def _set_by(with_option: dict[str, Any], without: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +317,47 @@ def _set_by(with_option: dict[str, Any], without: dict[str, Any]) -> dict[str, A
     differ, locations aside."""
     return {k: v for k, v in value_delta(with_option, without).items()
             if k not in LOCATION_KEYS}
+
+
+# A checkpoint a run starts from is named by the run that wrote it (<signature>/checkpoints/
+# best.ckpt), not by where its outputs folder lies now
+_WEIGHTS_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors", ".bin")
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, str) and value.endswith(_WEIGHTS_SUFFIXES) and "/" in value:
+        return "/".join(value.split("/")[-3:])
+    return value
+
+
+def first_difference(recorded: dict[str, Any], requested: dict[str, Any],
+                     patterns: Iterable[str]) -> tuple[str, Any, Any] | None:
+    """The first key (sorted) whose value a run folder's recorded config and a requested one
+    disagree on, as ``(key, recorded value, requested value)``; None when they agree.
+
+    ``recorded`` and ``requested``: resolved configs as plain data. Keys ``patterns`` leave out
+    (display, logging, places) and the data's location are not compared, nor keys only the
+    request has (added since with their defaults, they change nothing); a key only the
+    recorded run has was deleted (``~ema``), and is a difference (requested value
+    :data:`DELETED`)."""
+    patterns = tuple(patterns)
+    old: dict[str, Any] = {}
+    new: dict[str, Any] = {}
+    for config, flat in ((recorded, old), (requested, new)):
+        for key, value in config.items():
+            if key == "callbacks" and isinstance(value, dict):
+                value = without_display_callbacks(value, requested)
+            if not excluded(str(key), patterns):
+                _flatten(value, str(key), flat, patterns)
+    for key in sorted(old):
+        if key in LOCATION_KEYS:
+            continue
+        if key not in new:
+            return key, old[key], DELETED
+        a, b = _comparable(old[key]), _comparable(_normal(key, new[key], old[key]))
+        if not _same(_normal(key, a, a), b):
+            return key, old[key], new[key]
+    return None
 
 
 _identities: dict[int, Identity] = {}
@@ -349,7 +414,7 @@ LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
                                   "log_every_n_steps", "default_root_dir",
                                   "num_sanity_val_steps")
 # keys the config gained since, each with the value every earlier config had implicitly
-LEGACY_ADDED = ("signature_exclude", "threads", "dist_timeout_s")
+LEGACY_ADDED = ("signature_exclude", "threads", "dist_timeout_s", "signature_exclude_callbacks")
 LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stages": None}
 # data keys added since, with the value every earlier data config had implicitly
 LEGACY_ADDED_DATA_DEFAULTS = {"normalize_on_device": True, "repeated_aug": 1}

@@ -8,6 +8,7 @@ checkout; the snapshot carries the facts of the checkout it was taken from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -88,10 +89,18 @@ def code_state() -> dict[str, Any] | None:
     return git_state(root)
 
 
+def diff_hash(diff: str) -> str | None:
+    """A short hash of an uncommitted diff: runs whose code differs only in its edits differ
+    here (None for a clean tree)."""
+    return hashlib.sha1(diff.encode()).hexdigest()[:8] if diff.strip() else None
+
+
 def provenance() -> tuple[dict[str, Any], str]:
     """(what the summary records, the diff to save beside it: empty when the tree is clean)."""
     git = code_state()
     diff = (git or {}).pop("diff", "") if git else ""
+    if git:
+        git["diff_sha"] = diff_hash(diff)
     return {
         "git": git,
         "caitlab": _version("caitlab"),
@@ -102,8 +111,21 @@ def provenance() -> tuple[dict[str, Any], str]:
 
 
 def commit_of(summary: dict[str, Any]) -> str | None:
-    """The short commit a run's summary records (``+dirty`` when the tree was), if any."""
+    """The short commit a run's summary records, if any: ``+dirty.<hash of the diff>`` when the
+    tree had uncommitted edits (``+dirty`` where the summary predates the hash)."""
     git = (summary.get("provenance") or {}).get("git") or {}
     if not git.get("commit"):
         return None
-    return git["commit"][:10] + ("+dirty" if git.get("dirty") else "")
+    if not git.get("dirty"):
+        return git["commit"][:10]
+    return git["commit"][:10] + "+dirty" + (f".{git['diff_sha']}" if git.get("diff_sha")
+                                            else "")
+
+
+def current_commit() -> str | None:
+    """:func:`commit_of` for the code this process runs (None for an installed package)."""
+    git = code_state()
+    if not git:
+        return None
+    git = {**git, "diff_sha": diff_hash(git.get("diff") or "")}
+    return commit_of({"provenance": {"git": git}})

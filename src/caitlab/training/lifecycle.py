@@ -43,6 +43,7 @@ from caitlab.training.ranks import (
     first_rank_error,
     process_rank,
 )
+from caitlab.training.reuse import code_note
 
 log = logging.getLogger("caitlab")
 
@@ -206,7 +207,8 @@ class Run:
         one that failed or diverged before, unless ``retry_failed``."""
         reason = skip_reason(self.previous, retry_failed)
         if reason == "completed":
-            say(log, f"already completed, skipping: {result_line(self.previous, self.dir)}")
+            say(log, f"already completed, skipping: {result_line(self.previous, self.dir)}"
+                     f"{code_note(self.previous)}")
             return self.previous
         if reason is not None:
             raise RunFailed(skipped_message(self.previous, self.dir))

@@ -18,13 +18,16 @@ from omegaconf import DictConfig
 
 from caitlab.console import one_handler_per_line, quiet_known_warnings, say
 from caitlab.training.lifecycle import Run, is_multirun, job_overrides
+from caitlab.training.reuse import check_reuse
 
 log = logging.getLogger("caitlab")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains (or resumes, or skips) the run described by ``cfg``; returns its summary."""
+    _refuse_shadowed_options()
     run = Run.of(cfg)
+    check_reuse(run.dir, run.previous, cfg)  # the folder holds this config's run, or none
     previous = run.done(retry_failed=bool(cfg.get("retry_failed", False)))
     if previous is not None:
         return previous
@@ -69,6 +72,34 @@ def data_selection(datamodule: Any) -> dict[str, Any]:
     return {"split": "val", "scored": "best", "test_is_selection": None}
 
 
+def _data_fingerprint(cfg: DictConfig, run: Run) -> str | None:
+    from caitlab.training.reuse import data_fingerprint
+
+    root = cfg.data.get("root")
+    return data_fingerprint(root) if run.rank_zero and isinstance(root, str) else None
+
+
+def _refuse_shadowed_options() -> None:
+    """A project's option named like one of caitlab's (``./conf/model/cait_tiny.yaml``) is
+    refused: Hydra would train caitlab's under the name the user gave their own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from caitlab.config import CONF_DIR, shadowed_options
+    from caitlab.errors import UserError
+    from caitlab.training.lifecycle import shown_path
+
+    if not HydraConfig.initialized():
+        return
+    found = shadowed_options(HydraConfig.get().runtime.config_sources)
+    if found:
+        yours, ours = found[0]
+        group = ours.parent.relative_to(CONF_DIR).as_posix()
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(f"{shown_path(yours)}{more} has the name of caitlab's {group}/"
+                        f"{ours.name} ({ours}), which Hydra would use instead: rename yours "
+                        f"({group}=my_{ours.stem})")
+
+
 @dataclass
 class Parts:
     """What a run trains: its data and model, built and checked before its folder exists."""
@@ -111,6 +142,8 @@ class Parts:
                       "params": count_params(self.model), "macs": self.macs,
                       "config": own},
             "seed": cfg.seed,
+            # what lies where the data was read: the data, wherever it is later (reuse.py)
+            "data_fingerprint": _data_fingerprint(cfg, run),
             **_stage_facts(cfg),
             **({"teacher": self._teacher_facts()} if self.teacher is not None else {}),
             "threads": self.threads,
