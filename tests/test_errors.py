@@ -73,25 +73,30 @@ def test_user_errors_are_one_line_with_the_key(tmp_path, forkserver, overrides, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_classes", "notes.txt"]
 
 
-def test_a_local_option_that_changes_the_result_is_refused_in_one_line(tmp_path, forkserver):
-    local = tmp_path / "conf" / "local" / "default.yaml"
-    local.parent.mkdir(parents=True)
-    local.write_text("# @package _global_\ndata:\n  batch_size: 256\n")
+def _refused_with_a_project_option(tmp_path, forkserver, name: str, text: str) -> str:
+    """The error line of a plain run beside ``./conf/<name>`` holding ``text``; nothing but
+    the project's conf/ is left."""
+    path = tmp_path / "conf" / name
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
     proc = forkserver.run(tmp_path, "logger=csv", check=False)
     assert proc.returncode == 2
-    assert _error_line(proc).startswith(
+    assert [p.name for p in tmp_path.iterdir()] == ["conf"]
+    return _error_line(proc)
+
+
+def test_a_local_option_that_changes_the_result_is_refused_in_one_line(tmp_path, forkserver):
+    line = _refused_with_a_project_option(tmp_path, forkserver, "local/default.yaml",
+                                          "# @package _global_\ndata:\n  batch_size: 256\n")
+    assert line.startswith(
         "caitlab-train: error: conf/local/default.yaml sets data.batch_size=256: the local "
         "option in effect by default may set only what changes no result")
-    assert [p.name for p in tmp_path.iterdir()] == ["conf"]
 
 
 def test_a_project_option_named_like_caitlabs_is_refused_naming_both(tmp_path, forkserver):
-    mine = tmp_path / "conf" / "model" / "cait_tiny.yaml"
-    mine.parent.mkdir(parents=True)
-    mine.write_text("defaults:\n  - cait_tiny\n  - _self_\ndepth: 12\n")
-    proc = forkserver.run(tmp_path, "logger=csv", check=False)
-    assert proc.returncode == 2
-    assert _error_line(proc) == (
+    line = _refused_with_a_project_option(tmp_path, forkserver, "model/cait_tiny.yaml",
+                                          "defaults:\n  - cait_tiny\n  - _self_\ndepth: 12\n")
+    assert line == (
         "caitlab-train: error: conf/model/cait_tiny.yaml has the name of caitlab's "
         f"model/cait_tiny.yaml ({CONF_DIR}/model/cait_tiny.yaml), which Hydra would use "
         "instead: rename yours (model=my_cait_tiny)")
