@@ -236,3 +236,54 @@ def test_steady_training_steps_read_nothing_back_from_the_device(tmp_path):
     assert len(quiet) >= 6
     assert {step: reads[step] for step in quiet} == dict.fromkeys(quiet, 0)
     assert reads[11] > 0  # the last batch does read: the count sees what it should
+
+
+def _replay(sched: SchedConfig, peak: float, epochs: int, steps_per_epoch: int = 10) -> list:
+    """The lr of every step of a run, as the module's schedule gives it."""
+    from caitlab.training.module import cosine_schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    total = epochs * steps_per_epoch
+    scheduler, _ = cosine_schedule(optimizer, sched, peak, total, steps_per_epoch)
+    lrs = []
+    for step in range(total):
+        scheduler.step_update(num_updates=step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_the_384_finetune_lr_warms_up_then_stays_flat_as_deits_command():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from caitlab.runs import register_resolvers
+    from caitlab.train import CONF_DIR
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", ["experiment=cait_finetune_384", "data.root=/x"])
+    stage = cfg.stages.finetune
+    # trainer=ddp: 8 devices x 64 images = DeiT's 512, so the lr is the stage's own
+    assert cfg.trainer.devices * cfg.data.batch_size == 512
+    sched = SchedConfig(warmup_epochs=cfg.sched.warmup_epochs, warmup_lr=cfg.sched.warmup_lr,
+                        min_lr=stage["sched.min_lr"])
+    lrs = _replay(sched, stage["optim.lr"], stage["trainer.max_epochs"])
+    assert lrs[0] == pytest.approx(1e-6) and cfg.sched.warmup_epochs == 5
+    assert lrs[50:] == pytest.approx([5e-6] * len(lrs[50:]))
+    assert max(lrs) <= 5e-6 * (1 + 1e-9)
+
+
+def test_a_floor_above_the_peak_is_capped_and_said():
+    from caitlab.config import lr_floor
+
+    assert lr_floor(SchedConfig(min_lr=1e-5), 5e-6) == (
+        5e-6, "sched.min_lr=1e-05 is above the peak lr 5e-06: the cosine ends at the peak "
+              "instead (the lr stays flat after the warm-up)")
+    assert lr_floor(SchedConfig(min_lr=1e-5), 5e-4) == (1e-5, None)
+
+
+def test_the_floor_is_not_scaled_with_the_batch_as_in_deit():
+    # lr 5e-4 per 512 at a global batch of 128: peak 1.25e-4, floor still DeiT's 1e-5
+    lrs = _replay(SchedConfig(warmup_epochs=1, min_lr=1e-5), 1.25e-4, epochs=20)
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.01)

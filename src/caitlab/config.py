@@ -271,6 +271,16 @@ def fit_warmup(sched: SchedConfig, max_epochs: int) -> str | None:
     return message
 
 
+def lr_floor(sched: SchedConfig, peak: float) -> tuple[float, str | None]:
+    """The lr the cosine ends at: ``sched.min_lr``, unscaled (DeiT scales the peak lr with the
+    batch, not its floor), capped at the ``peak`` lr; a floor above the peak would make the
+    cosine climb. Returns the floor and the line that says it was capped, or None."""
+    if sched.min_lr <= peak:
+        return sched.min_lr, None
+    return peak, (f"sched.min_lr={sched.min_lr:g} is above the peak lr {peak:g}: the cosine "
+                  "ends at the peak instead (the lr stays flat after the warm-up)")
+
+
 def check_choice(group: str, choice: str | None, options: list[str], given: bool) -> None:
     """An option of an ``optional`` group that does not exist is silently skipped by Hydra:
     refused here when the user named it (``recipe=digitz``)."""

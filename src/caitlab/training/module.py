@@ -8,7 +8,9 @@ end) and mean.
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,10 +25,13 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from caitlab import compat
-from caitlab.config import TrainConfig
+from caitlab.config import TrainConfig, lr_floor
+from caitlab.console import say
 from caitlab.data.sampling import dist_rank_world
 from caitlab.training.distillation import DistillationLoss
 from caitlab.training.preemption import rng_state, set_rng_state
+
+log = logging.getLogger("caitlab")
 
 
 class DivergedError(RuntimeError):
@@ -92,6 +97,27 @@ class WeightedMean(Metric):
 
 def _has_dist_token(model: nn.Module) -> bool:
     return getattr(model, "dist_token", None) is not None
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, sched: Any, peak: float, total: int,
+                    steps_per_epoch: float) -> tuple[CosineLRScheduler, str | None]:
+    """DeiT's schedule, per step: a linear warm-up from ``sched.warmup_lr`` to the ``peak`` lr,
+    then a cosine down to ``sched.min_lr`` (unscaled, capped at the peak: ``lr_floor``).
+
+    Parameters:
+        optimizer: its lr is the peak.
+        sched: ``caitlab.config.SchedConfig``.
+        peak: the lr after warm-up (``optim.lr``, scaled with the batch where asked).
+        total: the optimizer steps of the run; ``steps_per_epoch``: per epoch.
+    Returns:
+        The scheduler (driven by ``step_update``), and the line saying the floor was capped.
+    """
+    floor, note = lr_floor(sched, peak)
+    warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
+    # warmup_prefix: the cosine starts at the peak lr once warmup is over
+    return CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=floor, warmup_t=warmup,
+                             warmup_lr_init=sched.warmup_lr, warmup_prefix=True,
+                             t_in_epochs=False), note
 
 
 class ClassificationModule(L.LightningModule):
@@ -369,18 +395,10 @@ class ClassificationModule(L.LightningModule):
         if sched.name == "constant":
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        steps_per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        warmup = min(int(round(sched.warmup_epochs * steps_per_epoch)), total - 1)
-        # warmup_prefix: the cosine starts at the peak lr once warmup is over
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=total - warmup,
-            lr_min=sched.min_lr * (lr / optim.lr),  # min lr scales with the peak
-            warmup_t=warmup,
-            warmup_lr_init=sched.warmup_lr,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        scheduler, note = cosine_schedule(optimizer, sched, lr, total,
+                                          total / max(self.trainer.max_epochs or 1, 1))
+        if note and self.global_rank == 0:
+            say(log, note)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
