@@ -36,7 +36,13 @@ from caitlab.data import (
 )
 from caitlab.data.augment import augment_ops, guard_augment_ops, posterize
 from caitlab.train import CONF_DIR
-from conftest import FAULTS_OUTSIDE_SIGNATURE, assert_same_weights, clean_env, last_weights
+from conftest import (
+    FAULTS_OUTSIDE_SIGNATURE,
+    assert_same_weights,
+    clean_env,
+    last_weights,
+    make_image_folder,
+)
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -516,6 +522,22 @@ def test_random_erasing_on_the_device_erases_at_its_rate(tmp_path):
     # evaluation batches come normalised from their transform: left as they are
     val = next(iter(always.val_dataloader()))
     assert always.on_after_batch_transfer(val, 0)[0] is val[0]
+
+
+@pytest.mark.parametrize("remode", ["const", "pixel"])
+def test_random_erasing_fills_the_box_as_its_mode_says(tmp_path, remode):
+    """const: one value (0 once normalised); pixel (DeiT's): a normal draw per pixel."""
+    dm = ImageFolderDataModule(root=str(make_image_folder(tmp_path)), num_classes=2,
+                               img_size=32, batch_size=4, reprob=1.0, remode=remode)
+    white = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)
+    x, _ = dm.on_after_batch_transfer((white, torch.zeros(4, dtype=torch.long)), 0)
+    for image in x:
+        box = image[(image - image.amax(dim=(1, 2), keepdim=True)).abs() > 1e-3]
+        assert box.numel() >= 3 * 16  # timm's smallest box: 2% of the image, in 3 channels
+        if remode == "pixel":
+            assert box.unique().numel() > 10  # normal draws, not one fill
+        else:
+            assert box.unique().tolist() == [0]
 
 
 def test_repeated_augmentation_sampler_repeats_each_image_across_ranks(tmp_path):

@@ -145,3 +145,12 @@ def test_a_fingerprint_changes_with_a_file_renamed_or_resized(tmp_path):
     with open(sorted(root.rglob("*.png"))[0], "ab") as f:
         f.write(b"\0")
     assert len({before, renamed, data_fingerprint(root)}) == 3
+
+
+def test_a_run_from_before_a_key_existed_had_its_implicit_value():
+    # data.remode came later; runs without it erased with timm's const fill
+    recorded = {"data": {"reprob": 0.25}}
+    assert identity.first_difference(recorded, {"data": {"reprob": 0.25, "remode": "const"}},
+                                     PATTERNS) is None
+    assert identity.first_difference(recorded, {"data": {"reprob": 0.25, "remode": "pixel"}},
+                                     PATTERNS) == ("data.remode", "const", "pixel")

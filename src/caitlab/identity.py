@@ -330,6 +330,11 @@ def _comparable(value: Any) -> Any:
     return value
 
 
+# Keys caitlab's config gained after runs were written, with the value those runs had
+# implicitly: a run without the key differs from a request that sets another value
+IMPLICIT_BEFORE = {"data.remode": "const"}
+
+
 def first_difference(recorded: dict[str, Any], requested: dict[str, Any],
                      patterns: Iterable[str]) -> tuple[str, Any, Any] | None:
     """The first key (sorted) whose value a run folder's recorded config and a requested one
@@ -337,7 +342,8 @@ def first_difference(recorded: dict[str, Any], requested: dict[str, Any],
 
     ``recorded`` and ``requested``: resolved configs as plain data. Keys ``patterns`` leave out
     (display, logging, places) and the data's location are not compared, nor keys only the
-    request has (added since with their defaults, they change nothing); a key only the
+    request has (added since with their defaults, they change nothing; those whose earlier
+    value :data:`IMPLICIT_BEFORE` knows are compared with it); a key only the
     recorded run has was deleted (``~ema``), and is a difference (requested value
     :data:`DELETED`)."""
     patterns = tuple(patterns)
@@ -349,6 +355,9 @@ def first_difference(recorded: dict[str, Any], requested: dict[str, Any],
                 value = without_display_callbacks(value, requested)
             if not excluded(str(key), patterns):
                 _flatten(value, str(key), flat, patterns)
+    for key, value in IMPLICIT_BEFORE.items():
+        if key in new and key not in old:
+            old[key] = value
     for key in sorted(old):
         if key in LOCATION_KEYS:
             continue
@@ -419,7 +428,8 @@ LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stage
 # data keys added since, with the value every earlier data config had implicitly
 LEGACY_ADDED_DATA_DEFAULTS = {"normalize_on_device": True, "repeated_aug": 1}
 # keys added since to one data config, with the value its earlier runs had implicitly
-LEGACY_ADDED_TARGET_DEFAULTS = {"caitlab.data.ImageFolderDataModule": {"val_fraction": 0.0}}
+LEGACY_ADDED_TARGET_DEFAULTS = {
+    "caitlab.data.ImageFolderDataModule": {"val_fraction": 0.0, "remode": "const"}}
 # data.num_workers became `auto` where these data configs had a count
 LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
                       "caitlab.data.Cifar10DataModule": 4, "caitlab.data.Cifar100DataModule": 4}

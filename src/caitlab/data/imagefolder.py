@@ -34,6 +34,9 @@ from caitlab.data.images import (
 from caitlab.data.sampling import RepeatedAugSampler, ResumableSampler
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+# random erasing's fill (timm): const (its default: 0 once normalised), rand (one normal
+# draw per channel), pixel (a normal draw per pixel: DeiT's --remode)
+ERASE_MODES = ("const", "rand", "pixel")
 
 
 class ImageFolderDataModule(FileDataModule):
@@ -77,6 +80,7 @@ class ImageFolderDataModule(FileDataModule):
         crop_pct: float = 0.875,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         reprob: float = 0.25,
+        remode: str = "const",
         interpolation: str = "bicubic",
         color_jitter: float | None = 0.3,
         seed: int = 0,
@@ -94,6 +98,7 @@ class ImageFolderDataModule(FileDataModule):
         self.interpolation = check_choice("interpolation", interpolation, INTERPOLATIONS)
         self.crop_pct = check_float("crop_pct", crop_pct, 0.0, 1.0, low_open=True)
         self.reprob = check_float("reprob", reprob, 0.0, 1.0)
+        self.remode = check_choice("remode", remode, ERASE_MODES)
         if color_jitter is not None:
             color_jitter = check_float("color_jitter", color_jitter, 0.0, 1e9)
         self.color_jitter = color_jitter
@@ -196,6 +201,7 @@ class ImageFolderDataModule(FileDataModule):
             # device does them (on_after_batch_transfer)
             train = create_transform(input_size=self.img_size, is_training=True,
                                      auto_augment=self.auto_augment, re_prob=self.reprob,
+                                     re_mode=self.remode,
                                      interpolation=self.interpolation,
                                      color_jitter=self.color_jitter,
                                      use_prefetcher=self.normalize_on_device)
@@ -282,8 +288,9 @@ class ImageFolderDataModule(FileDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """A uint8 training batch, now on the device: normalised (ImageNet mean and std, as
-        the evaluation transform does), then randomly erased (``reprob``), as timm's
-        prefetcher does. Evaluation batches come normalised from their transform."""
+        the evaluation transform does), then randomly erased (``reprob``; ``remode``: the
+        box's fill), as timm's prefetcher does. Evaluation batches come normalised from their
+        transform."""
         x, y = batch
         if x.dtype != torch.uint8:
             return batch
@@ -293,7 +300,7 @@ class ImageFolderDataModule(FileDataModule):
 
             mean = torch.tensor([255 * m for m in IMAGENET_DEFAULT_MEAN], device=x.device)
             std = torch.tensor([255 * s for s in IMAGENET_DEFAULT_STD], device=x.device)
-            erase = RandomErasing(self.reprob, mode="const", max_count=1,
+            erase = RandomErasing(self.reprob, mode=self.remode, max_count=1,
                                   device=x.device) if self.reprob > 0 else None
             self._on_device = (mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1), erase)
         mean, std, erase = self._on_device
