@@ -79,3 +79,16 @@ def test_mistyped_recipe_is_refused_with_a_suggestion(tmp_path):
     assert proc.returncode == 2
     assert "recipe=digitz is not an option of recipe; did you mean digits?" in proc.stderr
     assert not list(tmp_path.glob("default/*/summary.json"))
+
+
+def test_cait_recipe_is_deits_for_400_epochs_evaluated_at_crop_1():
+    deit = _compose("recipe=deit", "data=imagefolder", "data.root=/x",
+                    "model=deit_small_patch16_224")
+    cait = _compose("recipe=cait", "data=imagefolder", "data.root=/x", "model=cait_s24_224")
+    for cfg in (deit, cait):
+        assert (cfg.optim.lr, cfg.optim.scale_lr, cfg.optim.weight_decay,
+                cfg.sched.warmup_epochs, cfg.recipe.mixup, cfg.recipe.cutmix,
+                cfg.recipe.label_smoothing, cfg.data.repeated_aug, cfg.data.remode) == \
+            (5e-4, True, 0.05, 5, 0.8, 1.0, 0.1, 3, "pixel")
+    assert (deit.trainer.max_epochs, deit.data.crop_pct) == (300, 0.875)
+    assert (cait.trainer.max_epochs, cait.data.crop_pct) == (400, 1.0)

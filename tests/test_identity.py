@@ -188,15 +188,16 @@ def test_variants_group_seeds_and_the_delta_says_what_differs():
 def test_previous_rule_still_names_runs_whose_data_files_changed_their_defaults():
     # signatures the code before this rule gave (commit 934934a), where data.num_workers
     # was 8 (imagefolder) and 4 (cifar) and is `auto` now; vit_vs_cait trains with DeiT's
-    # repeated augmentation and random-erasing fill since, so its earlier runs are those
-    # without them
+    # repeated augmentation and random-erasing fill since, and CaiT models (the default
+    # cait_tiny) are evaluated at crop 1.0, so the earlier runs are those without them
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for overrides, old in (
-                (["data=imagefolder", "data.root=/x"], "ac24a26cab"),
+                (["data=imagefolder", "data.root=/x", "data.crop_pct=0.875"], "ac24a26cab"),
                 (["experiment=vit_vs_cait", "model=cait_s24_224", "data.root=/x",
-                  "data.repeated_aug=1", "data.remode=const"], "0a3c4803a1")):
+                  "data.repeated_aug=1", "data.remode=const", "data.crop_pct=0.875"],
+                 "0a3c4803a1")):
             assert identity.legacy(compose("train", overrides)) == old, overrides
 
 

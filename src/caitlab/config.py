@@ -271,6 +271,13 @@ def fit_warmup(sched: SchedConfig, max_epochs: int) -> str | None:
     return message
 
 
+def eval_crop_pct(model_name: str | None) -> float:
+    """The center crop a model is evaluated at, as timm's configs for its name say: 1.0 for
+    CaiT (``timm/models/cait.py``: ``crop_pct=1.0``, as the CaiT README evaluates), 0.875
+    for DeiT, ViT and any other model (DeiT's ``main.py``: resize to size / 0.875)."""
+    return 1.0 if str(model_name or "").startswith("cait") else 0.875
+
+
 def lr_floor(sched: SchedConfig, peak: float) -> tuple[float, str | None]:
     """The lr the cosine ends at: ``sched.min_lr``, unscaled (DeiT scales the peak lr with the
     batch, not its floor), capped at the ``peak`` lr; a floor above the peak would make the
