@@ -278,6 +278,13 @@ def eval_crop_pct(model_name: str | None) -> float:
     return 1.0 if str(model_name or "").startswith("cait") else 0.875
 
 
+def paper_epochs(model_name: str | None) -> int:
+    """How long the papers trained a model on ImageNet: 400 epochs for CaiT (Touvron et al.
+    2021, "Going deeper with image transformers", sec. 4), 300 for DeiT (Touvron et al.
+    2021, "Training data-efficient image transformers", Table 9) and the rest."""
+    return 400 if str(model_name or "").startswith("cait") else 300
+
+
 def lr_floor(sched: SchedConfig, peak: float) -> tuple[float, str | None]:
     """The lr the cosine ends at: ``sched.min_lr``, unscaled (DeiT scales the peak lr with the
     batch, not its floor), capped at the ``peak`` lr; a floor above the peak would make the

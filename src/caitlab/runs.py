@@ -89,10 +89,11 @@ def register_resolvers() -> None:
         from caitlab.stages import resolver
 
         OmegaConf.register_new_resolver("stage", resolver)
-    if not OmegaConf.has_resolver("eval_crop_pct"):
-        from caitlab.config import eval_crop_pct
+    from caitlab.config import eval_crop_pct, paper_epochs
 
-        OmegaConf.register_new_resolver("eval_crop_pct", eval_crop_pct)
+    for name, fn in (("eval_crop_pct", eval_crop_pct), ("paper_epochs", paper_epochs)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("gpus_if_gpu"):
         OmegaConf.register_new_resolver("gpus_if_gpu", _gpus_if_gpu)
 
