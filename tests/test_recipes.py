@@ -60,3 +60,12 @@ def test_the_global_batch_differs_from_the_papers_as_the_fixture_says():
     cfg = _compose("experiment=vit_vs_cait", "data.root=/x")
     differs = REFERENCE["differs"]["global_batch"]
     assert cfg.trainer.devices * cfg.data.batch_size == differs["caitlab"] != differs["paper"][0]
+
+
+def test_the_readmes_recipe_table_is_the_fixtures():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import recipe_table
+
+    assert recipe_table.readme_block(recipe_table.README.read_text()) == recipe_table.table()
