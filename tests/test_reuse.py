@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from caitlab import identity
 from caitlab.errors import UserError
-from caitlab.training.reuse import check_reuse, data_fingerprint
+from caitlab.training.reuse import check_reuse, data_fingerprint, first_difference
 from conftest import clean_env, make_image_folder
 
 TINY = ("model=vit_tiny", "model.embed_dim=32", "model.depth=1", "trainer.max_epochs=1",
@@ -80,21 +80,21 @@ def test_a_skip_with_the_same_code_says_nothing_of_it(outputs, forkserver):
 def test_keys_added_since_the_run_are_no_difference():
     recorded = {"model": {"depth": 4}, "optim": {"lr": 0.1}}
     requested = {"model": {"depth": 4, "new_knob": 1}, "optim": {"lr": 0.1}}
-    assert identity.first_difference(recorded, requested, PATTERNS) is None
+    assert first_difference(recorded, requested, PATTERNS) is None
 
 
 def test_a_key_the_request_deletes_is_a_difference():
     recorded = {"ema": {"enabled": True}, "callbacks": {"stop": {"patience": 3}}}
-    assert identity.first_difference(recorded, {"callbacks": {"stop": {"patience": 3}}},
+    assert first_difference(recorded, {"callbacks": {"stop": {"patience": 3}}},
                                      PATTERNS) == ("ema.enabled", True, identity.DELETED)
-    assert identity.first_difference(recorded, {"ema": {"enabled": True}},
+    assert first_difference(recorded, {"ema": {"enabled": True}},
                                      PATTERNS) == ("callbacks.stop.patience", 3, identity.DELETED)
 
 
 def test_the_first_differing_key_is_named_with_both_values():
     recorded = {"model": {"depth": 4, "embed_dim": 32}, "seed": 0}
     requested = {"model": {"depth": 12, "embed_dim": 64}, "seed": 0}
-    assert identity.first_difference(recorded, requested, PATTERNS) == ("model.depth", 4, 12)
+    assert first_difference(recorded, requested, PATTERNS) == ("model.depth", 4, 12)
 
 
 def test_places_display_and_numbers_written_otherwise_are_no_difference():
@@ -104,13 +104,13 @@ def test_places_display_and_numbers_written_otherwise_are_no_difference():
     requested = {"data": {"root": "/b/digits"}, "paths": {"output_dir": "/b"}, "name": "y",
                  "model": {"mlp_ratio": 4},
                  "finetune_from": "/b/moved/pre/5d41402abc/checkpoints/best.ckpt"}
-    assert identity.first_difference(recorded, requested, PATTERNS) is None
+    assert first_difference(recorded, requested, PATTERNS) is None
 
 
 def test_weights_of_another_run_are_a_difference():
     recorded = {"finetune_from": "/a/pre/5d41402abc/checkpoints/best.ckpt"}
     requested = {"finetune_from": "/a/pre/7d793037a0/checkpoints/best.ckpt"}
-    assert identity.first_difference(recorded, requested, PATTERNS)[0] == "finetune_from"
+    assert first_difference(recorded, requested, PATTERNS)[0] == "finetune_from"
 
 
 def _run_on(tmp_path: Path, root: Path) -> tuple[Path, dict]:
@@ -150,7 +150,7 @@ def test_a_fingerprint_changes_with_a_file_renamed_or_resized(tmp_path):
 def test_a_run_from_before_a_key_existed_had_its_implicit_value():
     # data.remode came later; runs without it erased with timm's const fill
     recorded = {"data": {"reprob": 0.25}}
-    assert identity.first_difference(recorded, {"data": {"reprob": 0.25, "remode": "const"}},
+    assert first_difference(recorded, {"data": {"reprob": 0.25, "remode": "const"}},
                                      PATTERNS) is None
-    assert identity.first_difference(recorded, {"data": {"reprob": 0.25, "remode": "pixel"}},
+    assert first_difference(recorded, {"data": {"reprob": 0.25, "remode": "pixel"}},
                                      PATTERNS) == ("data.remode", "const", "pixel")

@@ -76,7 +76,7 @@ def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
         value = _resolved(cfg, key)
         if key == "callbacks" and isinstance(value, dict):
             value = without_display_callbacks(value, cfg)
-        _flatten(value, key, out, patterns)
+        flatten(value, key, out, patterns)
     return out
 
 
@@ -96,23 +96,23 @@ def _resolved(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
 
 
-def _flatten(value: Any, key: str, out: dict[str, Any], patterns: tuple[str, ...]) -> None:
+def flatten(value: Any, key: str, out: dict[str, Any], patterns: tuple[str, ...]) -> None:
     if excluded(key, patterns):
         return
     if isinstance(value, dict) and value:
         for k, v in value.items():
-            _flatten(v, f"{key}.{k}", out, patterns)
+            flatten(v, f"{key}.{k}", out, patterns)
     else:
         out[key] = value
 
 
-def _same(a: Any, b: Any) -> bool:
+def same(a: Any, b: Any) -> bool:
     # json, not ==: True == 1 in Python, but not as a config value
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
                                                                     default=str)
 
 
-def _normal(key: str, value: Any, base: Any) -> Any:
+def normal(key: str, value: Any, base: Any) -> Any:
     """``value`` as the default writes it, where it means the same: a number in the type of
     the default's (``mlp_ratio=2`` is 4.0's 2.0), an unordered list sorted."""
     if key in UNORDERED_KEYS and isinstance(value, list):
@@ -127,9 +127,9 @@ def _normal(key: str, value: Any, base: Any) -> Any:
 
 
 def value_delta(run: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    run = {k: _normal(k, v, base.get(k)) for k, v in run.items()}
+    run = {k: normal(k, v, base.get(k)) for k, v in run.items()}
     delta = {k: v for k, v in run.items()
-             if k not in base or not _same(_normal(k, base[k], base[k]), v)}
+             if k not in base or not same(normal(k, base[k], base[k]), v)}
     delta.update({k: DELETED for k in base if k not in run})
     return dict(sorted(delta.items()))
 
@@ -317,56 +317,6 @@ def _set_by(with_option: dict[str, Any], without: dict[str, Any]) -> dict[str, A
     differ, locations aside."""
     return {k: v for k, v in value_delta(with_option, without).items()
             if k not in LOCATION_KEYS}
-
-
-# A checkpoint a run starts from is named by the run that wrote it (<signature>/checkpoints/
-# best.ckpt), not by where its outputs folder lies now
-_WEIGHTS_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors", ".bin")
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, str) and value.endswith(_WEIGHTS_SUFFIXES) and "/" in value:
-        return "/".join(value.split("/")[-3:])
-    return value
-
-
-# Keys caitlab's config gained after runs were written, with the value those runs had
-# implicitly: a run without the key differs from a request that sets another value
-IMPLICIT_BEFORE = {"data.remode": "const"}
-
-
-def first_difference(recorded: dict[str, Any], requested: dict[str, Any],
-                     patterns: Iterable[str]) -> tuple[str, Any, Any] | None:
-    """The first key (sorted) whose value a run folder's recorded config and a requested one
-    disagree on, as ``(key, recorded value, requested value)``; None when they agree.
-
-    ``recorded`` and ``requested``: resolved configs as plain data. Keys ``patterns`` leave out
-    (display, logging, places) and the data's location are not compared, nor keys only the
-    request has (added since with their defaults, they change nothing; those whose earlier
-    value :data:`IMPLICIT_BEFORE` knows are compared with it); a key only the
-    recorded run has was deleted (``~ema``), and is a difference (requested value
-    :data:`DELETED`)."""
-    patterns = tuple(patterns)
-    old: dict[str, Any] = {}
-    new: dict[str, Any] = {}
-    for config, flat in ((recorded, old), (requested, new)):
-        for key, value in config.items():
-            if key == "callbacks" and isinstance(value, dict):
-                value = without_display_callbacks(value, requested)
-            if not excluded(str(key), patterns):
-                _flatten(value, str(key), flat, patterns)
-    for key, value in IMPLICIT_BEFORE.items():
-        if key in new and key not in old:
-            old[key] = value
-    for key in sorted(old):
-        if key in LOCATION_KEYS:
-            continue
-        if key not in new:
-            return key, old[key], DELETED
-        a, b = _comparable(old[key]), _comparable(_normal(key, new[key], old[key]))
-        if not _same(_normal(key, a, a), b):
-            return key, old[key], new[key]
-    return None
 
 
 _identities: dict[int, Identity] = {}
