@@ -280,8 +280,9 @@ def eval_crop_pct(model_name: str | None) -> float:
 
 def paper_epochs(model_name: str | None) -> int:
     """How long the papers trained a model on ImageNet: 400 epochs for CaiT (Touvron et al.
-    2021, "Going deeper with image transformers", sec. 4), 300 for DeiT (Touvron et al.
-    2021, "Training data-efficient image transformers", Table 9) and the rest."""
+    2021, "Going deeper with image transformers", and its README_cait.md), 300 for DeiT
+    (Touvron et al. 2021, "Training data-efficient image transformers", Table 9) and the
+    rest."""
     return 400 if str(model_name or "").startswith("cait") else 300
 
 
