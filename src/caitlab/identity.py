@@ -37,7 +37,7 @@ DEFAULT_EXCLUDE = ("hydra.*", "logger.*", "paths.*", "cluster.*", "local.*", "na
                    "retry_failed", "signature_exclude")
 # Where things are, not what they are: a group the signature leaves out (paths, local) may
 # move them without making another run. What lies there is checked where a folder is reused
-# (caitlab.reuse), not named.
+# (caitlab.training.reuse), not named.
 LOCATION_KEYS = ("data.root",)
 # Lists the model reads as sets (it sorts them): [2, 1] and [1, 2] are one run
 UNORDERED_KEYS = ("model.reorg_layers",)
