@@ -302,3 +302,15 @@ def test_shards_training_data_says_when_lightning_puts_in_a_distributed_sampler(
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **kwargs)
     assert compat.shards_training_data(trainer) is shards
     assert compat.shards_training_data(object()) is None
+
+
+def test_with_transform_reads_the_same_files_with_another_transform(tmp_path):
+    from caitlab.data.images import checked_image_folder
+    from conftest import make_image_folder
+
+    folder = checked_image_folder(str(make_image_folder(tmp_path) / "train"),
+                                  lambda image: ("train", image.size), "stop")
+    other = compat.with_transform(folder, lambda image: ("eval", image.size))
+    assert other.samples is folder.samples  # listed once
+    assert other[0][0][0] == "eval" and folder[0][0][0] == "train"
+    assert other[0][1] == folder[0][1]

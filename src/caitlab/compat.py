@@ -1,7 +1,7 @@
 """Every use of a library's internals, each where no public API serves, and why.
 
-Written for lightning 2.6, hydra-core 1.3, omegaconf 2.3 and timm 1.0 (pyproject.toml bounds
-each to the versions tested). ``tests/test_compat.py`` has one test per function here, asserting the
+Written for lightning 2.6, hydra-core 1.3, omegaconf 2.3, timm 1.0 and torchvision 0.29
+(pyproject.toml bounds each to the versions tested). ``tests/test_compat.py`` has one test per function here, asserting the
 behaviour its caller relies on, so that a release that changes an internal fails there, by
 name, instead of silently changing training or submission. Everything else in caitlab uses
 the libraries' public contracts only.
@@ -176,6 +176,22 @@ def config_node(cfg: DictConfig, key: str) -> Any:
 
 
 # --- Hydra ---------------------------------------------------------------------------------
+
+# --- torchvision ---------------------------------------------------------------------------
+
+def with_transform(dataset: Any, transform: Any) -> Any:
+    """A shallow copy of a torchvision ``VisionDataset`` (an ``ImageFolder``: its file list
+    shared, not read again) that applies ``transform`` to its images instead.
+
+    ``VisionDataset`` applies ``self.transforms`` (a ``StandardTransform`` built from
+    ``transform`` in its constructor), not ``self.transform``: both are set."""
+    import copy
+
+    copied = copy.copy(dataset)
+    copied.transform = transform
+    copied.transforms = type(dataset.transforms)(transform, dataset.target_transform)
+    return copied
+
 
 # --- timm ----------------------------------------------------------------------------------
 

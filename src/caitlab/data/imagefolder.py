@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from caitlab import compat
 from caitlab.data.base import (
     FileDataModule,
     held_out_words,
@@ -228,9 +228,7 @@ class ImageFolderDataModule(FileDataModule):
         if self.val_set is None:
             if self.val_fraction:
                 # the same files, read with the evaluation transform
-                train = copy.copy(self._train_images())
-                train.transform = self.eval_transform
-                train.transforms = type(train.transforms)(self.eval_transform, None)
+                train = compat.with_transform(self._train_images(), self.eval_transform)
                 self.val_set = Subset(train, self.held_out()[1])
             else:
                 self.val_set = self._load("val", self.eval_transform)
