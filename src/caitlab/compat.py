@@ -1,9 +1,10 @@
 """Every use of a library's internals, each where no public API serves, and why.
 
 Written for lightning 2.6, hydra-core 1.3, omegaconf 2.3, timm 1.0 and torchvision 0.29
-(pyproject.toml bounds each to the versions tested). ``tests/test_compat.py`` has one test per function here, asserting the
-behaviour its caller relies on, so that a release that changes an internal fails there, by
-name, instead of silently changing training or submission. Everything else in caitlab uses
+(pyproject.toml bounds each to the versions tested). ``tests/test_compat.py`` has one test
+per function here, asserting the behaviour its caller relies on, so that a release that
+changes an internal fails there, by name, instead of silently changing training or
+submission. Everything else in caitlab uses
 the libraries' public contracts only.
 """
 
