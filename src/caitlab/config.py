@@ -271,11 +271,16 @@ def fit_warmup(sched: SchedConfig, max_epochs: int) -> str | None:
     return message
 
 
+def _cait(model_name: str | None) -> bool:
+    """Whether a model is of the CaiT family, by its name (cait_s24_224, cait_tiny)."""
+    return str(model_name or "").startswith("cait")
+
+
 def eval_crop_pct(model_name: str | None) -> float:
     """The center crop a model is evaluated at, as timm's configs for its name say: 1.0 for
     CaiT (``timm/models/cait.py``: ``crop_pct=1.0``, as the CaiT README evaluates), 0.875
     for DeiT, ViT and any other model (DeiT's ``main.py``: resize to size / 0.875)."""
-    return 1.0 if str(model_name or "").startswith("cait") else 0.875
+    return 1.0 if _cait(model_name) else 0.875
 
 
 def paper_epochs(model_name: str | None) -> int:
@@ -283,7 +288,7 @@ def paper_epochs(model_name: str | None) -> int:
     2021, "Going deeper with image transformers", and its README_cait.md), 300 for DeiT
     (Touvron et al. 2021, "Training data-efficient image transformers", Table 9) and the
     rest."""
-    return 400 if str(model_name or "").startswith("cait") else 300
+    return 400 if _cait(model_name) else 300
 
 
 def lr_floor(sched: SchedConfig, peak: float) -> tuple[float, str | None]:

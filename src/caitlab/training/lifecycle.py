@@ -336,7 +336,10 @@ class Run:
                       if isinstance(v, (int, float, str)) and v is not None})
         self._mirror({"axes": self.summary.get("axes"),
                       "model": {k: v for k, v in (self.summary.get("model") or {}).items()
-                                if k != "config"}})
+                                if k != "config"},
+                      # which checkpoint test/top1 scores: a report from wandb reads it there
+                      **({"selection": self.summary["selection"]}
+                         if self.summary.get("selection") is not None else {})})
         say(log, result_line(self.summary.data, self.dir))
         return self.summary.data
 

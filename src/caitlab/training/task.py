@@ -50,7 +50,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # checkpoint: where those are the test images, the last checkpoint is scored
         selection = data_selection(parts.datamodule)
         run.summary.update(selection=selection)
-        run._mirror({"selection": selection})  # a report from wandb reads it there
         # the path itself: ckpt_path="best" would read the first ModelCheckpoint (latest)
         results = trainer.test(module, datamodule=parts.datamodule,
                                ckpt_path=best.to_score(selection["scored"]), verbose=False)
