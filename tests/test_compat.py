@@ -314,3 +314,26 @@ def test_with_transform_reads_the_same_files_with_another_transform(tmp_path):
     assert other.samples is folder.samples  # listed once
     assert other[0][0][0] == "eval" and folder[0][0][0] == "train"
     assert other[0][1] == folder[0][1]
+
+
+def _cli():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("folder", help="where")
+    parser.add_argument("--tail", type=int, default=20, help="lines")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("status", help="states").add_argument("--json", action="store_true")
+    return parser
+
+
+def test_parser_arguments_lists_every_argument_in_order():
+    names = [a.option_strings or [a.dest] for a in compat.parser_arguments(_cli())]
+    assert names[:3] == [["-h", "--help"], ["folder"], ["--tail"]]
+
+
+def test_parser_subcommands_gives_each_subcommands_parser():
+    subs = compat.parser_subcommands(_cli())
+    assert list(subs) == ["status"]
+    assert subs["status"].parse_args(["--json"]).json is True
+    assert compat.parser_subcommands(subs["status"]) == {}

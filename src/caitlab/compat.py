@@ -1,15 +1,16 @@
 """Every use of a library's internals, each where no public API serves, and why.
 
-Written for lightning 2.6, hydra-core 1.3, omegaconf 2.3, timm 1.0 and torchvision 0.29
-(pyproject.toml bounds each to the versions tested). ``tests/test_compat.py`` has one test
-per function here, asserting the behaviour its caller relies on, so that a release that
-changes an internal fails there, by name, instead of silently changing training or
-submission. Everything else in caitlab uses
+Written for lightning 2.6, hydra-core 1.3, omegaconf 2.3, timm 1.0, torchvision 0.29 and
+Python's argparse (pyproject.toml bounds each library to the versions tested).
+``tests/test_compat.py`` has one test per function here, asserting the behaviour its caller
+relies on, so that a release that changes an internal fails there, by name, instead of
+silently changing training or submission. Everything else in caitlab uses
 the libraries' public contracts only.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the libraries are imported where used: importing this stays cheap
@@ -231,3 +232,20 @@ def apply_value_overrides(overrides: list[Any], cfg: DictConfig) -> None:
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
     ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
+
+
+# --- argparse ------------------------------------------------------------------------------
+
+def parser_arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The arguments ``parser`` declares (``--help`` included), in order, for the generated CLI
+    reference. argparse keeps them in ``_actions`` and offers no public way to list them."""
+    return list(parser._actions)
+
+
+def parser_subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``parser``'s subcommands by name (``caitlab-sweep status``...), empty if it has none:
+    the ``choices`` of its subparsers action, which argparse does not expose otherwise."""
+    for action in parser_arguments(parser):
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
