@@ -213,7 +213,7 @@ def test_caitlab_train_help_is_caitlabs_page():
         listed = group.startswith("hydra/") or re.search(rf"^{re.escape(group)}: ", page, re.M)
         assert listed, f"{group}'s options not listed"
     assert "signature_exclude" not in page  # not the resolved config: that is --cfg job
-    assert "docs/reference/config.md" in page
+    assert "site/reference/config.html" in page
 
 
 def test_the_help_pages_examples_and_common_overrides_compose():

@@ -6,11 +6,6 @@ image transformers". For a model whose class token takes part in self-attention 
 ViT/DeiT, or ``insert``) they are the class token's attention row in the last ``N`` self-
 attention (SA) layers. A model without a class token (``none``) has nothing to show.
 
-Examples::
-
-    caitlab-attention outputs/demo/8aac04fac3 --digits 0 5 17
-    caitlab-attention run/checkpoints/last.ckpt --images cat.jpg --out maps/
-
 One PNG per image (``attention_digit17.png``, ``attention_<file stem>.png``): the input in
 the first column, then one row per layer and one column per head, each map upsampled to the
 image and overlaid on it, normalised per map (min to max).
@@ -97,9 +92,8 @@ def _layer(name: str, weights: torch.Tensor, grid: tuple[int, int],
     return LayerAttention(name=name, weights=weights, maps=maps.view(b, h, *grid))
 
 
-def trace_attention(
-    model: ImageTransformer, images: torch.Tensor, last_layers: int = 2
-) -> AttentionTrace:
+def trace_attention(model: ImageTransformer, images: torch.Tensor,
+                    last_layers: int = 2) -> AttentionTrace:
     """Runs ``model`` on ``images`` (eval mode, no grad) through its ``forward_attention``,
     keeping the class token's attention: every CA layer for ``class_attention`` models, the
     last ``last_layers`` SA layers that contain the class token for ``input``/``insert`` ones.
@@ -132,18 +126,16 @@ def trace_attention(
     return AttentionTrace(layers=layers, tokens=tokens.clone(), logits=logits.clone())
 
 
-def attention_maps(
-    model: ImageTransformer, images: torch.Tensor, last_layers: int = 2
-) -> list[LayerAttention]:
+def attention_maps(model: ImageTransformer, images: torch.Tensor,
+                   last_layers: int = 2) -> list[LayerAttention]:
     """Per layer (``ca.<i>`` or ``sa.<i>``, in forward order): name, the class token's
     weights over all tokens (batch, heads, tokens) and its patch maps (batch, heads, gh, gw).
     """
     return trace_attention(model, images, last_layers).layers
 
 
-def upsample_maps(
-    maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear"
-) -> torch.Tensor:
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int],
+                  mode: str = "bilinear") -> torch.Tensor:
     """(batch, heads, gh, gw) -> (batch, heads, H, W) with ``F.interpolate``."""
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(maps.float(), size=size, mode=mode, **kwargs)
@@ -322,16 +314,9 @@ def _pyplot():
     return plt
 
 
-def plot_attention(
-    image: torch.Tensor,
-    layers: Sequence[LayerAttention],
-    index: int,
-    path: str | Path,
-    title: str | None = None,
-    mode: str = "bilinear",
-    alpha: float = 0.5,
-    cmap: str = "jet",
-) -> Path:
+def plot_attention(image: torch.Tensor, layers: Sequence[LayerAttention], index: int,
+                   path: str | Path, title: str | None = None, mode: str = "bilinear",
+                   alpha: float = 0.5, cmap: str = "jet") -> Path:
     """One PNG: ``image`` (C, H, W, values in [0, 1]) in the first column, then per layer a
     row with each head's map of sample ``index``, upsampled to H x W and overlaid."""
     plt = _pyplot()
@@ -377,27 +362,42 @@ def plot_attention(
 # --- command line --------------------------------------------------------------------------
 
 
+DESCRIPTION = """\
+Draw where a trained model's class token looks, per layer and per head. Reads a
+caitlab checkpoint (or a run folder's) and image files or digits test images.
+Writes one PNG per image into --out and prints its path: the input, then one
+row per layer (the class-attention layers, or the last --last-layers
+self-attention ones) and one column per head, each map overlaid on the image."""
+EPILOG = """\
+Examples:
+caitlab-attention outputs/demo/8aac04fac3 --digits 0 5 17
+caitlab-attention run/checkpoints/last.ckpt --images cat.jpg --out maps/ --last-layers 4
+Docs: "Console scripts" in the docs site (make docs; site/reference/cli.html)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    """The command line (the docs' CLI reference is written from it too)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a caitlab checkpoint (.ckpt) or run folder "
-                        "(uses checkpoints/best.ckpt, else last.ckpt)")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", metavar="FILE", help="image files (PIL)")
+    add, src = parser.add_argument, parser.add_mutually_exclusive_group(required=True)
+    add("checkpoint", metavar="CHECKPOINT", help="a caitlab checkpoint (.ckpt), or a run "
+        "folder: its checkpoints/best.ckpt, else last.ckpt")
+    src.add_argument("--images", nargs="+", metavar="FILE", help="image files (PNG, JPEG...)")
     src.add_argument("--digits", nargs="+", type=int, metavar="INDEX",
-                     help="indices into the digits test split")
-    parser.add_argument("--out", type=Path,
-                        help="output folder (default: <run folder>/attention)")
-    parser.add_argument("--last-layers", type=int, default=2, metavar="N",
-                        help="SA models: show the class token's row in the last N layers "
-                             "(default 2)")
-    parser.add_argument("--mean", type=float, nargs="+", help="--images normalisation "
-                        "(default: ImageNet for 3 channels, the digits' for 1)")
-    parser.add_argument("--std", type=float, nargs="+", help="see --mean")
-    parser.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
-                        help="how maps are resized to the image (default bilinear)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (0.5)")
-    parser.add_argument("--cmap", default="jet", help="matplotlib colour map (jet)")
+                     help="images of the digits test split, by index (from 0)")
+    add("--out", type=Path, metavar="DIR",
+        help="folder to write the PNGs into (default: the checkpoint's run folder/attention)")
+    add("--last-layers", type=int, default=2, metavar="N", help="for a model whose class "
+        "token is in self-attention (ViT, DeiT): its last N layers (default: %(default)s)")
+    add("--mean", type=float, nargs="+", help="per-channel mean that normalises --images "
+        "(default: ImageNet's for 3 channels, the digits' for 1)")
+    add("--std", type=float, nargs="+", help="per-channel standard deviation that "
+        "normalises --images (default: as for --mean)")
+    add("--upsample", choices=("bilinear", "nearest"), default="bilinear",
+        help="how maps are resized to the image (default: %(default)s)")
+    add("--alpha", type=float, default=0.5,
+        help="opacity of the maps over the image, 0 to 1 (default: %(default)s)")
+    add("--cmap", default="jet", help="matplotlib colour map (default: %(default)s)")
     return parser
 
 

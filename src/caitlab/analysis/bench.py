@@ -284,48 +284,81 @@ def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
 
 
+DESCRIPTION = """\
+Measure one model: its parameters and MACs per image and, timed on this
+machine, its inference and training speed (images/s), MFU and peak memory.
+MODEL is a registered variant, a caitlab-train run folder, a model config file
+or a class of your own. Prints a table, or one JSON object with --json, and
+writes nothing. MFU (model FLOP utilisation) is the model's FLOP/s divided by
+that of one large matmul timed in the same run, on the same device and
+precision."""
+
+EPILOG = """\
+Examples:
+caitlab-bench cait_s24_224 --batch 64 --precision bf16
+caitlab-bench cait_tiny --set depth=2 --set talking_heads=false --json
+caitlab-bench cait_m48_448 --no-throughput
+caitlab-bench deit_small_patch16_224 --compare keep_rate=1.0,0.7,0.5
+caitlab-bench --compare-paper --no-throughput
+caitlab-bench outputs/demo/8aac04fac3
+caitlab-bench mynet.MyNet --set channels=32
+Docs: "Console scripts" in the docs site (make docs; site/reference/cli.html)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    """The ``caitlab-bench`` command line (also read by the docs' CLI reference)."""
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="a registered variant (cait_s24_224, deit_small_patch16_224, "
-                        "cait_tiny...), a caitlab-train run folder (the model it trained, "
-                        "yours included), a model config (conf/model/mynet.yaml), or "
-                        "module.Class / module.factory of your own "
-                        "(mynet.MyNet; its input from --set in_chans=/img_size= or its "
-                        "defaults)")
+                   help="the model to measure: a registered variant (cait_s24_224, "
+                        "deit_small_patch16_224, cait_tiny...), a caitlab-train run folder "
+                        "(the model it trained, yours included), a model config "
+                        "(conf/model/mynet.yaml), or module.Class / module.factory of your "
+                        "own (mynet.MyNet; its input size from --set in_chans=/img_size= or "
+                        "its defaults); not needed with --compare-paper alone")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor override, the value parsed as a YAML scalar "
-                        "(depth=12, residual=layerscale, talking_heads=false); repeatable")
+                   help="change one constructor argument of the model, the value read as "
+                        "YAML (depth=12, residual=layerscale, talking_heads=false); repeat "
+                        "for several (default: none)")
     p.add_argument("--img-size", type=_positive_int, metavar="N",
-                   help="rebuild the model at N px (default: the model's own size)")
+                   help="rebuild the model for N x N pixel images (default: the model's own "
+                        "size)")
     p.add_argument("--batch", type=_positive_int, default=32, metavar="B",
-                   help="images per batch (default: 32)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+                   help="images per timed batch (default: %(default)s)")
+    p.add_argument("--device",
+                   help="where to time: cpu, cuda or cuda:1 (default: cuda if available, "
+                        "else cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default="32",
-                   help="32 = fp32; bf16 = torch.autocast to bfloat16 (default: 32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+                   help="the number format to time in: 32 (fp32) or bf16 (torch.autocast to "
+                        "bfloat16) (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model before timing it (default: off)")
     p.add_argument("--warmup", type=_non_negative_int, default=3, metavar="W",
-                   help="untimed batches before timing (default: 3; >= 1 with --compile)")
+                   help="untimed batches before timing; at least 1 with --compile "
+                        "(default: %(default)s)")
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
-                   help="timed repeats; the median is reported (default: 5)")
+                   help="timed repeats, of which the median is reported "
+                        "(default: %(default)s)")
     p.add_argument("--iters", type=_positive_int, default=5, metavar="K",
-                   help="batches per timed repeat (default: 5)")
+                   help="batches per timed repeat (default: %(default)s)")
     p.add_argument("--matmul-size", type=_positive_int, metavar="N",
-                   help="side of the square matmul that measures peak FLOP/s "
-                        "(default: 4096 on CUDA, 1024 on CPU)")
+                   help="side of the square matmul that measures the peak FLOP/s MFU is "
+                        "relative to (default: 4096 on CUDA, 1024 on CPU)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="CPU threads for torch (default: torch's own choice); on a busy "
-                        "machine fewer threads than cores often time far more steadily")
+                   help="CPU threads for torch; on a busy machine fewer threads than cores "
+                        "often time far more steadily (default: torch's own choice)")
     p.add_argument("--no-throughput", action="store_true",
-                   help="only params and MACs, counted on the meta device (instant)")
+                   help="only count params and MACs, on the meta device: instant, whatever "
+                        "the model's size (default: off)")
     p.add_argument("--compare", metavar="KEY=V1,V2,...",
-                   help="bench MODEL once per value of one constructor argument and print "
-                        "the MACs and img/s of each with ratios to the first value "
+                   help="measure MODEL once per value of one constructor argument and print "
+                        "the MACs and img/s of each with their ratios to the first value "
                         "(keep_rate=1.0,0.7,0.5; depth=12,24,36; attention=standard,static_key)")
     p.add_argument("--compare-paper", action="store_true",
-                   help="every CaiT/DeiT variant's params and GMACs beside the papers'")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+                   help="print every CaiT/DeiT variant's params and GMACs beside the "
+                        "papers' figures (default: off)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the table (default: off)")
     return p
 
 

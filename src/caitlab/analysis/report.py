@@ -64,9 +64,9 @@ from caitlab.analysis.report_table import (
 from caitlab.analysis.report_verdicts import method_text
 from caitlab.analysis.stats import CORRECTIONS, EXACT_MAX, MIN_SEEDS, THROUGHPUT_RULE
 
-__all__ = ["Report", "Run", "Variant", "answers", "build_report", "cell", "collect_runs",
-           "commits", "data_rows", "extra_axes", "group_variants", "log_to_wandb", "main",
-           "mixed_code_warning", "runs_from_wandb", "table_rows", "to_csv", "to_markdown",
+__all__ = ["Report", "Run", "Variant", "answers", "build_parser", "build_report", "cell",
+           "collect_runs", "commits", "data_rows", "extra_axes", "group_variants", "log_to_wandb",
+           "main", "mixed_code_warning", "runs_from_wandb", "table_rows", "to_csv", "to_markdown",
            "variant_label", "write_plots"]
 
 
@@ -201,30 +201,70 @@ def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None
 # --- command line ------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="caitlab-report", description=__doc__,
+DESCRIPTION = """\
+Compare the runs of a sweep: which variant wins, by how much, at what cost,
+and whether the difference is more than seed-to-seed noise.
+
+Reads every run folder (summary.json, metrics.csv) under a sweep folder, or
+the runs of a wandb project with --wandb-project. Prints a table with one row
+per variant (runs that differ only by seed pooled into mean +- std) and its
+difference to a baseline with a 95% confidence interval, then one verdict per
+question: better, worse, no detectable difference, or too few seeds to tell.
+Writes report.md, report.csv, report.json, report.html and plots/ into the
+sweep folder (or --out)."""
+
+EPILOG = """\
+Examples:
+caitlab-report outputs/demo
+caitlab-report outputs/demo --baseline model=cait_tiny
+caitlab-report outputs/residual_vs_depth --baseline residual=none --correction fdr_bh
+caitlab-report --wandb-project me/caitlab --group demo --out reports/demo
+Docs: "Console scripts" in the docs site (make docs; site/reference/cli.html)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``caitlab-report`` command line (also read by the docs' CLI reference)."""
+    parser = argparse.ArgumentParser(prog="caitlab-report", description=DESCRIPTION,
+                                     epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path, nargs="?",
-                        help="a sweep/experiment folder (outputs/<name>)")
+    parser.add_argument("sweep_dir", type=Path, nargs="?", metavar="SWEEP_DIR",
+                        help="the sweep folder to report on, e.g. outputs/demo (not needed "
+                             "with --wandb-project)")
     parser.add_argument("--baseline", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE",
-                        help="the variant every other is compared with, by the values of the "
-                             "keys the sweep varies (default: the first value of each in the "
-                             "grid), e.g. --baseline model=vit_tiny residual=none")
+                        help="the variant every other one is compared with, named by the "
+                             "values of the keys the sweep varies, e.g. --baseline "
+                             "model=vit_tiny residual=none (default: the first value of each "
+                             "varied key in the sweep's grid)")
     parser.add_argument("--correction", choices=list(CORRECTIONS), default="holm",
-                        help="how all of the report's verdicts are held together: holm (the "
-                             "chance of any wrong better/worse line <= 0.05; default), fdr_bh "
-                             "(Benjamini-Hochberg: the expected share of wrong lines <= 0.05) "
-                             "or none (each line on its own at 0.05)")
-    parser.add_argument("--wandb-project", help="read runs from wandb: entity/project")
-    parser.add_argument("--group", help="with --wandb-project: the sweep's wandb group")
-    parser.add_argument("--tag", action="append", default=[], help="with --wandb-project")
-    parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder)")
+                        help="how the verdicts are corrected for being many: holm keeps the "
+                             "chance of any wrong better/worse verdict under 5%%; fdr_bh "
+                             "(Benjamini-Hochberg) keeps the expected share of wrong verdicts "
+                             "under 5%%; none judges each verdict on its own at 5%% "
+                             "(default: %(default)s)")
+    parser.add_argument("--wandb-project", metavar="ENTITY/PROJECT",
+                        help="read the runs from this wandb project instead of a folder "
+                             "(default: none, read SWEEP_DIR)")
+    parser.add_argument("--group", help="with --wandb-project: only the runs of this wandb "
+                                        "group, i.e. one sweep (default: all groups)")
+    parser.add_argument("--tag", action="append", default=[],
+                        help="with --wandb-project: only the runs with this wandb tag; "
+                             "repeat it to accept any of several tags (default: any tag)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder to write report.* and plots/ into (default: the sweep "
+                             "folder; with --wandb-project, outputs/<group>, or "
+                             "outputs/wandb_report without --group)")
     parser.add_argument("--by-commit", action="store_true",
-                        help="one row per variant and version of the code (git commit)")
+                        help="one row per variant and version of the code (git commit) "
+                             "instead of pooling runs made with different code (default: off)")
     parser.add_argument("--wandb", action="store_true",
-                        help="also log the table, verdicts and plots to a wandb summary run")
-    args = parser.parse_args(argv)
+                        help="also log the table, verdicts and plots to a summary run in "
+                             "the sweep's wandb group (default: off)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def fail(message: str) -> int:
         print(f"caitlab-report: error: {message}", file=sys.stderr)

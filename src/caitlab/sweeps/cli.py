@@ -30,7 +30,7 @@ from caitlab.sweeps.slurm import (
     squeue_states,
 )
 
-__all__ = ["SqueueUnavailable", "query_squeue", "squeue_states", "main"]
+__all__ = ["SqueueUnavailable", "build_parser", "main", "query_squeue", "squeue_states"]
 
 # Summary states a job still has to move on from; the others are final for this attempt.
 ACTIVE = ("pending", "running")
@@ -353,37 +353,113 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="caitlab-sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="state of every run of a sweep folder")
-    status.add_argument("sweep_dir", type=Path, help="a sweep folder (outputs/<name>)")
-    status.add_argument("--json", action="store_true", help="print a JSON list instead")
-    status.add_argument("--squeue-timeout", type=float, default=SQUEUE_TIMEOUT_S,
-                        metavar="S", help=f"seconds to wait for squeue (default "
-                        f"{SQUEUE_TIMEOUT_S:g})")
-    status.set_defaults(func=cmd_status)
-    show = sub.add_parser("show", help="what makes a run folder differ from the defaults")
-    show.add_argument("run_dirs", type=Path, nargs="+", metavar="run_dir",
-                      help="a run folder (outputs/<name>/<signature>)")
-    show.set_defaults(func=cmd_show)
-    logs = sub.add_parser("log", help="a run's job output and train.log")
-    logs.add_argument("sweep_dir", type=Path, help="a sweep folder (outputs/<name>)")
-    logs.add_argument("run", help="its signature (or the start of it), or its row in status")
+DOCS = 'Docs: "Console scripts" in the docs site (make docs; site/reference/cli.html)'
+
+
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 78)
+
+
+def _examples(*lines: str) -> str:
+    return "\n".join(("Examples:", *lines, DOCS))
+
+
+def _add_command(sub, name: str, summary: str, description: str, examples: tuple[str, ...],
+                 func) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=_wrap(description),
+                            epilog=_examples(*examples),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _squeue_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--squeue-timeout", type=float, default=SQUEUE_TIMEOUT_S, metavar="S",
+                        help="seconds to wait for SLURM's squeue to answer "
+                             "(default: %(default)g)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``caitlab-sweep`` command line and its subcommands (also read by the docs' CLI
+    reference)."""
+    parser = argparse.ArgumentParser(
+        prog="caitlab-sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrap(
+            "Follow and manage the runs of a sweep: where each run stands, its logs, what "
+            "sets it apart, and cancelling its SLURM jobs. It reads the run folders under a "
+            "sweep folder (outputs/<name>) and, where the runs were submitted to SLURM, asks "
+            "squeue how their jobs stand. Each command has its own help: caitlab-sweep "
+            "COMMAND --help."),
+        epilog=_examples("caitlab-sweep status outputs/demo",
+                         "caitlab-sweep log outputs/demo 3 --tail 50",
+                         "caitlab-sweep cancel outputs/demo 'model=cait_*'",
+                         "caitlab-sweep show outputs/demo/e3b0b2d272"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands", help="what to do, one of:")
+    status = _add_command(
+        sub, "status", "the state of every run of a sweep",
+        "Print one line per run folder of a sweep: its state, SLURM job and that job's live "
+        "state, epochs done, last top-1, attempts and the overrides that tell the runs apart, "
+        "then how many runs are in each state. A run whose job ended without writing its "
+        "final state (killed, node failure) is shown as lost, and a job that can never start "
+        "says which setting to change. It writes nothing, but deletes the code snapshots of "
+        "submissions whose runs have all finished.",
+        ("caitlab-sweep status outputs/demo", "caitlab-sweep status outputs/demo --json",
+         "caitlab-sweep status outputs/residual_vs_depth --squeue-timeout 30"), cmd_status)
+    status.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
+                        help="the sweep folder, e.g. outputs/demo")
+    status.add_argument("--json", action="store_true",
+                        help="print the runs as a JSON list instead of a table (default: off)")
+    _squeue_timeout(status)
+    show = _add_command(
+        sub, "show", "what makes a run folder differ from the defaults",
+        "Print one line per run folder: the settings that make it differ from caitlab's "
+        "defaults, its state, its test top-1 once it has one, and the version of the code "
+        "(git commit) that produced it. Reads each folder's summary.json; writes nothing.",
+        ("caitlab-sweep show outputs/demo/e3b0b2d272",
+         "caitlab-sweep show outputs/demo/e3b0b2d272 outputs/demo/8aac04fac3"), cmd_show)
+    show.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                      help="one or more run folders, e.g. outputs/demo/e3b0b2d272")
+    logs = _add_command(
+        sub, "log", "the end of a run's job output and train.log",
+        "Print the last lines of one run's logs: the output its SLURM job wrote (stdout, or "
+        "stderr with --err), then the run's own train.log. Name the run by its signature (or "
+        "the start of it) or by its row number in caitlab-sweep status. Writes nothing.",
+        ("caitlab-sweep log outputs/demo 3", "caitlab-sweep log outputs/demo 1a2b --err",
+         "caitlab-sweep log outputs/demo 3 --tail 0"), cmd_log)
+    logs.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
+                      help="the sweep folder, e.g. outputs/demo")
+    logs.add_argument("run", metavar="RUN",
+                      help="the run's signature (or enough of its start to be unique), or "
+                           "its row number in caitlab-sweep status")
     logs.add_argument("--tail", type=int, default=20, metavar="N",
-                      help="last N lines of each file (0: all; default 20)")
-    logs.add_argument("--err", action="store_true", help="the job's stderr, not its stdout")
-    logs.set_defaults(func=cmd_log)
-    cancel = sub.add_parser("cancel", help="scancel a sweep's live jobs, or those of the runs "
-                            "whose overrides match every KEY=VALUE")
-    cancel.add_argument("sweep_dir", type=Path, help="a sweep folder (outputs/<name>)")
+                      help="show the last N lines of each file; 0 shows them all "
+                           "(default: %(default)s)")
+    logs.add_argument("--err", action="store_true",
+                      help="show the job's stderr instead of its stdout (default: off)")
+    cancel = _add_command(
+        sub, "cancel", "cancel a sweep's SLURM jobs, or those of matching runs",
+        "Cancel (scancel) the live SLURM jobs of a sweep, or only those of the runs whose "
+        "overrides match every KEY=VALUE pattern given. Each cancelled run's summary.json "
+        "then says cancelled (it waits up to a minute for the jobs to end); launching the "
+        "sweep again resumes those runs.",
+        ("caitlab-sweep cancel outputs/demo", "caitlab-sweep cancel outputs/demo 'model=cait_*'",
+         "caitlab-sweep cancel outputs/residual_vs_depth 'model.depth=1*' residual=none"),
+        cmd_cancel)
+    cancel.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
+                        help="the sweep folder, e.g. outputs/demo")
     cancel.add_argument("patterns", nargs="*", metavar="KEY=VALUE",
-                        help="only the runs with these overrides (fnmatch on the value)")
-    cancel.add_argument("--squeue-timeout", type=float, default=SQUEUE_TIMEOUT_S, metavar="S",
-                        help=f"seconds to wait for squeue (default {SQUEUE_TIMEOUT_S:g})")
-    cancel.set_defaults(func=cmd_cancel)
-    args = parser.parse_args(argv)
+                        help="only cancel the runs with an override of KEY whose value "
+                             "matches VALUE (* and ? as in file names); all given must match "
+                             "(default: every run of the sweep)")
+    _squeue_timeout(cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
