@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint slurm browser clean
+.PHONY: setup demo test lint docs slurm browser clean
 
 setup:
 	@if ! [ -x "$(UV)" ]; then \
@@ -23,6 +23,12 @@ demo: setup
 lint: setup
 	.venv/bin/ruff check .
 
+# The documentation site (docs/ and mkdocs.yml) into site/: open site/index.html. --strict:
+# a broken link, a missing page or a generated reference that fails to build stops it.
+docs: setup
+	.venv/bin/mkdocs build --strict --quiet
+	@echo "docs: site/index.html"
+
 # The local SLURM cluster (slurm-wlm + munge + accounting) for the tests marked `slurm`.
 # It needs root; without it those tests are skipped and say why.
 slurm:
@@ -40,8 +46,8 @@ browser:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	else echo "no chromium and not root: the report page's browser test will be skipped"; fi
 
-test: setup lint slurm browser
+test: setup lint docs slurm browser
 	$(PY) -m pytest
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache
+	rm -rf .venv .pytest_cache .ruff_cache site

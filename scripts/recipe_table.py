@@ -1,8 +1,8 @@
 """The papers' recipes as a markdown table, from tests/fixtures/paper_recipes.yaml (the values
-tests/test_recipes.py checks every paper experiment against), for the README.
+tests/test_recipes.py checks every paper experiment against), for the docs' experiments page
+(scripts/docs_reference.py fills it in when the site is built).
 
-Run from the checkout: ``.venv/bin/python scripts/recipe_table.py`` prints it; ``--write``
-rewrites the README's table between its ``recipe-table`` markers.
+Run from the checkout: ``.venv/bin/python scripts/recipe_table.py`` prints it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "paper_recipes.yaml"
-README = ROOT / "README.md"
-BEGIN, END = "<!-- recipe-table: scripts/recipe_table.py -->", "<!-- /recipe-table -->"
 SECTIONS = (("deit", "DeiT (recipe=deit, every paper run)"),
             ("cait", "CaiT (recipe=cait, CaiT rows)"),
             ("cait_finetune_384.finetune", "cait_finetune_384, fine-tune stage"),
@@ -37,17 +35,8 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def readme_block(text: str) -> str:
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n")
-
-
 def main(argv: list[str]) -> int:
-    if "--write" in argv:
-        text = README.read_text()
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        README.write_text(f"{text[:start]}\n{table()}\n{text[end:]}")
-    else:
-        print(table())
+    print(table())
     return 0
 
 
