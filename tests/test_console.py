@@ -123,13 +123,22 @@ def test_only_a_folder_hydra_alone_made_is_removed(tmp_path):
         return run
 
     fresh = folder("fresh")
-    remove_unstarted_run_folder(fresh)
-    assert not fresh.parent.exists()  # nor the experiment's folder it was alone in
+    remove_unstarted_run_folder(fresh, [fresh, fresh.parent])
+    assert not fresh.parent.exists()  # nor the experiment's folder this process made for it
     for name, extra in (("started", "summary.json"), ("locked", ".lock"),
                         ("ckpt", "checkpoints/last.ckpt"), ("own", ".hydra/mine.txt")):
         run = folder(name, extra)
-        remove_unstarted_run_folder(run)
+        remove_unstarted_run_folder(run, [run, run.parent])
         assert (run / extra).read_text() == "x" and (run / "train.log").exists(), name
+
+
+def test_a_refused_config_removes_no_folder_this_process_did_not_make(tmp_path, forkserver):
+    mine = tmp_path / "mine"  # the user's own, empty: the run folder goes in it
+    mine.mkdir()
+    proc = forkserver.run(tmp_path, "trainer.max_epochs=-3", f"hydra.run.dir={mine}/run",
+                          check=False)
+    assert proc.returncode == 2 and "trainer.max_epochs" in proc.stderr, proc.stderr
+    assert mine.is_dir() and not (mine / "run").exists()
 
 
 def test_a_submitit_sweep_exits_non_zero_for_a_failed_or_skipped_failed_run(tmp_path,

@@ -31,6 +31,7 @@ from caitlab.training.lifecycle import (
     RankDone,
     is_multirun,
     job_run_dir,
+    new_folders,
     remove_unstarted_run_folder,
 )
 from caitlab.training.task import train
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> float | None:
         _keep_rank_error(err, cfg)
         if isinstance(err, UserError) and not multirun:
             # a sweep's refused run keeps its summary for the sweep's table
-            remove_unstarted_run_folder(job_run_dir(cfg))
+            remove_unstarted_run_folder(job_run_dir(cfg), new_folders())
         line, code = failure_line(err, cfg)
         print(line, file=sys.stderr, flush=True)
         if not multirun:
