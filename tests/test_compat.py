@@ -337,3 +337,20 @@ def test_parser_subcommands_gives_each_subcommands_parser():
     assert list(subs) == ["status"]
     assert subs["status"].parse_args(["--json"]).json is True
     assert compat.parser_subcommands(subs["status"]) == {}
+
+
+def test_config_root_walks_up_from_a_nested_node():
+    cfg = OmegaConf.create({"a": {"b": {"c": 1}}})
+    assert compat.config_root(cfg.a.b) is cfg
+
+
+@pytest.mark.parametrize(("value", "plain"), [({"x": 1}, True), ("???", False), (None, False),
+                                              ("${other}", False), (3, False)])
+def test_is_plain_mapping_is_true_only_for_a_concrete_dict(value, plain):
+    cfg = OmegaConf.create({"node": value, "other": {"y": 2}})
+    assert compat.is_plain_mapping(compat.config_node(cfg, "node")) is plain
+
+
+def test_sweeper_params_are_the_overrides_its_sweep_starts_from():
+    sweeper = compat.BasicSweeper(max_batch_size=None, params={"model": "a,b", "seed": "0,1"})
+    assert compat.sweeper_params(sweeper) == ["model=a,b", "seed=0,1"]

@@ -29,25 +29,28 @@ BIN = Path(sys.executable).parent
 # pages written by hand (the generated ones are checked through their generator)
 PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if p.parent.name != "performance")
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
-# a page whose commands run in another folder says so: <!-- commands run in: examples/x -->
-RUN_IN = re.compile(r"<!-- commands run in: (\S+) -->")
 
 
-def shown_commands(markdown: str) -> list[str]:
+def shown_commands(markdown: str) -> list[tuple[str, Path]]:
     """The caitlab console-script command lines of a page's ```bash (or sh) blocks, with their
-    continuation lines joined and comments dropped."""
+    continuation lines joined and comments dropped, each with the folder it runs in: the
+    checkout, or the folder of the checkout a ``cd`` line before it in its block names."""
     found = []
     for lang, body in FENCE.findall(markdown):
         if lang not in ("bash", "sh", "shell"):
             continue
+        cwd = ROOT
         for line in body.replace("\\\n", " ").splitlines():
             line = line.strip().removeprefix("$ ")
-            if not re.match(r"(\.venv/bin/)?caitlab-\w+", line):
+            moved = re.match(r"cd (\S+)", line)
+            if moved and (ROOT / moved[1]).is_dir():
+                cwd = ROOT / moved[1]
+            if not re.match(r"(\.venv/bin/)?caitlab-\w+ ", line + " "):
                 continue
             try:
-                found.append(shlex.join(shlex.split(line, comments=True)))
+                found.append((shlex.join(shlex.split(line, comments=True)), cwd))
             except ValueError:  # unbalanced quotes: shown as is, and its test fails
-                found.append(line)
+                found.append((line, cwd))
     return found
 
 
@@ -55,15 +58,19 @@ def _doc_commands() -> list[tuple[str, str, Path]]:
     """(where it is shown, the command, the folder it runs in) for every page and README."""
     out = []
     for page in [ROOT / "README.md", *PAGES]:
-        text = page.read_text()
-        cwd = ROOT / (RUN_IN.search(text)[1] if RUN_IN.search(text) else ".")
         name = page.relative_to(ROOT).as_posix()
-        out += [(name, cmd, cwd) for cmd in shown_commands(ref.fill_tables(text))]
-    out += [("reference/cli.md", cmd, ROOT) for cmd in shown_commands(ref.cli_page())]
+        text = ref.fill_tables(page.read_text())
+        out += [(name, cmd, cwd) for cmd, cwd in shown_commands(text)]
+    out += [("reference/cli.md", cmd, cwd) for cmd, cwd in shown_commands(ref.cli_page())]
     return out
 
 
 COMMANDS = _doc_commands()
+
+
+def filled(command: str) -> str:
+    """``command`` with each placeholder the reader fills in (``<signature>``) given a value."""
+    return re.sub(r"<[\w .-]+>", "x", command)
 
 
 def as_composition(words: list[str]) -> list[str]:
@@ -97,7 +104,7 @@ def test_the_docs_show_commands_to_check():
                          [c for c in COMMANDS if "caitlab-train" in c[1].split()[0]],
                          ids=lambda v: v if isinstance(v, str) and " " in v else "")
 def test_every_caitlab_train_command_shown_composes(page, command, cwd, tmp_path):
-    args = as_composition(shlex.split(command)[1:])
+    args = as_composition(shlex.split(filled(command))[1:])
     proc = subprocess.run([str(BIN / "caitlab-train"), *args, "--cfg", "job"], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{page}: {command}\n{proc.stderr[-2000:]}"
@@ -107,7 +114,7 @@ def test_every_caitlab_train_command_shown_composes(page, command, cwd, tmp_path
                          [c for c in COMMANDS if "caitlab-train" not in c[1].split()[0]],
                          ids=lambda v: v if isinstance(v, str) and " " in v else "")
 def test_every_other_console_script_command_shown_parses(page, command, cwd, capsys):
-    words = shlex.split(command)
+    words = shlex.split(filled(command))
     parser = ref.build_parser(words[0].rsplit("/", 1)[-1])
     try:
         parser.parse_args(words[1:])
@@ -272,7 +279,8 @@ def default_run(tmp_path_factory) -> Path:
 
 
 def _documented(name: str) -> set[str]:
-    return set(re.findall(r"`([^`]+)`", (ROOT / "docs" / "reference" / name).read_text()))
+    text = FENCE.sub("", (ROOT / "docs" / "reference" / name).read_text())
+    return set(re.findall(r"`([^`\n]+)`", text))
 
 
 def test_every_summary_key_of_a_run_is_documented(default_run):

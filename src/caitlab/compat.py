@@ -177,6 +177,26 @@ def config_node(cfg: DictConfig, key: str) -> Any:
     return cfg._get_node(key)
 
 
+def config_root(node: Any) -> Any:
+    """The root config ``node`` belongs to (itself for a root).
+
+    OmegaConf keeps a node's parent and offers no public way to walk up to the root; a
+    mistyped key's suggestions search the whole config it was typed into."""
+    return node._get_root()
+
+
+def is_plain_mapping(node: Any) -> bool:
+    """Whether ``node`` is a DictConfig whose keys can be walked without resolving anything:
+    not missing (``???``), not None, not an interpolation.
+
+    OmegaConf answers these only through its nodes' private ``_is_*`` methods; the public
+    ``OmegaConf.is_missing``/``is_interpolation`` ask about a key of a parent instead."""
+    from omegaconf import DictConfig
+
+    return (isinstance(node, DictConfig) and not node._is_missing() and not node._is_none()
+            and not node._is_interpolation())
+
+
 # --- Hydra ---------------------------------------------------------------------------------
 
 # --- torchvision ---------------------------------------------------------------------------
@@ -220,6 +240,15 @@ def __getattr__(name: str) -> Any:
 
         return getattr(basic_sweeper, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def sweeper_params(sweeper: Any) -> list[str]:
+    """A basic sweeper's ``params`` (``hydra.sweeper.params``) as override strings
+    (``model=a,b``), which its ``sweep`` puts before the command line's arguments.
+
+    ``BasicSweeper`` builds them in its private ``_parse_config``; a sweeper that sweeps a
+    chain of stages itself reads them the same way."""
+    return sweeper._parse_config()
 
 
 def apply_value_overrides(overrides: list[Any], cfg: DictConfig) -> None:

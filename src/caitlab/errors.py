@@ -96,9 +96,9 @@ def _shortlist(options: list[str], width: int = 110) -> str:
 
 def _paths_named(node: Any, key: str) -> list[str]:
     """Every dotted path of the config ``node`` belongs to whose last part is ``key``."""
-    from omegaconf import DictConfig
+    from caitlab.compat import config_node, config_root, is_plain_mapping
 
-    root = node._get_root()
+    root = config_root(node)
     found: list[str] = []
 
     def walk(cfg: Any, prefix: str) -> None:
@@ -106,12 +106,11 @@ def _paths_named(node: Any, key: str) -> list[str]:
             path = f"{prefix}{k}"
             if k == key:
                 found.append(path)
-            child = cfg._get_node(k)
-            if isinstance(child, DictConfig) and not child._is_missing() \
-                    and not child._is_none() and not child._is_interpolation():
+            child = config_node(cfg, k)
+            if is_plain_mapping(child):
                 walk(child, f"{path}.")
 
-    if isinstance(root, DictConfig):
+    if is_plain_mapping(root):
         walk(root, "")
     return sorted(p for p in found if p != "hydra" and not p.startswith("hydra."))
 

@@ -624,8 +624,9 @@ class ArrayTask:
         if isinstance(ret, JobReturn) and ret.status == JobStatus.FAILED:
             # Hydra keeps a failed task's error in its result, and the job would end with
             # exit status 0: SLURM would count a failed run as done, and start the stages
-            # that wait on it (afterok). Raised, the job fails, and its trace has the line.
-            raise ret._return_value
+            # that wait on it (afterok). Raised, the job fails, and its trace has the line:
+            # reading a failed job's result raises its error (Hydra's run does the same).
+            ret.return_value  # noqa: B018
         return ret
 
     def checkpoint(self, *args: Any) -> Any:
@@ -678,7 +679,7 @@ class SweepAwareSweeper(compat.BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweep does
-        batches = chain_batches(chain, [*self._parse_config(), *arguments],
+        batches = chain_batches(chain, [*compat.sweeper_params(self), *arguments],
                                 self.hydra_context.config_loader, self._plan())
         whole = [job for _, batch in batches for job in batch]
         held = getattr(self.launcher, "cluster", None) == "slurm"
