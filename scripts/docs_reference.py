@@ -185,9 +185,25 @@ def anchor(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-")
 
 
+def _fill_meanings(options: list[Option]) -> None:
+    """A key without a comment of its own (an experiment's ``trainer.max_epochs``) takes the
+    meaning written where the key is declared (``train.yaml``, a group's option)."""
+    known: dict[str, str] = {}
+    for option in options:
+        for key in option.keys:
+            if key.meaning and option.group != "experiment":
+                known.setdefault(key.name, key.meaning)
+    for option in options:
+        for key in option.keys:
+            key.meaning = key.meaning or known.get(key.name, "")
+
+
 def config_page() -> str:
     """``reference/config.md``: the primary config's keys, then every group and option."""
     meanings = group_meanings()
+    primary = read_option(CONF / "train.yaml", "")
+    by_group = {group: [read_option(p, group) for p in files] for group, files in groups().items()}
+    _fill_meanings([primary, *(o for options in by_group.values() for o in options)])
     out = ["# Config groups and options", "",
            "Every config group, option and key `caitlab-train` knows, generated from the",
            "config files when the site is built. A group is switched with one override",
@@ -196,9 +212,8 @@ def config_page() -> str:
            "A default written `${...}` follows another key.", "",
            "## The primary config (`train.yaml`) {#train}", "",
            "Keys every run has, whichever options it chooses.", ""]
-    out += _key_table(read_option(CONF / "train.yaml", "").keys)
-    for group, files in groups().items():
-        options = [read_option(p, group) for p in files]
+    out += _key_table(primary.keys)
+    for group, options in by_group.items():
         out += [f"## {group} {{#{anchor(group)}}}", "", meanings.get(group, ""), "",
                 "Options: " + ", ".join(f"[`{o.name}`](#{anchor(group + '-' + o.name)})"
                                         for o in options), ""]
