@@ -198,3 +198,33 @@ def test_a_local_sweep_runs_one_run_per_core_each_on_its_own(tmp_path):
     logs = "".join(p.read_text() for p in (tmp_path / "slots" / ".submitit").rglob("*.out"))
     assert "waiting for a free slot" in logs
 
+
+
+@pytest.mark.parametrize(("asked", "visible", "machine", "params"), [
+    (1, None, 8, {"gpus_per_node": 8}),  # every GPU, so 8 slots, not 8 runs on GPU 0
+    (2, "", 4, {"gpus_per_node": 4}),
+    (1, "2,3", 8, {"gpus_per_node": 2, "visible_gpus": [2, 3]}),  # the launcher's own GPUs
+    (1, "GPU-a1,GPU-b2", 8, {"gpus_per_node": 2}),
+    (None, None, 8, {}),  # CPU runs ask for none
+    (1, None, 0, {}),
+])
+def test_a_local_sweep_with_slots_shows_each_job_every_gpu_of_the_launcher(asked, visible,
+                                                                            machine, params):
+    assert slots.local_gpu_request(asked, visible, machine) == params
+
+
+@pytest.mark.parametrize(("slots_on", "gpus"), [(True, 4), (False, 1)])
+def test_the_local_launcher_asks_for_every_gpu_only_with_slots(monkeypatch, tmp_path, slots_on,
+                                                               gpus):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.caitlab_launcher.launcher import LocalLauncher
+
+    monkeypatch.setattr(slots, "nvml_gpu_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    launcher = LocalLauncher(submitit_folder=str(tmp_path / "%j"), timeout_min=1,
+                             cpus_per_task=1, gpus_per_node=1, tasks_per_node=1, nodes=1,
+                             mem_gb=None, name="x", stderr_to_stdout=False)
+    launcher.config = OmegaConf.create({"cluster": {"slots": slots_on}})
+    executor, _ = launcher._executor()
+    assert executor._executor.parameters["gpus_per_node"] == gpus

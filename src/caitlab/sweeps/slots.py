@@ -104,6 +104,32 @@ def machine_gpus() -> list[str]:
     return visible or [str(i) for i in range(nvml_gpu_count())]
 
 
+def local_gpu_request(gpus_per_node: int | None, visible: str | None,
+                      machine: int) -> dict[str, Any]:
+    """What a local sweep with slots asks submitit's local executor for, for GPU runs: every
+    GPU the launcher sees, so that each job cuts its own slot from all of them. Asked for
+    ``trainer.devices`` GPUs, the executor would show every job the same first ones, and
+    the sweep would have one slot.
+
+    Parameters:
+        gpus_per_node: what the launcher asks for without slots (None or 0: CPU runs).
+        visible: the launcher's ``CUDA_VISIBLE_DEVICES`` (None or empty: unset).
+        machine: the machine's GPU count (:func:`nvml_gpu_count`).
+
+    Returns:
+        The executor parameters to override: ``gpus_per_node`` and, where the launcher was
+        given GPU indices, ``visible_gpus`` (the executor takes indices only); {} for CPU runs.
+    """
+    if not gpus_per_node:
+        return {}
+    names = [g.strip() for g in (visible or "").split(",") if g.strip()]
+    if not names:
+        return {"gpus_per_node": machine} if machine else {}
+    if all(n.isdigit() for n in names):
+        return {"gpus_per_node": len(names), "visible_gpus": [int(n) for n in names]}
+    return {"gpus_per_node": len(names)}
+
+
 def gpu_devices(trainer: DictConfig | dict, gpus: Sequence[str]) -> int | None:
     """GPUs per run when the trainer trains on GPUs here (None: a CPU run)."""
     accelerator = str(trainer.get("accelerator", "cpu"))

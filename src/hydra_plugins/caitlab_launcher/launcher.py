@@ -42,7 +42,7 @@ from caitlab.runs import (
     read_summary,
     skip_reason,
 )
-from caitlab.sweeps import slurm
+from caitlab.sweeps import slots, slurm
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +463,11 @@ class _SweepAwareMixin:
             # a DDP task that fails ends its job's step at once, instead of leaving the other
             # ranks in a collective until the process group's timeout (caitlab.training.ranks)
             params.setdefault("srun_args", ["--kill-on-bad-exit=1"])
+        if self.cluster == "local" and OmegaConf.select(self.config, "cluster.slots",
+                                                        default=False):
+            params.update(slots.local_gpu_request(params.get("gpus_per_node"),
+                                                  os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                  slots.nvml_gpu_count()))
         init_params = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
             init_params[f"{self.cluster}_max_num_timeout"] = params.pop("max_num_timeout")
