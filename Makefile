@@ -20,8 +20,10 @@ demo: setup
 	.venv/bin/caitlab-train experiment=demo
 	.venv/bin/caitlab-report outputs/demo
 
+# ruff, and the import layers of pyproject.toml's [tool.importlinter] contracts
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports --no-cache
 
 # The documentation site (docs/ and mkdocs.yml) into site/: open site/index.html. --strict:
 # a broken link, a missing page or a generated reference that fails to build stops it.

@@ -159,7 +159,8 @@ def test_a_submitit_sweep_exits_non_zero_for_a_failed_or_skipped_failed_run(tmp_
 
 
 def test_every_offline_run_of_a_sweep_says_how_to_upload_it(monkeypatch, tmp_path):
-    from caitlab.training.tracking import build_loggers, wandb_mode
+    from caitlab.secrets import wandb_mode
+    from caitlab.training.tracking import build_loggers
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")  # restored afterwards, as WANDB_MODE is

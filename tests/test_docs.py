@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from caitlab.compat import parser_arguments, parser_subcommands
-from caitlab.runs import register_resolvers
+from caitlab.resolvers import register_resolvers
 from caitlab.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

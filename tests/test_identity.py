@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from caitlab import identity
 from caitlab.errors import UserError
-from caitlab.runs import register_resolvers, signature, variant_signature
+from caitlab.resolvers import register_resolvers
+from caitlab.runs import signature, variant_signature
 from caitlab.stages import Chain
 from caitlab.train import CONF_DIR
 from conftest import FAULTS_OUTSIDE_SIGNATURE, caitlab_train, clean_env

@@ -12,7 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from caitlab.runs import register_resolvers, signature
+from caitlab.resolvers import register_resolvers
+from caitlab.runs import signature
 from caitlab.train import CONF_DIR
 
 # Hydra's plugin scan re-executes the plugin module, redefining its classes: always look them

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from caitlab.runs import register_resolvers
+from caitlab.resolvers import register_resolvers
 from caitlab.train import CONF_DIR, train
 
 register_resolvers()

@@ -256,7 +256,7 @@ def test_the_384_finetune_lr_warms_up_then_stays_flat_as_deits_command():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from caitlab.runs import register_resolvers
+    from caitlab.resolvers import register_resolvers
     from caitlab.train import CONF_DIR
 
     register_resolvers()

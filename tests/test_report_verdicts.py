@@ -97,7 +97,7 @@ def test_a_partial_relaunch_does_not_make_a_mixed_baseline(tmp_path):
 def test_the_callback_records_the_first_launchs_order_and_only_extends_it(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from caitlab.runs import register_resolvers
+    from caitlab.resolvers import register_resolvers
     from caitlab.sweeps.order import RecordOrder
     from caitlab.train import CONF_DIR
 

@@ -74,7 +74,7 @@ def test_secrets_typed_on_the_command_line_become_references(tmp_path, monkeypat
 
     from omegaconf import OmegaConf
 
-    from caitlab.runs import register_resolvers
+    from caitlab.resolvers import register_resolvers
 
     register_resolvers()
     assert OmegaConf.create({"b": argv[1][3:]}).b == f"x{NETRC_PASSWORD}y"

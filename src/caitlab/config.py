@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -365,3 +367,12 @@ def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bo
             f"trainer.devices={devices} in a local sweep: Lightning would re-launch the whole "
             "sweep once per device; submit it with hydra/launcher=slurm (one task per device) "
             "or run one config at a time without -m")
+
+
+def project_on_path() -> None:
+    """Makes a project's own classes (``model._target_=mynet.MyNet``) in the folder a console
+    script runs in importable, as ``python -m`` would; appended, so that a folder there never
+    shadows an installed package."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)

@@ -8,13 +8,19 @@ with the closest existing name where a name was mistyped.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from caitlab.config import CONF_DIR
-from caitlab.runs import DISK_FULL_ERRNOS
+
+# errno values that mean the storage refused a write: the disk or quota is full, the folder is
+# read-only or not ours. None of them is a bug in the run, and none is fixed by retrying at once.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STORAGE_ERRNOS = (*DISK_FULL_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                  errno.EFBIG)
 
 
 class UserError(Exception):

@@ -8,7 +8,6 @@ config again lands in the same folder, so a sweep resumes or skips instead of du
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import tempfile
@@ -17,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from caitlab.errors import STORAGE_ERRNOS
 
 # States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
 # crashed config usually gives the same result.
@@ -65,44 +66,6 @@ def variant_signature(cfg: DictConfig) -> str:
 
     delta = identity.run_delta(cfg)
     return identity.legacy_variant(cfg) if delta is None else identity.variant_of(delta)
-
-
-def _signature_resolver(parent: str | None = None, *, _root_: DictConfig) -> str:
-    # Hydra resolves hydra.run.dir / hydra.sweep.subdir with the job's whole config as root;
-    # ``parent`` (the folder the run lands in) finds a folder named by the previous rule.
-    from caitlab import identity
-
-    return identity.folder(parent, signature(_root_), _root_)
-
-
-def _gpus_if_gpu(accelerator: str, devices: Any) -> Any:
-    return devices if str(accelerator) in ("gpu", "cuda") else None
-
-
-def register_resolvers() -> None:
-    from caitlab.secrets import register_netrc_resolver
-
-    register_netrc_resolver()  # secrets typed on the command line become ${netrc:...}
-    if not OmegaConf.has_resolver("signature"):
-        OmegaConf.register_new_resolver("signature", _signature_resolver, use_cache=False)
-    if not OmegaConf.has_resolver("stage"):
-        from caitlab.stages import resolver
-
-        OmegaConf.register_new_resolver("stage", resolver)
-    from caitlab.config import eval_crop_pct, paper_epochs
-
-    for name, fn in (("eval_crop_pct", eval_crop_pct), ("paper_epochs", paper_epochs)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-    if not OmegaConf.has_resolver("gpus_if_gpu"):
-        OmegaConf.register_new_resolver("gpus_if_gpu", _gpus_if_gpu)
-
-
-# errno values that mean the storage refused a write: the disk or quota is full, the folder is
-# read-only or not ours. None of them is a bug in the run, and none is fixed by retrying at once.
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-STORAGE_ERRNOS = (*DISK_FULL_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                  errno.EFBIG)
 
 
 def storage_error(err: BaseException | None) -> OSError | None:

@@ -94,3 +94,24 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, secrets) for v in obj)
     return obj
+
+
+# where wandb keeps its API key in ~/.netrc
+WANDB_HOST = "api.wandb.ai"
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` wins when set; otherwise online with an API key, offline without."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode == "dryrun":  # wandb's old name for offline, which Lightning's logger sets
+        return "offline"
+    return mode or ("online" if wandb_api_key_configured() else "offline")

@@ -16,14 +16,13 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from caitlab.config import CONF_DIR
-from caitlab.errors import UserError, one_line, storage_message
+from caitlab.config import CONF_DIR, project_on_path
+from caitlab.errors import DISK_FULL_ERRNOS, UserError, one_line, storage_message
+from caitlab.resolvers import register_resolvers
 from caitlab.runs import (
-    DISK_FULL_ERRNOS,
     RunBlocked,
     RunFailed,
     read_summary,
-    register_resolvers,
     storage_error,
 )
 from caitlab.secrets import hide_in_argv, redact
@@ -36,7 +35,7 @@ from caitlab.training.lifecycle import (
 )
 from caitlab.training.task import train
 
-__all__ = ["CONF_DIR", "main", "run", "train"]
+__all__ = ["CONF_DIR", "main", "project_on_path", "run", "train"]
 
 register_resolvers()
 # train.yaml's searchpath names ./conf, which most folders do not have: not worth a warning.
@@ -44,15 +43,6 @@ warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, pa
 
 # the lines of this process's sweep jobs that failed or were skipped as failed
 _failed_runs: list[str] = []
-
-
-def project_on_path() -> None:
-    """Makes a project's own classes (``model._target_=mynet.MyNet``) in the folder a console
-    script runs in importable, as ``python -m`` would; appended, so that a folder there never
-    shadows an installed package."""
-    here = os.getcwd()
-    if here not in sys.path and "" not in sys.path:
-        sys.path.append(here)
 
 
 def failure_line(err: BaseException, cfg: DictConfig) -> tuple[str, int]:

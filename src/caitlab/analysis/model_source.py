@@ -32,7 +32,7 @@ def _import_object(path: str) -> Any:
     the folder caitlab-bench runs in included)."""
     import importlib
 
-    from caitlab.train import project_on_path
+    from caitlab.config import project_on_path
 
     project_on_path()
     module_name, _, attr = path.rpartition(".")

@@ -176,7 +176,7 @@ def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None
     group; returns its id."""
     import wandb
 
-    from caitlab.training.tracking import wandb_mode
+    from caitlab.secrets import wandb_mode
 
     run = wandb.init(project=project, entity=entity, group=group, job_type="report",
                      name=f"report {group}", mode=wandb_mode(),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import netrc
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caitlab import compat
 from caitlab.runs import write_text_atomic
-from caitlab.secrets import redact
-
-WANDB_HOST = "api.wandb.ai"
+from caitlab.secrets import redact, wandb_mode
 
 
 class _AppendingWriter:
@@ -129,23 +126,6 @@ class ResumableCSVLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.save()
-
-
-def wandb_api_key_configured() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators(WANDB_HOST) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_mode() -> str:
-    """``WANDB_MODE`` wins when set; otherwise online with an API key, offline without."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode == "dryrun":  # wandb's old name for offline, which Lightning's logger sets
-        return "offline"
-    return mode or ("online" if wandb_api_key_configured() else "offline")
 
 
 def _is_wandb(target: str) -> bool:
