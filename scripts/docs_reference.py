@@ -31,7 +31,7 @@ PARSERS = {
     "caitlab-report": "caitlab.analysis.report",
     "caitlab-sweep": "caitlab.sweeps.cli",
     "caitlab-bench": "caitlab.analysis.bench",
-    "caitlab-attention": "caitlab.analysis.attention_maps",
+    "caitlab-attention": "caitlab.analysis.attention_cli",
 }
 SCRIPTS = ("caitlab-train", *PARSERS)
 # Hydra's own settings are no user's axis; its launcher group is

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from caitlab.analysis.attention_cli import main
 from caitlab.analysis.attention_maps import (
     AttentionError,
     attention_maps,
     class_row_attention,
-    main,
     trace_attention,
     upsample_maps,
 )

@@ -1,4 +1,4 @@
-"""``caitlab-attention``: where the class token looks, per layer and per head.
+"""Where the class token looks, per layer and per head (``caitlab-attention`` draws it).
 
 For a CaiT-style model (``class_token=class_attention``) the maps are the class-attention
 weights of every head of every class-attention (CA) layer, as visualised in "Going deeper with
@@ -17,8 +17,6 @@ per head and may be negative; everywhere else the weights over all tokens sum to
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,6 @@ from caitlab.models.layers import Attention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PROG = "caitlab-attention"
 
 
 class AttentionError(ValueError):
@@ -269,8 +266,8 @@ def load_image_files(
     chans = model.patch_embed.proj.in_channels
     if chans not in (1, 3):
         raise AttentionError(f"image files need a 1- or 3-channel model, this one has {chans}")
-    mean_t = _per_channel(mean, chans, "--mean")
-    std_t = _per_channel(std, chans, "--std")
+    mean_t = per_channel(mean, chans, "--mean")
+    std_t = per_channel(std, chans, "--std")
     if (std_t <= 0).any():
         raise AttentionError("--std must be positive")
     h, w = _img_size(model)
@@ -295,7 +292,7 @@ def load_image_files(
     return torch.stack(out), names
 
 
-def _per_channel(values: Sequence[float], chans: int, flag: str) -> torch.Tensor:
+def per_channel(values: Sequence[float], chans: int, flag: str) -> torch.Tensor:
     if len(values) not in (1, chans):
         raise AttentionError(f"{flag} takes 1 or {chans} values, got {len(values)}")
     t = torch.tensor([float(v) for v in values])
@@ -357,104 +354,3 @@ def plot_attention(image: torch.Tensor, layers: Sequence[LayerAttention], index:
     finally:
         plt.close(fig)
     return path
-
-
-# --- command line --------------------------------------------------------------------------
-
-
-DESCRIPTION = """\
-Draw where a trained model's class token looks, per layer and per head. Reads a
-caitlab checkpoint (or a run folder's) and image files or digits test images.
-Writes one PNG per image into --out and prints its path: the input, then one
-row per layer (the class-attention layers, or the last --last-layers
-self-attention ones) and one column per head, each map overlaid on the image."""
-EPILOG = """\
-Examples:
-caitlab-attention outputs/demo/8aac04fac3 --digits 0 5 17
-caitlab-attention run/checkpoints/last.ckpt --images cat.jpg --out maps/ --last-layers 4
-Docs: "Console scripts" in the docs site (make docs; site/reference/cli.html)"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line (the docs' CLI reference is written from it too)."""
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add, src = parser.add_argument, parser.add_mutually_exclusive_group(required=True)
-    add("checkpoint", metavar="CHECKPOINT", help="a caitlab checkpoint (.ckpt), or a run "
-        "folder: its checkpoints/best.ckpt, else last.ckpt")
-    src.add_argument("--images", nargs="+", metavar="FILE", help="image files (PNG, JPEG...)")
-    src.add_argument("--digits", nargs="+", type=int, metavar="INDEX",
-                     help="images of the digits test split, by index (from 0)")
-    add("--out", type=Path, metavar="DIR",
-        help="folder to write the PNGs into (default: the checkpoint's run folder/attention)")
-    add("--last-layers", type=int, default=2, metavar="N", help="for a model whose class "
-        "token is in self-attention (ViT, DeiT): its last N layers (default: %(default)s)")
-    add("--mean", type=float, nargs="+", help="per-channel mean that normalises --images "
-        "(default: ImageNet's for 3 channels, the digits' for 1)")
-    add("--std", type=float, nargs="+", help="per-channel standard deviation that "
-        "normalises --images (default: as for --mean)")
-    add("--upsample", choices=("bilinear", "nearest"), default="bilinear",
-        help="how maps are resized to the image (default: %(default)s)")
-    add("--alpha", type=float, default=0.5,
-        help="opacity of the maps over the image, 0 to 1 (default: %(default)s)")
-    add("--cmap", default="jet", help="matplotlib colour map (default: %(default)s)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except AttentionError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    model, ckpt = load_model(args.checkpoint)
-    if model.cls_token is None:
-        raise AttentionError("no class token to visualise (class_token=none: the model "
-                             "average-pools its patch tokens)")
-    labels: list[int] | None = None
-    data = run_data_config(ckpt)
-    if args.digits is not None:
-        if data is not None and data_option(data) != "digits":
-            raise AttentionError(
-                f"--digits: {run_folder(ckpt)} was trained on data={data_option(data)}, not "
-                "digits; give its images with --images")
-        x, names, labels, mean, std = load_digits(model, args.digits, data)
-    else:
-        if args.mean is None or args.std is None:
-            mean, std = default_mean_std(model)
-        mean = tuple(args.mean) if args.mean is not None else mean
-        std = tuple(args.std) if args.std is not None else std
-        x, names = load_image_files(model, args.images, mean, std)
-
-    # never empty: every class-attention stage has a layer, and --last-layers >= 1 reaches
-    # the last SA layer, which always holds an input/insert class token
-    trace = trace_attention(model, x, args.last_layers)
-    chans = x.shape[1]
-    mean_t, std_t = _per_channel(mean, chans, "--mean"), _per_channel(std, chans, "--std")
-    shown = x * std_t[:, None, None] + mean_t[:, None, None]
-    # without a head (num_classes=0) the logits are features: nothing to predict
-    probs = trace.logits.softmax(dim=-1) if model.num_classes > 0 else None
-    out = args.out if args.out is not None else run_folder(ckpt) / "attention"
-    classes = class_names(data, trace.logits.shape[-1])
-
-    def label(k: int) -> str:
-        return classes[k] if classes is not None else str(k)
-
-    for i, name in enumerate(names):
-        title = name if labels is None else f"{name} (label {label(labels[i])})"
-        if probs is not None:
-            p, k = probs[i].max(dim=-1)
-            title += f": predicted {label(int(k))} ({float(p):.2f})"
-        path = plot_attention(shown[i], trace.layers, i,
-                              out / f"attention_{name}.png", title, args.upsample,
-                              args.alpha, args.cmap)
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
