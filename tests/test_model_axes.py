@@ -88,7 +88,7 @@ def test_static_key_parameter_counts_of_the_tiny_models():
 @pytest.mark.parametrize("talking_heads", [False, True])
 def test_static_key_attention_is_softmax_of_queries_against_learned_keys(talking_heads):
     torch.manual_seed(0)
-    attn = Attention(32, 4, talking_heads=talking_heads, static_keys=5).eval()
+    attn = Attention(dim=32, num_heads=4, talking_heads=talking_heads, static_keys=5).eval()
     with torch.no_grad():
         attn.static_key.normal_()  # keys that matter
     x = torch.randn(2, 5, 32)
@@ -112,8 +112,8 @@ def test_static_keys_make_attention_depend_on_token_positions():
     # positions, so reordering the tokens changes what each token gets.
     torch.manual_seed(0)
     x, perm = torch.randn(2, 6, 32), torch.tensor([3, 0, 5, 1, 4, 2])
-    standard = Attention(32, 4).eval()
-    static = Attention(32, 4, static_keys=6).eval()
+    standard = Attention(dim=32, num_heads=4).eval()
+    static = Attention(dim=32, num_heads=4, static_keys=6).eval()
     with torch.no_grad():
         static.static_key.normal_()
     torch.testing.assert_close(standard(x[:, perm]), standard(x)[:, perm])

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Paper Table 3 (CaiT) and DeiT Table 1, millions of parameters at 224 px and 1000 classes:
 # one table, shared with caitlab-bench --compare-paper.
 from caitlab.analysis.paper import PAPER_PARAMS_M
+from caitlab.config import CONF_DIR
 from caitlab.models import (
     ImageTransformer,
     ModelConfigError,
+    ModelSpec,
     UnknownModelError,
     count_macs,
     count_params,
@@ -23,7 +30,13 @@ from caitlab.models import (
     list_models,
 )
 from caitlab.models.checkpoint import remap_state_dict
-from caitlab.models.layers import Attention, ResidualScale
+from caitlab.models.layers import (
+    Attention,
+    Block,
+    ClassAttention,
+    ClassAttentionBlock,
+    ResidualScale,
+)
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
             num_heads=4, mlp_ratio=2.0)
@@ -181,7 +194,7 @@ def test_talking_heads_maps_stay_in_autocast_dtype():
     # The head mixes are small matmuls over full n x n maps: a bias added in fp32 would
     # promote the maps, and the softmax over them, out of bf16 (time and memory on GPU).
     torch.manual_seed(0)
-    attn = Attention(32, 4, talking_heads=True).eval()
+    attn = Attention(dim=32, num_heads=4, talking_heads=True).eval()
     recorder = MapDtypes(batch=2, heads=4, n=16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), recorder:
         out = attn(torch.randn(2, 16, 32))
@@ -283,15 +296,90 @@ def test_create_model_applies_overrides():
     ],
 )
 def test_impossible_models_raise_one_clear_error(kwargs, message):
-    with pytest.raises(ModelConfigError) as err:
-        ImageTransformer(**{**TINY, **kwargs})
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
+    for make in (ImageTransformer, ModelSpec):  # the model refuses what its spec refuses
+        with pytest.raises(ModelConfigError) as err:
+            make(**{**TINY, **kwargs})
+        assert message in str(err.value)
+        assert "\n" not in str(err.value)
 
 
 def test_unknown_model_name_suggests_close_ones():
     with pytest.raises(UnknownModelError, match="unknown model name 'cait_xxs42_224'.*cait_"):
         create_model("cait_xxs42_224")
+
+
+# --- the spec, the layers' arguments, the presets --------------------------------------------
+
+
+def test_the_spec_takes_exactly_the_constructors_arguments():
+    # callers and Hydra configs pass the constructor's arguments; the model is built from the
+    # spec's: one list, in the same order, with the same types and defaults
+    def arguments(signature: inspect.Signature) -> list[tuple]:
+        return [(p.name, p.kind, p.default, p.annotation) for p in signature.parameters.values()]
+
+    assert arguments(inspect.signature(ImageTransformer)) == arguments(
+        inspect.signature(ModelSpec))
+
+
+def test_a_spec_resolves_every_spelling_of_a_model_to_one():
+    cait = dict(TINY, class_token="class_attention", residual="layerscale")
+    given = ModelSpec(**cait, reorg_layers=[2, 1])
+    same = ModelSpec(**{**cait, "img_size": (8, 8), "patch_size": [2, 2]}, layerscale_init=0.1,
+                     insert_layer=2, keep_rate=1)
+    assert given != same and given.resolved() == same.resolved()
+    resolved = given.resolved()
+    assert resolved.resolved() == resolved
+    assert (resolved.img_size, resolved.patch_size) == ((8, 8), (2, 2))
+    assert (resolved.layerscale_init, resolved.insert_layer, resolved.ca_depth) == (0.1, 0, 2)
+    assert (resolved.keep_rate, resolved.reorg_layers) == (1.0, ())
+    # "auto" stays a choice until resolved: the same spec deeper takes the deeper eps
+    assert given.layerscale_init == "auto"
+    assert dataclasses.replace(given, depth=24).resolved().layerscale_init == 1e-5
+    assert given.reorg_layers == (2, 1) and hash(given) == hash(ModelSpec(**cait,
+                                                                          reorg_layers=(2, 1)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        given.depth = 4  # type: ignore[misc]
+    model = ImageTransformer(**cait, reorg_layers=[2, 1])
+    assert model.spec == given and model.config == given.as_config()
+    assert ImageTransformer(**dataclasses.asdict(model.spec)).config == model.config
+
+
+@pytest.mark.parametrize("layer", [Attention, ClassAttention, Block, ClassAttentionBlock])
+def test_layers_take_keyword_arguments_only(layer):
+    # proj_drop, attn_drop and drop_path are all rates: a positional call could swap them
+    # without an error
+    assert all(p.kind is p.KEYWORD_ONLY for p in inspect.signature(layer).parameters.values())
+    with pytest.raises(TypeError):
+        layer(32, 4)
+
+
+MODEL_PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+# What a preset may hold that its variant does not: the data's image channels and classes,
+# and the training settings it sets on purpose: the stochastic depth each model was trained
+# with in the paper, where the variant (as timm's) builds the model without any.
+DATA_BOUND = {"in_chans": "${data.in_chans}", "num_classes": "${data.num_classes}"}
+TRAINING_SETTINGS = {"drop_path_rate"}
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_a_preset_repeats_its_variants_values_and_adds_only_training_settings(preset):
+    # A preset's keys override its variant's arguments: Hydra can only override a key the
+    # config holds, so the preset repeats them; any it repeats must be the variant's own.
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", [f"model={preset}"])
+    keys = OmegaConf.to_container(cfg.model, resolve=False)
+    assert keys.pop("_target_") == "caitlab.models.create_model"
+    name = keys.pop("name")
+    assert name in list_models()
+    for key, value in DATA_BOUND.items():
+        assert keys.pop(key) == value, key
+    training = {key: keys.pop(key) for key in TRAINING_SETTINGS & set(keys)}
+    with torch.device("meta"):
+        variant = create_model(name).spec
+    assert set(keys) <= {f.name for f in dataclasses.fields(ModelSpec)}
+    assert {k: (type(v), v) for k, v in keys.items()} == {
+        k: (type(getattr(variant, k)), getattr(variant, k)) for k in keys}
+    dataclasses.replace(variant, **training)  # a model the variant can be
 
 
 # --- forward_intermediates: timm's contract, checked against timm's own -------------------

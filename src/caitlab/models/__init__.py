@@ -1,8 +1,9 @@
 """The CaiT/ViT model family: ``create_model(name, **overrides)`` and its helpers.
 
-``layers`` holds the building blocks, ``cait`` the ``ImageTransformer`` family and its
-argument checks, ``variants`` the named variants, ``axes`` the ablation axes, ``checkpoint``
-the loading of timm, official and caitlab checkpoints, ``cost`` parameters and MACs.
+``spec`` holds the model's arguments and their checks (``ModelSpec``), ``layers`` the
+building blocks, ``cait`` the ``ImageTransformer`` family, ``variants`` the named variants,
+``axes`` the ablation axes, ``checkpoint`` the loading of timm, official and caitlab
+checkpoints, ``cost`` parameters and MACs.
 
 The names below are imported on first use (PEP 562): ``caitlab.models.axes``, which the
 report and ``caitlab-sweep`` read, must not load torch.
@@ -15,9 +16,9 @@ from typing import Any
 
 _HOMES = {
     "UnknownModelError": "_registry", "create_model": "_registry", "list_models": "_registry",
-    "ATTENTIONS": "cait", "CLASS_TOKEN_PLACEMENTS": "cait", "DROP_PATH_SCHEDULES": "cait",
-    "RESIDUAL_SCALINGS": "cait", "ImageTransformer": "cait", "ModelConfigError": "cait",
-    "layerscale_eps_for_depth": "cait",
+    "ATTENTIONS": "spec", "CLASS_TOKEN_PLACEMENTS": "spec", "DROP_PATH_SCHEDULES": "spec",
+    "RESIDUAL_SCALINGS": "spec", "ModelConfigError": "spec", "ModelSpec": "spec",
+    "layerscale_eps_for_depth": "spec", "ImageTransformer": "cait",
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
     "count_macs": "cost", "count_params": "cost",
 }

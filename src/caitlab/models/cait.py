@@ -5,15 +5,14 @@ The knobs are the ablation axes of "Going deeper with image transformers" (Touvr
 talking-heads attention, depth and width; and two neighbouring ideas, static-key attention
 (Hu, Zhou, Rostami, 2024) and EViT token reorganisation (Liang et al., 2022). Parameter
 names follow timm's ``Cait`` and ``VisionTransformer`` wherever the two agree, so
-checkpoints map with a few renames (see ``checkpoint.py``). The layers are in ``layers.py``,
-the named variants in ``variants.py``.
+checkpoints map with a few renames (see ``checkpoint.py``). The arguments and their checks
+are in ``spec.py``, the layers in ``layers.py``, the named variants in ``variants.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
@@ -26,14 +25,13 @@ from caitlab.models.layers import (
     follow_tokens,
     reorganised_length,
 )
-
-CLASS_TOKEN_PLACEMENTS = ("input", "insert", "class_attention", "none")
-RESIDUAL_SCALINGS = ("none", "rezero", "rezero_norm", "layerscale")
-DROP_PATH_SCHEDULES = ("uniform", "linear")
-ATTENTIONS = ("standard", "static_key")
-
-ClassToken = Literal["input", "insert", "class_attention", "none"]
-Residual = Literal["none", "rezero", "rezero_norm", "layerscale"]
+from caitlab.models.spec import (
+    AttentionKind,
+    ClassToken,
+    DropPathSchedule,
+    ModelSpec,
+    Residual,
+)
 
 
 @dataclass
@@ -50,190 +48,22 @@ class ClassTokenAttention:
     positions: torch.Tensor
 
 
-class ModelConfigError(ValueError):
-    """An impossible combination of model arguments; the message names the argument."""
-
-
-def layerscale_eps_for_depth(depth: int) -> float:
-    """The paper's rule (Sec. 3): 0.1 up to depth 18, 1e-5 at depth 24, 1e-6 deeper."""
-    if depth <= 18:
-        return 0.1
-    if depth <= 24:
-        return 1e-5
-    return 1e-6
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ModelConfigError(message)
-
-
-def _reorg_layers(value: tuple[int, ...] | list[int] | str, depth: int) -> tuple[int, ...]:
-    """``reorg_layers`` as sorted zero-based indices; ``"auto"`` scales the paper's layers."""
-    if value == "auto":
-        # EViT reorganises at layers 4, 7, 10 of 12 (zero-based 3, 6, 9): 1/4, 1/2, 3/4 deep
-        return tuple(sorted({depth * k // 12 for k in (3, 6, 9)}))
-    ok = not isinstance(value, str)
-    try:
-        layers = tuple(value) if ok else ()
-    except TypeError:
-        ok = False
-    _check(ok and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
-           f"reorg_layers={value!r} must be 'auto' or a list of layer indices")
-    bad = [i for i in layers if not 0 <= i < depth]
-    _check(not bad, f"reorg_layers={list(layers)}: layer {bad[0] if bad else ''} is not in "
-                    f"[0, depth={depth})")
-    _check(len(set(layers)) == len(layers), f"reorg_layers={list(layers)} repeats a layer")
-    return tuple(sorted(layers))
-
-
-def _check_reorg(class_token: str, insert_layer: int, attention: str, keep_rate: float,
-                 layers: tuple[int, ...]) -> None:
-    """Token reorganisation is ranked by the class token's attention in the same SA layer."""
-    what = f"keep_rate={keep_rate} (EViT token reorganisation at layers {list(layers)})"
-    _check(class_token != "class_attention",
-           f"{what} is not possible with class_token=class_attention: the class token only "
-           "exists in the class-attention stage, so it cannot rank patch tokens in "
-           "self-attention")
-    _check(class_token != "none",
-           f"{what} is not possible with class_token=none: there is no class token to rank "
-           "patch tokens")
-    early = [i for i in layers if class_token == "insert" and i < insert_layer]
-    _check(not early, f"reorg_layers={list(layers)}: layer {early[0] if early else ''} comes "
-                      f"before the class token joins (insert_layer={insert_layer}), so no "
-                      "class token can rank the tokens there")
-    _check(attention != "static_key",
-           f"attention=static_key cannot be combined with {what}: a static key belongs to a "
-           "token position, and positions lose their meaning once tokens are reordered "
-           "and fused")
-
-
-def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    _check(
-        len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair),
-        f"{name}={value!r} must be a positive integer or a pair of them",
-    )
-    return pair  # type: ignore[return-value]
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name}={value!r} must be one of {', '.join(choices)}")
-
-
-def _check_geometry(a: dict) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Image, patch, width and depth arguments; returns (img_size, patch_size) as pairs."""
-    img = _as_pair(a["img_size"], "img_size")
-    patch = _as_pair(a["patch_size"], "patch_size")
-    _check(
-        img[0] % patch[0] == 0 and img[1] % patch[1] == 0,
-        f"img_size={a['img_size']} is not divisible by patch_size={a['patch_size']}",
-    )
-    for name in ("in_chans", "embed_dim", "depth", "num_heads"):
-        _check(isinstance(a[name], int) and a[name] > 0,
-               f"{name}={a[name]!r} must be a positive integer")
-    _check(isinstance(a["num_classes"], int) and a["num_classes"] >= 0,
-           f"num_classes={a['num_classes']!r} must be a non-negative integer")
-    _check(a["embed_dim"] % a["num_heads"] == 0,
-           f"embed_dim={a['embed_dim']} is not divisible by num_heads={a['num_heads']}")
-    _check(a["mlp_ratio"] > 0, f"mlp_ratio={a['mlp_ratio']!r} must be positive")
-    return img, patch
-
-
-def _check_placement(a: dict) -> None:
-    """The class token, residual and drop-path choices, and the stage sizes they need."""
-    _check_choice("class_token", a["class_token"], CLASS_TOKEN_PLACEMENTS)
-    _check_choice("residual", a["residual"], RESIDUAL_SCALINGS)
-    _check_choice("drop_path_schedule", a["drop_path_schedule"], DROP_PATH_SCHEDULES)
-    if a["class_token"] == "insert":
-        _check(isinstance(a["insert_layer"], int) and 0 <= a["insert_layer"] < a["depth"],
-               f"insert_layer={a['insert_layer']!r} must be in [0, depth={a['depth']})")
-    if a["class_token"] == "class_attention":
-        _check(isinstance(a["ca_depth"], int) and a["ca_depth"] > 0,
-               f"ca_depth={a['ca_depth']!r} must be a positive integer")
-    for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate",
-                 "drop_path_rate"):
-        _check(0.0 <= a[name] < 1.0, f"{name}={a[name]!r} must be in [0, 1)")
-
-
-def _layerscale_eps(layerscale_init: float | str, depth: int) -> float:
-    if layerscale_init == "auto":
-        return layerscale_eps_for_depth(depth)
-    try:
-        eps = float(layerscale_init)
-    except (TypeError, ValueError):
-        eps = -1.0
-    _check(eps > 0, f"layerscale_init={layerscale_init!r} must be 'auto' or > 0")
-    return eps
-
-
-def _token_reorganisation(a: dict) -> tuple[float, tuple[int, ...]]:
-    """(keep_rate, reorg_layers) checked; (1.0, ()) when off, one config for every way of
-    saying so."""
-    layers = _reorg_layers(a["reorg_layers"], a["depth"])
-    keep_rate = a["keep_rate"]
-    _check(isinstance(keep_rate, (int, float)) and not isinstance(keep_rate, bool)
-           and 0.0 < keep_rate <= 1.0, f"keep_rate={keep_rate!r} must be in (0, 1]")
-    if keep_rate < 1.0 and layers:
-        _check_reorg(a["class_token"], a["insert_layer"], a["attention"], keep_rate, layers)
-        return float(keep_rate), layers
-    return 1.0, ()
-
-
-def _check_distillation(a: dict, keep_rate: float) -> None:
-    if not a["distillation_token"]:
-        return
-    _check(a["class_token"] != "none",
-           "distillation_token=true needs a class token: with class_token=none there is no "
-           "token for it to sit beside")
-    _check(keep_rate == 1.0,
-           f"distillation_token=true cannot be combined with keep_rate={keep_rate} (EViT token "
-           "reorganisation): EViT ranks and fuses the tokens after a single class token")
-
-
-def _checked_config(a: dict) -> dict:
-    """The constructor's arguments ``a`` checked (``ModelConfigError`` names the first bad
-    one) and resolved: everything needed to rebuild the model, which is also what it is
-    built from. The report reads its ablation axes here."""
-    img, patch = _check_geometry(a)
-    _check_placement(a)
-    eps = _layerscale_eps(a["layerscale_init"], a["depth"])
-    _check_choice("attention", a["attention"], ATTENTIONS)
-    keep_rate, layers = _token_reorganisation(a)
-    _check_distillation(a, keep_rate)
-    class_token = a["class_token"]
-    return dict(
-        img_size=list(img), patch_size=list(patch), in_chans=a["in_chans"],
-        num_classes=a["num_classes"], embed_dim=a["embed_dim"], depth=a["depth"],
-        num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=a["qkv_bias"],
-        class_token=class_token,
-        insert_layer=a["insert_layer"] if class_token == "insert" else 0,
-        ca_depth=a["ca_depth"] if class_token == "class_attention" else 0,
-        residual=a["residual"], layerscale_init=eps, talking_heads=a["talking_heads"],
-        attention=a["attention"], keep_rate=keep_rate, reorg_layers=list(layers),
-        drop_rate=a["drop_rate"], pos_drop_rate=a["pos_drop_rate"],
-        attn_drop_rate=a["attn_drop_rate"], proj_drop_rate=a["proj_drop_rate"],
-        drop_path_rate=a["drop_path_rate"], drop_path_schedule=a["drop_path_schedule"],
-        norm_eps=a["norm_eps"], distillation_token=bool(a["distillation_token"]),
-    )
-
-
-def _layer_tokens(num_patches: int, cfg: dict) -> list[int]:
-    """Tokens each SA layer attends over: the class token joins at ``insert_layer`` (0 for
-    input), and a reorganising layer hands fewer tokens to the next one."""
+def _layer_tokens(num_patches: int, spec: ModelSpec) -> list[int]:
+    """Tokens each SA layer attends over (``spec`` resolved): the class token joins at
+    ``insert_layer`` (0 for input), and a reorganising layer hands fewer tokens to the next."""
     tokens, n = [], num_patches
-    prefix = 2 if cfg["distillation_token"] else 1
-    for i in range(cfg["depth"]):
-        joins = cfg["class_token"] in ("input", "insert") and i == cfg["insert_layer"]
+    prefix = 2 if spec.distillation_token else 1
+    for i in range(spec.depth):
+        joins = spec.class_token in ("input", "insert") and i == spec.insert_layer
         n += prefix if joins else 0
         tokens.append(n)
-        n = reorganised_length(n, cfg["keep_rate"]) if i in cfg["reorg_layers"] else n
+        n = reorganised_length(n, spec.keep_rate) if i in spec.reorg_layers else n
     return tokens
 
 
-def _drop_path_rates(cfg: dict) -> list[float]:
-    rate, depth = cfg["drop_path_rate"], cfg["depth"]
-    if cfg["drop_path_schedule"] == "linear":
+def _drop_path_rates(spec: ModelSpec) -> list[float]:
+    rate, depth = spec.drop_path_rate, spec.depth
+    if spec.drop_path_schedule == "linear":
         return [rate * i / max(depth - 1, 1) for i in range(depth)]
     return [rate] * depth
 
@@ -270,12 +100,18 @@ class ImageTransformer(nn.Module):
             ``insert``) or goes through the class-attention stage with it
             (``class_attention``, each a query over ``[cls, dist, patches]``). In training
             with ``distilled_training`` the model returns both heads' logits, else their mean.
+
+    Attributes:
+        spec: the arguments as given, checked (``ModelSpec``); an impossible combination is
+            refused with ``ModelConfigError`` before a module is made.
+        config: the spec resolved (``ModelSpec.as_config``): what a caitlab checkpoint
+            rebuilds the model from and a run's summary records.
     """
 
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
+        patch_size: int | tuple[int, int] = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
         embed_dim: int = 384,
@@ -294,37 +130,49 @@ class ImageTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        drop_path_schedule: str = "uniform",
+        drop_path_schedule: DropPathSchedule = "uniform",
         norm_eps: float = 1e-6,
-        attention: str = "standard",
+        attention: AttentionKind = "standard",
         keep_rate: float = 1.0,
         reorg_layers: tuple[int, ...] | list[int] | str = "auto",
         distillation_token: bool = False,
     ) -> None:
         super().__init__()
-        # every parameter by its name (super() puts __class__ among the locals)
-        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.config = cfg = _checked_config(arguments)
-        self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        self.class_token = class_token
-        self.insert_layer = cfg["insert_layer"]
+        # the arguments as given, checked (ModelConfigError names the first bad one)
+        self.spec = ModelSpec(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+            num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
+            insert_layer=insert_layer, ca_depth=ca_depth, residual=residual,
+            layerscale_init=layerscale_init, talking_heads=talking_heads, drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate, attn_drop_rate=attn_drop_rate,
+            proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
+            drop_path_schedule=drop_path_schedule, norm_eps=norm_eps, attention=attention,
+            keep_rate=keep_rate, reorg_layers=reorg_layers,
+            distillation_token=distillation_token,
+        )
+        spec = self.spec.resolved()  # what the model is built from
+        self.config = spec.as_config()
+        self.num_classes = spec.num_classes
+        self.embed_dim = self.num_features = spec.embed_dim
+        self.class_token = spec.class_token
+        self.insert_layer = spec.insert_layer
 
         # Modules are made in this order because it is the order they draw their random
         # init in: a seed gives the same model as it always did.
-        self.patch_embed = PatchEmbed(tuple(cfg["img_size"]), tuple(cfg["patch_size"]),
-                                      in_chans, embed_dim)
-        self.cls_token = (
-            nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token != "none" else None
-        )
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.layer_tokens: list[int] = _layer_tokens(self.patch_embed.num_patches, cfg)
-        self.blocks = self._self_attention_stage(cfg)
-        self.ca_blocks = self._class_attention_stage(cfg)
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.patch_embed = PatchEmbed(img_size=spec.img_size, patch_size=spec.patch_size,
+                                      in_chans=spec.in_chans, embed_dim=spec.embed_dim)
+        self.cls_token = (nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
+                          if spec.class_token != "none" else None)
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.patch_embed.num_patches, spec.embed_dim))
+        self.pos_drop = nn.Dropout(spec.pos_drop_rate)
+        self.layer_tokens: list[int] = _layer_tokens(self.patch_embed.num_patches, spec)
+        self.blocks = self._self_attention_stage(spec)
+        self.ca_blocks = self._class_attention_stage(spec)
+        self.norm = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
+        self.head_drop = nn.Dropout(spec.drop_rate)
+        self.head = self._head(spec)
 
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -335,33 +183,45 @@ class ImageTransformer(nn.Module):
         # gives without it
         self.dist_token = self.head_dist = None
         self.distilled_training = False  # set by a training with a teacher (timm's name)
-        if cfg["distillation_token"]:
-            self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-            self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0
-                              else nn.Identity())
+        if spec.distillation_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
+            self.head_dist = self._head(spec)
             trunc_normal_(self.dist_token, std=0.02)
             self.head_dist.apply(self._init_weights)
 
-    def _self_attention_stage(self, cfg: dict) -> nn.ModuleList:
-        dpr = _drop_path_rates(cfg)
+    def _self_attention_stage(self, spec: ModelSpec) -> nn.ModuleList:
+        dpr = _drop_path_rates(spec)
         return nn.ModuleList(
-            Block(cfg["embed_dim"], cfg["num_heads"], cfg["mlp_ratio"], cfg["qkv_bias"],
-                  cfg["talking_heads"], cfg["residual"], cfg["layerscale_init"], dpr[i],
-                  cfg["attn_drop_rate"], cfg["proj_drop_rate"], cfg["norm_eps"],
-                  static_keys=self.layer_tokens[i] if cfg["attention"] == "static_key" else None,
-                  keep_rate=cfg["keep_rate"] if i in cfg["reorg_layers"] else 1.0)
-            for i in range(cfg["depth"])
+            Block(
+                dim=spec.embed_dim, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,
+                qkv_bias=spec.qkv_bias, talking_heads=spec.talking_heads,
+                proj_drop=spec.proj_drop_rate, attn_drop=spec.attn_drop_rate,
+                drop_path=dpr[i], residual=spec.residual,
+                layerscale_init=spec.layerscale_init, norm_eps=spec.norm_eps,
+                static_keys=self.layer_tokens[i] if spec.attention == "static_key" else None,
+                keep_rate=spec.keep_rate if i in spec.reorg_layers else 1.0,
+            )
+            for i in range(spec.depth)
         )
 
     @staticmethod
-    def _class_attention_stage(cfg: dict) -> nn.ModuleList:
+    def _class_attention_stage(spec: ModelSpec) -> nn.ModuleList:
         # CaiT runs class attention without stochastic depth (timm and the official code agree).
         return nn.ModuleList(
-            ClassAttentionBlock(cfg["embed_dim"], cfg["num_heads"], cfg["mlp_ratio"],
-                                cfg["qkv_bias"], cfg["residual"], cfg["layerscale_init"],
-                                cfg["attn_drop_rate"], cfg["proj_drop_rate"], cfg["norm_eps"])
-            for _ in range(cfg["ca_depth"])
+            ClassAttentionBlock(
+                dim=spec.embed_dim, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,
+                qkv_bias=spec.qkv_bias, proj_drop=spec.proj_drop_rate,
+                attn_drop=spec.attn_drop_rate, residual=spec.residual,
+                layerscale_init=spec.layerscale_init, norm_eps=spec.norm_eps,
+            )
+            for _ in range(spec.ca_depth)
         )
+
+    @staticmethod
+    def _head(spec: ModelSpec) -> nn.Module:
+        if spec.num_classes > 0:
+            return nn.Linear(spec.embed_dim, spec.num_classes)
+        return nn.Identity()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -234,7 +234,7 @@ def model_from_config(config: dict) -> nn.Module:
 def load_run_model(path: str | Path) -> tuple[nn.Module, Path]:
     """The model of a caitlab checkpoint (file, or a run folder's best), rebuilt from the
     config the checkpoint carries, in eval mode; and the file read."""
-    from caitlab.models.cait import ModelConfigError
+    from caitlab.models.spec import ModelConfigError
 
     ckpt = resolve_checkpoint(path)
     obj = load_file(ckpt)

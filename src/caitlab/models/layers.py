@@ -3,6 +3,9 @@ scales, the two block types, and EViT's token reorganisation.
 
 Parameter names follow timm's ``Cait`` and ``VisionTransformer`` layers wherever the two agree
 (``qkv``, ``proj``, ``ls1.gamma``, ``norm1``...), so checkpoints map with a few renames.
+The layers take keyword arguments only: several are rates of the same type (``proj_drop``,
+``attn_drop``, ``drop_path``), which a positional call could swap without an error. They are
+listed in timm's order all the same.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ class ResidualScale(nn.Module):
     Named ``ls1``/``ls2`` with a ``gamma`` parameter, as in timm's ``LayerScale``.
     """
 
-    def __init__(self, dim: int, init: float, per_channel: bool) -> None:
+    def __init__(self, *, dim: int, init: float, per_channel: bool) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim if per_channel else 1,), float(init)))
 
@@ -34,9 +37,9 @@ def _branch_scale(residual: str, dim: int, eps: float) -> tuple[nn.Module, bool]
     if residual == "none":
         return nn.Identity(), True
     if residual == "layerscale":
-        return ResidualScale(dim, eps, per_channel=True), True
+        return ResidualScale(dim=dim, init=eps, per_channel=True), True
     # ReZero / SkipInit: a scalar that starts at 0, so each block starts as the identity.
-    return ResidualScale(dim, 0.0, per_channel=False), residual == "rezero_norm"
+    return ResidualScale(dim=dim, init=0.0, per_channel=False), residual == "rezero_norm"
 
 
 class Attention(nn.Module):
@@ -55,6 +58,7 @@ class Attention(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_heads: int,
         qkv_bias: bool = True,
@@ -164,6 +168,7 @@ class ClassAttention(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_heads: int,
         qkv_bias: bool = True,
@@ -274,16 +279,17 @@ class Block(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         talking_heads: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
         residual: str = "none",
         layerscale_init: float = 1e-5,
-        drop_path: float = 0.0,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
         norm_eps: float = 1e-6,
         static_keys: int | None = None,
         keep_rate: float = 1.0,
@@ -293,10 +299,12 @@ class Block(nn.Module):
         self.ls1, keep_norm = _branch_scale(residual, dim, layerscale_init)
         self.ls2, _ = _branch_scale(residual, dim, layerscale_init)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
-        self.attn = Attention(dim, num_heads, qkv_bias, talking_heads, attn_drop, proj_drop,
-                              static_keys)
+        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                              talking_heads=talking_heads, attn_drop=attn_drop,
+                              proj_drop=proj_drop, static_keys=static_keys)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio),
+                       act_layer=nn.GELU, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -324,23 +332,26 @@ class ClassAttentionBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
         residual: str = "none",
         layerscale_init: float = 1e-5,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.ls1, keep_norm = _branch_scale(residual, dim, layerscale_init)
         self.ls2, _ = _branch_scale(residual, dim, layerscale_init)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
-        self.attn = ClassAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.attn = ClassAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                                   attn_drop=attn_drop, proj_drop=proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps) if keep_norm else nn.Identity()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio),
+                       act_layer=nn.GELU, drop=proj_drop)
 
     def forward(
         self, patches: torch.Tensor, cls: torch.Tensor, return_attention: bool = False
