@@ -3,6 +3,7 @@ gives them, from one composition per set of config-group overrides (no SLURM nee
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from caitlab.resolvers import register_resolvers
-from caitlab.runs import signature
+from caitlab.runs import Summary, read_summary, signature
+from caitlab.status import Status
 from caitlab.train import CONF_DIR
 
 # Hydra's plugin scan re-executes the plugin module, redefining its classes: always look them
@@ -101,7 +103,10 @@ def test_array_task_runs_the_shared_launcher_and_requeues_itself(tmp_path):
                                                            "id")
 
 
-def test_launch_gives_the_sweep_folder_the_mode_hydra_sweep_mode_asks(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _local_launcher(sweep: Path, monkeypatch, *config: str):
+    """The local launcher of a sweep into ``sweep`` (wait=false, no snapshot) and the list
+    its jobs are submitted to: submitit's executor stands in, submitting nothing."""
     import submitit
     from hydra.core.plugins import Plugins
     from hydra.types import HydraContext
@@ -120,21 +125,39 @@ def test_launch_gives_the_sweep_folder_the_mode_hydra_sweep_mode_asks(tmp_path, 
             return [type("Job", (), {"job_id": f"7_{i}"})() for i in range(len(args[0]))]
 
     monkeypatch.setattr(submitit, "AutoExecutor", Executor)
-    sweep = tmp_path / "sweep"
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         master = loader.load_configuration(
             "train", [*TASK, "hydra/launcher=local", "hydra.launcher.wait=false",
-                      "hydra.launcher.snapshot=false", f"hydra.sweep.dir={sweep}",
-                      "+hydra.sweep.mode=750"], run_mode=RunMode.MULTIRUN)
-        launcher = Plugins.instance().instantiate_launcher(
+                      "hydra.launcher.snapshot=false", f"hydra.sweep.dir={sweep}", *config],
+            run_mode=RunMode.MULTIRUN)
+        yield Plugins.instance().instantiate_launcher(
             hydra_context=HydraContext(config_loader=loader, callbacks=None),
-            task_function=lambda cfg: None, config=master)
+            task_function=lambda cfg: None, config=master), submitted
+
+
+def test_launch_gives_the_sweep_folder_the_mode_hydra_sweep_mode_asks(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    with _local_launcher(sweep, monkeypatch, "+hydra.sweep.mode=750") as (launcher, submitted):
         launcher.launch([[*TASK, "seed=1"], [*TASK, "seed=2"]], initial_job_idx=0)
     assert len(submitted) == 2
     assert sweep.stat().st_mode & 0o777 == 0o750  # as hydra-submitit-launcher's own launch
+
+
+def test_a_blocked_run_submitted_again_says_pending_with_its_job(tmp_path, monkeypatch):
+    # while its job waits for its upstream's, caitlab-sweep shows it pending, a second
+    # re-launch sees that job instead of submitting another, and its code snapshot stays (a
+    # blocked run's can go)
+    with _local_launcher(tmp_path / "sweep", monkeypatch) as (launcher, submitted):
+        job = [*TASK, "seed=1"]
+        run_dir = launcher.sweep_plan.run_dir(job)
+        Summary(run_dir, {}).update(status=Status.BLOCKED, slurm_job_id=None)
+        launcher.launch([job], initial_job_idx=0)
+    assert len(submitted) == 1
+    summary = read_summary(run_dir)
+    assert (summary["status"], summary["slurm_job_id"]) == ("pending", "7_0")
 
 
 def _without_hydra(cfg) -> dict:

@@ -19,10 +19,7 @@ from typing import IO, Any
 from omegaconf import DictConfig
 
 from caitlab.errors import STORAGE_ERRNOS
-
-# States a re-launch leaves alone unless asked (retry_failed=true): re-running a diverged or
-# crashed config usually gives the same result.
-RETRY_ONLY = ("failed", "diverged")
+from caitlab.status import RETRY_ONLY, Status
 
 
 class RunFailed(Exception):
@@ -44,8 +41,8 @@ class RunBlocked(Exception):
 def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | None:
     """Why a (re-)launch must not train this run again, or None when it should run."""
     status = (summary or {}).get("status")
-    if status == "completed":
-        return "completed"
+    if status == Status.COMPLETED:
+        return Status.COMPLETED
     if status in RETRY_ONLY and not retry_failed:
         return f"{status} (pass retry_failed=true to run it again)"
     return None
@@ -199,6 +196,10 @@ class Summary:
         self.data.setdefault("attempts", 0)
 
     def update(self, **values: Any) -> None:
+        if isinstance(values.get("status"), Status):
+            # the record holds the string, as read back from the file: what is handed on from
+            # it (wandb's mirror of it) gets the string, not the member
+            values["status"] = values["status"].value
         self.data.update(values)
         self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if self.writable:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caitlab.status import Status
+
 PREFIX = "stage:"
 # a reference as written in an experiment file, and as the sweep writes it into a job
 WRITTEN = re.compile(r"^\$\{stage:\s*([^}\s]+)\s*\}$")
@@ -214,7 +216,7 @@ def references(overrides: Iterable[str]) -> list[Reference]:
 def blocked_reason(ref: Reference, summary: Mapping[str, Any] | None) -> str | None:
     """Why a job cannot start while its upstream is as ``summary`` says (None: it can)."""
     status = (summary or {}).get("status")
-    if status == "completed":
+    if status == Status.COMPLETED:
         return None
     state = status or "not run"
     error = str((summary or {}).get("error") or "").strip().splitlines()

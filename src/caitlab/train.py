@@ -26,6 +26,7 @@ from caitlab.runs import (
     storage_error,
 )
 from caitlab.secrets import hide_in_argv, redact
+from caitlab.status import Status
 from caitlab.training.lifecycle import (
     RankDone,
     is_multirun,
@@ -58,7 +59,7 @@ def failure_line(err: BaseException, cfg: DictConfig) -> tuple[str, int]:
     if refused is not None:
         return (f"caitlab-train: error: {redact(storage_message(refused, run_dir))} "
                 f"(run folder {run_dir})", 1)
-    status = (read_summary(run_dir) or {}).get("status", "failed")
+    status = (read_summary(run_dir) or {}).get("status", Status.FAILED)
     first = redact(str(err)).splitlines()[0] if str(err) else ""
     return f"caitlab-train: {status}: {first} (run folder {run_dir})", 1
 
@@ -74,7 +75,7 @@ def run(cfg: DictConfig) -> float | None:
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
         status = (read_summary(job_run_dir(cfg)) or {}).get("status")
-        if isinstance(err, SystemExit) and status != "interrupted":
+        if isinstance(err, SystemExit) and status != Status.INTERRUPTED:
             raise
         print(f"caitlab-train: interrupted; run the same command again to resume "
               f"({job_run_dir(cfg)})", file=sys.stderr)

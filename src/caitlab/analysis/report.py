@@ -63,6 +63,7 @@ from caitlab.analysis.report_table import (
 )
 from caitlab.analysis.report_verdicts import method_text
 from caitlab.analysis.stats import CORRECTIONS, EXACT_MAX, MIN_SEEDS, THROUGHPUT_RULE
+from caitlab.status import Status
 
 __all__ = ["Report", "Run", "Variant", "answers", "build_parser", "build_report", "cell",
            "collect_runs", "commits", "data_rows", "extra_axes", "group_variants", "log_to_wandb",
@@ -281,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"{args.sweep_dir} is not a folder")
         runs = collect_runs(args.sweep_dir)
         for run in runs:
-            if run.summary.get("status") == "unreadable":
+            if run.summary.get("status") == Status.UNREADABLE:
                 # a folder whose record cannot be read says nothing a statistic may count
                 print(f"caitlab-report: warning: {run.summary['error']}: not a readable "
                       "summary.json; left out of every table and verdict", file=sys.stderr)
-        runs = [run for run in runs if run.summary.get("status") != "unreadable"]
+        runs = [run for run in runs if run.summary.get("status") != Status.UNREADABLE]
         out_dir = args.out or args.sweep_dir
         source = str(args.sweep_dir)
     else:

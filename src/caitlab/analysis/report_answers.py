@@ -28,6 +28,7 @@ from caitlab.analysis.report_verdicts import (
 from caitlab.analysis.report_verdicts import few_seeds_note as _few_seeds_note
 from caitlab.analysis.stats import Difference, difference, pareto_front
 from caitlab.models import axes as declared
+from caitlab.status import Status
 
 METRICS = ("test/top1", "val/top1_best")  # the first that some run has is the answer's
 
@@ -50,7 +51,7 @@ def by_seed(variant: Variant, metric: str) -> dict[Any, float]:
     out = {}
     for run in variant.runs:
         value = run.summary.get(metric)
-        if run.status == "completed" and isinstance(value, (int, float)) \
+        if run.status == Status.COMPLETED and isinstance(value, (int, float)) \
                 and math.isfinite(value):
             out[run.summary.get("seed", run.name)] = 100.0 * value
     return out

@@ -14,10 +14,7 @@ from typing import Any
 
 from caitlab.analysis.stats import throughput
 from caitlab.provenance import commit_of
-
-# wandb run states for runs whose summary never got a caitlab status
-WANDB_STATES = {"finished": "completed", "running": "running", "crashed": "failed",
-                "failed": "failed", "killed": "interrupted"}
+from caitlab.status import WANDB_STATES, Status, diverged_label
 
 
 @dataclass
@@ -40,12 +37,12 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.summary.get("status") or "pending"
+        return self.summary.get("status") or Status.PENDING
 
     @property
     def state(self) -> str:
-        if self.status == "diverged":
-            return f"diverged at epoch {self.summary.get('diverged_epoch', '?')}"
+        if self.status == Status.DIVERGED:
+            return diverged_label(self.summary)
         return self.status
 
     @property
@@ -63,7 +60,7 @@ class Variant:
         return self.runs[0].axes
 
     def completed(self) -> list[dict[str, Any]]:
-        return [r.summary for r in self.runs if r.status == "completed"]
+        return [r.summary for r in self.runs if r.status == Status.COMPLETED]
 
     def values(self, metric: str) -> list[float]:
         """The metric of each completed run that has a finite one (a NaN says nothing)."""
@@ -74,7 +71,7 @@ class Variant:
     def images_per_s(self) -> float | None:
         """The median of its completed runs' throughput (:attr:`Run.images_per_s`)."""
         ips = [r.images_per_s for r in self.runs
-               if r.status == "completed" and r.images_per_s is not None]
+               if r.status == Status.COMPLETED and r.images_per_s is not None]
         return statistics.median(ips) if ips else None
 
     @property
@@ -146,7 +143,7 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError) as err:  # cut short by a crash or a full disk
-            summary = {"status": "unreadable",
+            summary = {"status": Status.UNREADABLE,
                        "error": f"{path}: {getattr(err, 'strerror', None) or err}"}
         curve, ips = _read_metrics(path.parent / "metrics.csv")
         runs.append(Run(path.parent.name, summary, curve, folder=path.parent,
@@ -165,7 +162,7 @@ def runs_from_wandb(api: Any, path: str, group: str | None = None,
     runs = []
     for wrun in api.runs(path, filters=filters or None):
         summary = {k: v for k, v in dict(wrun.summary).items() if not k.startswith("_")}
-        summary.setdefault("status", WANDB_STATES.get(getattr(wrun, "state", ""), "pending"))
+        summary.setdefault("status", WANDB_STATES.get(getattr(wrun, "state", ""), Status.PENDING))
         if "variant" not in summary:
             config = dict(wrun.config)
             config.pop("seed", None)

@@ -21,6 +21,7 @@ from caitlab.analysis.stats import (
     needed_pairs,
     rates,
 )
+from caitlab.status import Status
 
 DEFAULT = "(default)"  # the value of a key a variant did not set
 
@@ -82,10 +83,10 @@ def states(variant: Variant, values: dict[Any, float]) -> dict[str, int]:
     metric), ``diverged``, ``failed``, ``running``... and ``completed without a value``."""
     out: dict[str, int] = {"counted": len(values)}
     for run in variant.runs:
-        if run.status == "completed":
+        if run.status == Status.COMPLETED:
             continue
         out[run.status] = out.get(run.status, 0) + 1
-    missing = sum(r.status == "completed" for r in variant.runs) - len(values)
+    missing = sum(r.status == Status.COMPLETED for r in variant.runs) - len(values)
     if missing > 0:
         out["completed without a value"] = missing
     return {k: n for k, n in out.items() if n}
@@ -198,8 +199,9 @@ def compare(variant: Variant, partner: Variant, names: tuple[str, str],
         note = "; ".join(filter(None, (_not_counted(n, c) for n, c in
                                        zip(names, counts, strict=True))))
         out.append(Verdict(**facts, difference=d, not_counted=note, seeds=seeds))
-    ended = [(c.get("diverged", 0), sum(n for s, n in c.items() if s in
-                                         ("counted", "diverged", "completed without a value")))
+    ended = [(c.get(Status.DIVERGED, 0), sum(n for s, n in c.items() if s in
+                                             ("counted", Status.DIVERGED,
+                                              "completed without a value")))
              for c in counts]
     (k_a, n_a), (k_b, n_b) = ended
     if n_a and n_b and (k_a or k_b) and k_a * n_b != k_b * n_a:

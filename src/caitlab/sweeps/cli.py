@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from caitlab.analysis.report import Run, collect_runs, device_hours
+from caitlab.status import ACTIVE, DISPLAY_ORDER, Status, diverged_label
 from caitlab.sweeps import slurm
 from caitlab.sweeps.slurm import (
     SLURM_ENDED,
@@ -32,17 +33,11 @@ from caitlab.sweeps.slurm import (
 
 __all__ = ["SqueueUnavailable", "build_parser", "main", "query_squeue", "squeue_states"]
 
-# Summary states a job still has to move on from; the others are final for this attempt.
-ACTIVE = ("pending", "running")
-# Order of the counts line; states not listed here (unknown values) come last.
-STATE_ORDER = ("completed", "running", "pending", "interrupted", "cancelled", "lost", "failed",
-               "diverged", "blocked", "unreadable")
-
 
 @dataclass
 class RunStatus:
     signature: str
-    state: str  # key for the counts: a summary status, or "lost"
+    state: str  # key for the counts: a summary status, or Status.LOST
     label: str  # what the table shows, e.g. "lost (last: running)", "diverged at epoch 3"
     folder: str
     summary_status: str
@@ -75,24 +70,24 @@ def reconcile(summary: dict[str, Any],
 
     ``squeue`` None means unknown: the folder's state is shown as it is.
     """
-    status = str(summary.get("status") or "pending")
+    status = str(summary.get("status") or Status.PENDING)
     job = summary.get("slurm_job_id")
     job = str(job) if job not in (None, "") else None
     live = squeue.get(job) if (squeue is not None and job) else None
 
-    if status == "diverged":
-        return status, f"diverged at epoch {summary.get('diverged_epoch', '?')}", live
+    if status == Status.DIVERGED:
+        return status, diverged_label(summary), live
     if squeue is None or job is None:  # nothing to reconcile with; local runs are never lost
         return status, status, live
     if status in ACTIVE:
         if live is None or live in SLURM_ENDED:
-            return "lost", f"lost (last: {status})", live
+            return Status.LOST, f"lost (last: {status})", live
         if live not in SLURM_QUEUED:  # RUNNING, COMPLETING, SUSPENDED...
-            return "running", "running", live
-        if status == "running":  # job back in the queue: requeued without a final state
-            return "pending", "pending (requeued, last: running)", live
-        return "pending", "pending", live
-    if status == "interrupted" and live is not None and live not in SLURM_ENDED:
+            return Status.RUNNING, Status.RUNNING, live
+        if status == Status.RUNNING:  # job back in the queue: requeued without a final state
+            return Status.PENDING, "pending (requeued, last: running)", live
+        return Status.PENDING, Status.PENDING, live
+    if status == Status.INTERRUPTED and live is not None and live not in SLURM_ENDED:
         return status, "interrupted (requeued)", live
     return status, status, live
 
@@ -116,10 +111,11 @@ def _overrides(summary: dict[str, Any]) -> list[str]:
 def _waiting(status: RunStatus, reasons: dict[str, str] | None) -> None:
     """Adds squeue's reason to a waiting run's label, and where it means never, what to change."""
     reason = (reasons or {}).get(status.slurm_job_id or "")
-    if status.state != "pending" or status.slurm_state not in SLURM_QUEUED or not reason:
+    if status.state != Status.PENDING or status.slurm_state not in SLURM_QUEUED or not reason:
         return
     if slurm.upstream_failed(reason):  # a stage whose upstream failed: it never starts
-        status.state, status.label, status.reason = "blocked", "blocked (upstream failed)", reason
+        status.state, status.label, status.reason = (Status.BLOCKED, "blocked (upstream failed)",
+                                                     reason)
         return
     status.reason, status.never_starts = reason, slurm.never_starts(reason)
     status.label += f" ({reason}{': never starts' if status.never_starts else ''})"
@@ -134,7 +130,7 @@ def run_states(runs: list[Run], squeue: dict[str, str] | None,
     for run, shown in zip(runs, overrides, strict=True):
         s = run.summary
         state, label, live = reconcile(s, squeue)
-        completed = s.get("status") == "completed" and s.get("test/top1") is not None
+        completed = s.get("status") == Status.COMPLETED and s.get("test/top1") is not None
         metric_name = "test/top1" if completed else "val/top1"
         job = s.get("slurm_job_id")
         hours = s.get("device_hours")
@@ -143,7 +139,7 @@ def run_states(runs: list[Run], squeue: dict[str, str] | None,
             state=state,
             label=label,
             folder=str(run.folder),
-            summary_status=str(s.get("status") or "pending"),
+            summary_status=str(s.get("status") or Status.PENDING),
             slurm_job_id=None if job in (None, "") else str(job),
             slurm_state=live,
             epochs=s.get("epochs"),
@@ -163,7 +159,7 @@ def run_states(runs: list[Run], squeue: dict[str, str] | None,
 def counts_line(statuses: list[RunStatus], hours: float | None = None) -> str:
     """How many runs are in each state; with ``hours``, the sweep's device-hours."""
     counts = Counter(s.state for s in statuses)
-    order = [k for k in STATE_ORDER if k in counts] + sorted(set(counts) - set(STATE_ORDER))
+    order = [k for k in DISPLAY_ORDER if k in counts] + sorted(set(counts) - set(DISPLAY_ORDER))
     noun = "run" if len(statuses) == 1 else "runs"
     line = f"{len(statuses)} {noun}: " + ", ".join(f"{counts[k]} {k}" for k in order)
     return line if hours is None else f"{line}; {hours:.3g} device-hours"

@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+from caitlab.status import LIVE, Status
+
 SQUEUE_CMD = ("squeue", "--noheader", "--format=%i|%T|%r", "--states=all", "--array")
 SQUEUE_TIMEOUT_S = 5.0
 
@@ -222,14 +224,10 @@ def request_refusal(params: dict[str, Any], partition: str) -> str | None:
 
 # --- steering ---------------------------------------------------------------------------------
 
-# summary states of a run whose job may still be queued or running (interrupted: requeued)
-LIVE_SUMMARY = ("pending", "running", "interrupted")
-
-
 def live_job(summary: dict[str, Any], queue: Queue) -> str | None:
     """The run's SLURM job where it is still queued or running, else None."""
     job = summary.get("slurm_job_id")
-    if summary.get("status") not in LIVE_SUMMARY or job in (None, ""):
+    if summary.get("status") not in LIVE or job in (None, ""):
         return None
     return str(job) if is_live(queue.states.get(str(job))) else None
 
@@ -256,5 +254,5 @@ def cancel_runs(runs: list[tuple[Any, dict[str, Any]]], queue: Queue,
             break
         time.sleep(1)
     for folder, _ in live:
-        Summary(folder, {}).update(status="cancelled")
+        Summary(folder, {}).update(status=Status.CANCELLED)
     return live

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from caitlab.provenance import SNAPSHOT_FILE, git_state, source_root
 from caitlab.runs import read_summary
+from caitlab.status import FINAL
 
 PREFIX = "code-"
 RUNS_FILE = "runs.json"  # beside the code: the run folders whose jobs use it
-FINAL = ("completed", "failed", "diverged", "cancelled")
 
 
 def checkout_root() -> Path | None:

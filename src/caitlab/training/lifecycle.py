@@ -37,6 +37,7 @@ from caitlab.runs import (
     write_text_atomic,
 )
 from caitlab.secrets import redact
+from caitlab.status import Status
 from caitlab.training.ranks import (
     RankWatch,
     error_log_name,
@@ -237,7 +238,7 @@ class Run:
         """The previous summary of a completed run (nothing to do); raises ``RunFailed`` for
         one that failed or diverged before, unless ``retry_failed``."""
         reason = skip_reason(self.previous, retry_failed)
-        if reason == "completed":
+        if reason == Status.COMPLETED:
             say(log, f"already completed, skipping: {result_line(self.previous, self.dir)}"
                      f"{code_note(self.previous)}")
             return self.previous
@@ -249,7 +250,7 @@ class Run:
         """A config the run cannot start with; in a sweep its summary says so, for the
         sweep's table."""
         if is_multirun():
-            Summary(self.dir, self._sweep_facts()).update(status="failed",
+            Summary(self.dir, self._sweep_facts()).update(status=Status.FAILED,
                                                           error=redact(message))
         return UserError(message)
 
@@ -272,7 +273,7 @@ class Run:
             except stages.StageBlocked as err:
                 if is_multirun():
                     Summary(self.dir, self._sweep_facts()).update(
-                        status="blocked", blocked_by=err.upstream, error=str(err))
+                        status=Status.BLOCKED, blocked_by=err.upstream, error=str(err))
                 raise RunBlocked(str(err)) from None
         return found
 
@@ -317,7 +318,7 @@ class Run:
                      f"{now}: its weights may not match an uninterrupted run's")
         if self.rank_zero and diff:  # the uncommitted changes the run's numbers depend on
             write_text_atomic(self.dir / "code.diff", redact(diff))
-        self.summary.update(status="running", attempts=self.summary["attempts"] + 1,
+        self.summary.update(status=Status.RUNNING, attempts=self.summary["attempts"] + 1,
                             resumed_from=str(self.resume_from) if self.resume_from else None,
                             slurm_job_id=slurm_job_id(), provenance=code,
                             # the local launcher's job (its logs: caitlab-sweep log)
@@ -343,7 +344,7 @@ class Run:
                                    ).start()
 
     def _rank_died(self, message: str) -> None:
-        self.end("failed", error=redact(message))
+        self.end(Status.FAILED, error=redact(message))
 
     def device_hours(self) -> float:
         """Wall time x devices, summed over attempts (an attempt killed before it could write
@@ -354,13 +355,13 @@ class Run:
         """The run's clocks as the summary keeps them: ``wall_s`` and ``device_hours``."""
         return {"wall_s": self.wall_s(), "device_hours": round(self.device_hours(), 6)}
 
-    def end(self, status: str, **fields: Any) -> None:
+    def end(self, status: Status, **fields: Any) -> None:
         """Writes the state the attempt ended in, with the run's clocks."""
         self.summary.update(status=status, **self.clock(), **fields)
 
     def complete(self, test: Mapping[str, float]) -> dict[str, Any]:
         """The run's final result: the test metrics in the summary (and wandb's)."""
-        self.end("completed", **{k: test.get(k) for k in ("test/top1", "test/top5",
+        self.end(Status.COMPLETED, **{k: test.get(k) for k in ("test/top1", "test/top5",
                                                           "test/loss")},
                  finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self._mirror({k: v for k, v in self.summary.data.items()
@@ -397,14 +398,15 @@ class Run:
             yield self
             exit_code = 0
         except DivergedError as err:
-            self.end("diverged", diverged_step=err.step, diverged_epoch=err.epoch,
+            self.end(Status.DIVERGED, diverged_step=err.step, diverged_epoch=err.epoch,
                      error=str(err))
-            self._mirror({"status": "diverged", "diverged_epoch": err.epoch,
+            # the string: wandb writes an Enum member by its name
+            self._mirror({"status": Status.DIVERGED.value, "diverged_epoch": err.epoch,
                           "diverged_step": err.step})
             raise
         except (KeyboardInterrupt, SystemExit):
             stopper = self.stopper
-            self.end("interrupted",
+            self.end(Status.INTERRUPTED,
                      interrupted_by=stopper.requested if stopper else "KeyboardInterrupt",
                      requeued=bool(stopper and stopper.requeue))
             exit_code = 255
@@ -435,7 +437,7 @@ class Run:
             log_file = self.dir / error_log_name(self.rank)
             log_file.write_text(redact(traceback.format_exc()))
             message += f"; traceback in {log_file}"
-        self.end("failed", error=redact(message))
+        self.end(Status.FAILED, error=redact(message))
         return UserError(message)
 
     def _failed(self, err: BaseException) -> None:
@@ -445,7 +447,7 @@ class Run:
             # on disk is whole (every write is atomic), so the same command resumes later. The
             # summary is best effort: it may not fit on the disk either.
             with contextlib.suppress(OSError):
-                self.end("interrupted", interrupted_by=refused.strerror,
+                self.end(Status.INTERRUPTED, interrupted_by=refused.strerror,
                          error=redact(storage_message(refused, self.dir)))
             return
         error = f"{type(err).__name__}: {err}"
@@ -453,9 +455,9 @@ class Run:
             redact(error_text(error, traceback.format_exc())))
         others = first_rank_error(self.dir) if self.rank_zero else None
         if others is None:
-            self.end("failed", error=redact(error))
+            self.end(Status.FAILED, error=redact(error))
             return
         # the rank that failed first holds the cause; this one's is what followed
         first, by_rank = others
-        self.end("failed", error=redact(f"{first}; rank 0: {error}"),
+        self.end(Status.FAILED, error=redact(f"{first}; rank 0: {error}"),
                  rank_errors={k: redact(v) for k, v in by_rank.items()})

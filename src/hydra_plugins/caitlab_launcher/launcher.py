@@ -36,12 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from caitlab import compat, identity
 from caitlab.config import ConfigError
 from caitlab.runs import (
-    RETRY_ONLY,
     RunFailed,
     Summary,
     read_summary,
     skip_reason,
 )
+from caitlab.status import LIVE, SUBMITTED_OVER, Status
 from caitlab.sweeps import slots, slurm
 
 log = logging.getLogger(__name__)
@@ -255,14 +255,14 @@ class _SweepAwareMixin:
             run_dir = self.sweep_plan.run_dir(overrides)
             previous = read_summary(run_dir) or {}
             reason = skip_reason(previous, retry)
-            if reason != "completed" and (found := self._upstream(overrides, run_dir)):
+            if reason != Status.COMPLETED and (found := self._upstream(overrides, run_dir)):
                 blocked, upstream = found
                 log.warning(f"\tskipping {' '.join(overrides)}: {blocked}")
                 Summary(run_dir, self._facts(overrides, run_dir)).update(
-                    status="blocked", error=blocked, blocked_by=upstream, slurm_job_id=None)
+                    status=Status.BLOCKED, error=blocked, blocked_by=upstream, slurm_job_id=None)
                 skipped.append(_skipped(overrides, previous, failed=blocked))
                 continue
-            if reason == "completed":
+            if reason == Status.COMPLETED:
                 log.info(f"\tskipping {' '.join(overrides)}: {reason} ({run_dir})")
                 skipped.append(_skipped(overrides, previous))
             elif reason is not None:
@@ -297,7 +297,7 @@ class _SweepAwareMixin:
         waits = []
         for ref in stages.references(overrides):
             up = read_summary(run_dir.parent / ref.signature)
-            if up is not None and up.get("status") != "completed" \
+            if up is not None and up.get("status") != Status.COMPLETED \
                     and (job := self._live_job(up)) is not None:
                 waits.append(job)
                 continue
@@ -311,7 +311,7 @@ class _SweepAwareMixin:
     def _live_job(self, previous: dict[str, Any]) -> str | None:
         """The run's SLURM job where it is still queued or running: a re-launch must not
         submit a second job for the same folder."""
-        if previous.get("status") not in slurm.LIVE_SUMMARY:
+        if previous.get("status") not in LIVE:
             return None
         queue = self._queue()
         return None if queue is None else slurm.live_job(previous, queue)
@@ -345,9 +345,8 @@ class _SweepAwareMixin:
         todo = [t for _, group in _by_dependency(todo, self._after) for t in group]
         for job, (_, overrides, run_dir) in zip(jobs, todo, strict=True):
             summary = Summary(run_dir, self._facts(overrides, run_dir))
-            if summary.get("status") in (None, "pending", "interrupted", "cancelled",
-                                         *RETRY_ONLY):
-                summary.update(status="pending", slurm_job_id=str(job.job_id))
+            if summary.get("status") in SUBMITTED_OVER:
+                summary.update(status=Status.PENDING, slurm_job_id=str(job.job_id))
         arrays = sorted({j.job_id.split('_')[0] for j in jobs})
         log.info(f"submitted {len(jobs)} runs as job array{'s' * (len(arrays) > 1)} "
                  f"{', '.join(arrays)}")
@@ -569,7 +568,7 @@ def _block(job: Any, run_dir: Path) -> str:
     line = (stages.blocked_reason(refs[0], read_summary(run_dir.parent / refs[0].signature))
             if refs else None) or "blocked: the job it waits for failed"
     slurm.cancel([str(job.job_id)])
-    summary.update(status="blocked", error=line,
+    summary.update(status=Status.BLOCKED, error=line,
                    **({"blocked_by": refs[0].signature} if refs else {}))
     log.warning(f"job {job.job_id} ({run_dir.name}) {line}")
     return line
@@ -602,11 +601,11 @@ def _rank_failure(run_dir: Path, line: str) -> str:
 
     summary = read_summary(run_dir) or {}
     others = first_rank_error(run_dir)
-    if others is None or summary.get("status") not in slurm.LIVE_SUMMARY:
+    if others is None or summary.get("status") not in LIVE:
         return line
     first, by_rank = others
     line = f"{first}; {line}"
-    Summary(run_dir, {}).update(status="failed", error=line, rank_errors=by_rank)
+    Summary(run_dir, {}).update(status=Status.FAILED, error=line, rank_errors=by_rank)
     return line
 
 
