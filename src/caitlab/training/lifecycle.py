@@ -155,7 +155,10 @@ class NewFolders(Callback):
 
     def on_run_start(self, config: DictConfig, **_: Any) -> None:
         _new_folders.clear()
-        folder = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        try:
+            folder = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        except Exception:  # noqa: BLE001 - Hydra's own resolution reports it, in one line
+            return
         while not folder.exists() and folder != folder.parent:
             _new_folders.append(folder)
             folder = folder.parent
