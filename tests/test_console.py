@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,17 @@ def test_every_offline_run_of_a_sweep_says_how_to_upload_it(monkeypatch, tmp_pat
     # Lightning's logger sets WANDB_MODE=dryrun for an offline run: the next run of the
     # same process (a sweep's) is offline too, and says so
     assert wandb_mode() == "offline"
+
+
+def test_lightnings_lines_reach_the_console_once_even_when_it_is_imported_late():
+    # the task sets logging up before anything has imported Lightning, as caitlab-train does
+    code = ("import logging, sys\n"
+            "logging.basicConfig(stream=sys.stdout, format='%(message)s', level=logging.INFO)\n"
+            "from caitlab.console import one_handler_per_line\n"
+            "assert 'lightning' not in sys.modules\n"
+            "one_handler_per_line()\n"
+            "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('GPU available')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "GPU available\n" and proc.stderr == ""

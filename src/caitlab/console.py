@@ -52,6 +52,8 @@ def one_handler_per_line() -> None:
     Where the root logger has handlers, Lightning's records go to those alone."""
     if not logging.getLogger().handlers:
         return  # no logging set up (caitlab.train.train called from Python): leave it
+    import lightning.pytorch  # noqa: F401 - its first import adds the handlers removed below
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
