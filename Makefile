@@ -28,7 +28,7 @@ lint: setup
 # The documentation site (docs/ and mkdocs.yml) into site/: open site/index.html. --strict:
 # a broken link, a missing page or a generated reference that fails to build stops it.
 docs: setup
-	.venv/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 	@echo "docs: site/index.html"
 
 # The local SLURM cluster (slurm-wlm + munge + accounting) for the tests marked `slurm`.
