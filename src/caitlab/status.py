@@ -62,8 +62,9 @@ ACTIVE = (Status.PENDING, Status.RUNNING)
 
 # The run's SLURM job may still be alive, queued or running (interrupted: SLURM requeues a
 # preempted or timed-out job): a re-launch does not submit a second job for the run while it
-# is (launcher ``_live_job``), ``caitlab-sweep cancel`` cancels it (``sweeps.slurm.live_job``),
-# and the launcher, where a DDP job died of one of its ranks, writes the rank's error in.
+# is (the launcher's ``follow.Squeue.live_job``), ``caitlab-sweep cancel`` cancels it
+# (``sweeps.slurm.live_job``), and the launcher, where a DDP job died of one of its ranks,
+# writes the rank's error in.
 LIVE = (*ACTIVE, Status.INTERRUPTED)
 
 # Nothing more happens to the run without a re-launch, and a re-launch submits its job with
