@@ -55,7 +55,7 @@ class Status(enum.StrEnum):
 # crashed or diverged config usually gives the same result.
 RETRY_ONLY = (Status.FAILED, Status.DIVERGED)
 
-# caitlab-sweep reconciles these with SLURM's queue (``sweeps.cli.reconcile``): the run's
+# caitlab-sweep reconciles these with SLURM's queue (``sweeps.states.reconcile``): the run's
 # job has to move on from them, so where that job is no longer queued or running the run
 # is shown lost. The other states are final for this attempt.
 ACTIVE = (Status.PENDING, Status.RUNNING)

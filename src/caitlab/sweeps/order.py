@@ -44,9 +44,8 @@ class RecordOrder(Callback):
     """Writes (or extends) ``sweep_order.yaml`` as a multirun starts."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from omegaconf import OmegaConf
-
         from caitlab.analysis.report_answers import order_of
+        from caitlab.config import container
 
-        saved = OmegaConf.to_container(config, resolve=False)
+        saved = container(config, resolve=False)
         record(Path(str(config.hydra.sweep.dir)), order_of(saved))

@@ -154,7 +154,8 @@ def _cpus_per_task(cfg: DictConfig) -> int | None:
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        launcher = HydraConfig.get().get("launcher") or {}
+        hydra: Any = HydraConfig.get()  # a DictConfig, though typed as the dataclass it follows
+        launcher = hydra.get("launcher") or {}
         if "cpus_per_task" in launcher:
             return launcher.get("cpus_per_task")
     return OmegaConf.select(cfg, "cluster.cpus_per_task", default=None)

@@ -69,7 +69,7 @@ def never_starts(reason: str | None) -> str | None:
 
 def upstream_failed(reason: str | None) -> bool:
     """A job waiting for a job that ended without success (a stage whose upstream failed)."""
-    return bool(reason) and reason.split(",")[0].strip() == "DependencyNeverSatisfied"
+    return reason is not None and reason.split(",")[0].strip() == "DependencyNeverSatisfied"
 
 
 def parse_squeue(text: str) -> Queue:

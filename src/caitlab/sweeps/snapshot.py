@@ -52,6 +52,8 @@ def take(folder: Path, run_dirs: list[Path]) -> Path | None:
     if root is None:
         return None
     git = git_state(root)
+    if git is None:
+        return None
     top = Path(git["root"])
     listed = subprocess.run(
         ["git", "-C", str(top), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
