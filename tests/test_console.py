@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from caitlab.training.lifecycle import remove_unstarted_run_folder
+from caitlab.training.folders import remove_unstarted_run_folder
 from conftest import FAULTS_OUTSIDE_SIGNATURE, clean_env
 
 TINY = ("model=vit_tiny", "model.embed_dim=32", "model.depth=1", "trainer.limit_train_batches=3",

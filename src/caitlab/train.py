@@ -27,12 +27,11 @@ from caitlab.runs import (
 )
 from caitlab.secrets import hide_in_argv, redact
 from caitlab.status import Status
+from caitlab.training.folders import new_folders, remove_unstarted_run_folder
 from caitlab.training.lifecycle import (
     RankDone,
     is_multirun,
     job_run_dir,
-    new_folders,
-    remove_unstarted_run_folder,
 )
 from caitlab.training.task import train
 
