@@ -20,10 +20,12 @@ demo: setup
 	.venv/bin/caitlab-train experiment=demo
 	.venv/bin/caitlab-report outputs/demo
 
-# ruff, and the import layers of pyproject.toml's [tool.importlinter] contracts
+# ruff, the import layers of pyproject.toml's [tool.importlinter] contracts, and the types
+# (mypy over src/, as [tool.mypy] says)
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports --no-cache
+	.venv/bin/mypy
 
 # The documentation site (docs/ and mkdocs.yml) into site/: open site/index.html. --strict:
 # a broken link, a missing page or a generated reference that fails to build stops it.
@@ -52,4 +54,4 @@ test: setup lint docs slurm browser
 	$(PY) -m pytest
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache site
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache site

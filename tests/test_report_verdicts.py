@@ -128,3 +128,11 @@ def test_the_correction_is_chosen_and_stated_in_text_and_html(tmp_path, capsys):
     assert "no correction: each verdict at α=0.05 on its own" in out and "(Holm" not in out
     with pytest.raises(SystemExit):
         main([str(tmp_path / "s"), "--correction", "bonferroni"])
+
+
+def test_a_report_whose_verdicts_all_need_more_seeds_corrects_nothing(tmp_path, capsys):
+    _depth_sweep(tmp_path / "s", none_diverged=0, seeds=1)
+    assert main([str(tmp_path / "s")]) == 0
+    heading = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Verdicts (")]
+    assert heading == ["Verdicts (test top-1; none could be tested yet, so none is held to a "
+                       "threshold):"]

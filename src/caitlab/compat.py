@@ -11,12 +11,15 @@ the libraries' public contracts only.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:  # the libraries are imported where used: importing this stays cheap
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from omegaconf import DictConfig
+
+_Checkpoint = TypeVar("_Checkpoint", bound="ModelCheckpoint")
 
 # --- Lightning -----------------------------------------------------------------------------
 
@@ -81,7 +84,7 @@ def shards_training_data(trainer: Any) -> bool | None:
     return bool(connector.use_distributed_sampler and connector.is_distributed)
 
 
-def routes_saves(cls: type) -> type:
+def routes_saves(cls: type[_Checkpoint]) -> type[_Checkpoint]:
     """Class decorator for a ``ModelCheckpoint`` subclass with a ``save(trainer, filepath)``
     method: every save the callback decides on goes through it, to write the file another way
     (``lightning_save`` is Lightning's own; ``record_save`` records any other as Lightning's).
@@ -89,10 +92,11 @@ def routes_saves(cls: type) -> type:
     ModelCheckpoint has no public hook between deciding to save and saving: its top-k and
     resume logic (which a subclass must not write again) all end in ``_save_checkpoint``."""
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+    def _save_checkpoint(self: Any, trainer: L.Trainer, filepath: str) -> None:
         self.save(trainer, filepath)
 
-    cls._save_checkpoint = _save_checkpoint
+    # setattr: replacing a method is the point here, which mypy refuses as an assignment
+    setattr(cls, "_save_checkpoint", _save_checkpoint)  # noqa: B010
     return cls
 
 
@@ -217,7 +221,8 @@ def with_transform(dataset: Any, transform: Any) -> Any:
 
 # --- timm ----------------------------------------------------------------------------------
 
-def take_indices(num_blocks: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None
+                 ) -> tuple[list[int], int]:
     """timm's reading of ``forward_intermediates(indices=...)``: an int n takes the last n
     blocks, a list takes those blocks (negative from the end), None takes every block; also
     returns the last block needed.
@@ -226,7 +231,8 @@ def take_indices(num_blocks: int, indices: int | list[int] | None) -> tuple[list
     export; reading it the same way keeps caitlab's ``forward_intermediates`` timm's contract."""
     from timm.models._features import feature_take_indices
 
-    return feature_take_indices(num_blocks, indices)
+    # timm types indices as a list; any sequence serves (it iterates them)
+    return feature_take_indices(num_blocks, cast("int | list[int] | None", indices))
 
 
 def __getattr__(name: str) -> Any:

@@ -14,9 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # The package's own configs (shipped in the wheel); a project adds its own through ./conf
 # (hydra.searchpath in train.yaml), --config-dir or hydra.searchpath=[...].
@@ -185,13 +188,19 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: must be {allowed}")
 
 
-T = TypeVar("T")
+def container(cfg: DictConfig, *, resolve: bool = True) -> dict[str, Any]:
+    """``OmegaConf.to_container(cfg)``: the dict a DictConfig gives (OmegaConf's stub types
+    the result as any container, of any config, so each caller would have to narrow it)."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=resolve))
+
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def to_dataclass(cls: type[T], data: DictConfig | dict | None, prefix: str) -> T:
     """Builds ``cls`` from config data, naming the first unknown or mistyped key."""
     if isinstance(data, DictConfig):
-        data = OmegaConf.to_container(data, resolve=True)
+        data = container(data)
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -228,7 +237,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r} must be a list of {len(args)} numbers")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return to_dataclass(hint, value, key)
     if hint is bool:
         if isinstance(value, bool):
@@ -342,8 +351,7 @@ def gpus_bound_per_task(trainer: dict[str, Any], under_slurm: bool, gpus_visible
 def check_trainer(trainer: DictConfig | dict, *, multirun: bool, under_slurm: bool,
                   gpus_visible: int, cpus: int) -> None:
     """What Lightning would accept but cannot work, caught before anything is trained."""
-    t = OmegaConf.to_container(trainer, resolve=True) if isinstance(trainer, DictConfig) \
-        else dict(trainer)
+    t = container(trainer) if isinstance(trainer, DictConfig) else dict(trainer)
     epochs = t.get("max_epochs")
     _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
              "trainer.max_epochs", epochs, "an integer >= 1")

@@ -51,8 +51,8 @@ def constructor_refusal(err: BaseException) -> str | None:
                                                                      (TypeError, ValueError)):
         return None
     text = str(err)
-    key = (re.search(r"full_key: (\S+)", text) or [None, "model"])[1]
-    target = (re.search(r"target '([^']+)'", text) or [None, "?"])[1]
+    key = (re.search(r"full_key: (\S+)", text) or (None, "model"))[1]
+    target = (re.search(r"target '([^']+)'", text) or (None, "?"))[1]
     reason = re.sub(r"^[\w.]*__init__\(\) ", "", str(cause).splitlines()[0] if str(cause)
                     else type(cause).__name__)
     mistyped = re.search(r"unexpected keyword argument '(\w+)'", reason)

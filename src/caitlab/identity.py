@@ -24,11 +24,12 @@ import json
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab import compat
+from caitlab.config import container
 
 SIGNATURE_LENGTH = 10
 DELETED = "<deleted>"  # a value (``~ema``) or a config group (``~recipe``) the run removed
@@ -226,7 +227,7 @@ class Identity:
         if groups not in self._bases:
             cfg = self._compose(groups)
             self._bases[groups] = (values(cfg, exclusions(cfg)),
-                                   dict(OmegaConf.to_container(cfg.hydra.runtime.choices)))
+                                   container(cfg.hydra.runtime.choices, resolve=False))
         return self._bases[groups]
 
     def _parse(self, line: str) -> Any:
@@ -344,15 +345,15 @@ def hydra_node(cfg: DictConfig) -> DictConfig | None:
         return cfg.hydra
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get() if HydraConfig.initialized() else None
+    # Hydra types its node as the HydraConf dataclass; it is the DictConfig of one
+    return cast(DictConfig, HydraConfig.get()) if HydraConfig.initialized() else None
 
 
 def run_delta(cfg: DictConfig) -> dict[str, Any] | None:
     """What makes the config of the running Hydra job differ from the defaults; None for a
     config composed by hand, outside an app."""
     hydra = hydra_node(cfg)
-    ident = current(cfg) if hydra is not None else None
-    if ident is None:
+    if hydra is None or (ident := current(cfg)) is None:
         return None
     overrides = [*(hydra.overrides.hydra or []), *(hydra.overrides.task or [])]
     return ident.delta(cfg, overrides, hydra.runtime.choices)
@@ -388,7 +389,7 @@ LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
 def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
     skip = (*LEGACY_NON_RESULT_KEYS, *LEGACY_ADDED)
     if isinstance(cfg, DictConfig):
-        data = {k: _resolved(cfg, k) for k in cfg if k not in skip}
+        data = {k: _resolved(cfg, k) for k in map(str, cfg) if k not in skip}
     else:
         data = {k: v for k, v in cfg.items() if k not in skip}
     # keys added since, left out where they hold their defaults (a run that sets one cannot

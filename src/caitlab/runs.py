@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -127,7 +127,7 @@ class AtomicWrite:
                     os.close(dir_fd)
 
     @contextlib.contextmanager
-    def _failing(self):
+    def _failing(self) -> Iterator[None]:
         """On any error: the temporary file goes (a full disk gets its space back), and a
         refused write is raised naming ``path``."""
         try:
@@ -262,7 +262,7 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
 
     candidates = sorted((p for p in Path(ckpt_dir).glob("*.ckpt") if p.is_file()),
                         key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
-    broken = []
+    broken: list[Path] = []
     for path in candidates:
         if checkpoint_is_readable(path):
             if broken:

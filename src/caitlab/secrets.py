@@ -12,6 +12,7 @@ from __future__ import annotations
 import netrc
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -28,16 +29,16 @@ def _netrc_hosts() -> dict[str, tuple[str, str, str]]:
         return {}
 
 
-def secret_references(environ: dict[str, str] | None = None) -> dict[str, str]:
+def secret_references(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Each secret value and an OmegaConf interpolation that resolves to it, longest value
     first (a secret that contains another is replaced whole)."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     refs: dict[str, str] = {}
     for host, entry in _netrc_hosts().items():
         for field, value in zip(NETRC_FIELDS, entry, strict=True):
             if value:
                 refs.setdefault(value, f"${{netrc:{host},{field}}}")
-    for name, value in environ.items():
+    for name, value in env.items():
         if SECRET_NAME.search(name):
             refs[value] = f"${{oc.env:{name}}}"
     return {v: refs[v] for v in sorted(refs, key=len, reverse=True)

@@ -134,8 +134,8 @@ class Chain:
 
     def references(self, name: str) -> dict[str, str]:
         """{key: upstream stage} of the stage ``name``."""
-        return {k: WRITTEN.match(v)[1] for k, v in self.stages[name].items()
-                if isinstance(v, str) and WRITTEN.match(v)}
+        return {k: m[1] for k, v in self.stages[name].items()
+                if isinstance(v, str) and (m := WRITTEN.match(v))}
 
     def jobs(self, common: list[list[str]], expand: Callable[[list[str]], list[list[str]]],
              folder: Callable[[list[str]], str]) -> list[tuple[str, list[list[str]]]]:
@@ -162,7 +162,7 @@ class Chain:
                                          if key in refs else value)
                              for key, value in delta.items()]
                     own = {_key(line) for line in lines}
-                    inherited = {}
+                    inherited: dict[str, str] = {}
                     for pick in picks:
                         for line in pick.axes:
                             if _key(line) not in own:

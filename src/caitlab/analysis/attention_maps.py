@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,9 @@ import torch.nn.functional as F
 from caitlab.models import ImageTransformer
 from caitlab.models.checkpoint import CheckpointError, load_run_model, run_folder
 from caitlab.models.layers import Attention
+
+if TYPE_CHECKING:
+    from caitlab.data import DigitsDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,7 +170,8 @@ def run_data_config(ckpt: Path) -> dict | None:
     from omegaconf import OmegaConf
 
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path)).get("data")
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+        data = loaded.get("data") if isinstance(loaded, dict) else None
     except Exception:  # an unreadable config.yaml only costs the checks it allows
         return None
     return data if isinstance(data, dict) else None
@@ -211,10 +217,10 @@ def _cifar_classes(root: Path, option: str) -> list[str] | None:
 
 
 def _img_size(model: ImageTransformer) -> tuple[int, int]:
-    return tuple(model.patch_embed.img_size)  # type: ignore[return-value]
+    return tuple(model.patch_embed.img_size)
 
 
-def _digits_module(model: ImageTransformer, data: dict | None = None):
+def _digits_module(model: ImageTransformer, data: dict | None = None) -> DigitsDataModule:
     from caitlab.data import DigitsDataModule
 
     h, w = _img_size(model)
@@ -223,7 +229,7 @@ def _digits_module(model: ImageTransformer, data: dict | None = None):
     if model.patch_embed.proj.in_channels not in (1, 3):
         raise AttentionError("--digits needs a model with 1 or 3 input channels")
     # the run's own split: its test images are the ones the indices name
-    split = {k: data[k] for k in ("val_fraction", "test_fraction") if k in (data or {})}
+    split = {k: data[k] for k in ("val_fraction", "test_fraction") if data and k in data}
     dm = DigitsDataModule(img_size=h, in_chans=model.patch_embed.proj.in_channels, **split)
     dm.setup()
     return dm
@@ -241,6 +247,7 @@ def load_digits(
         raise AttentionError(f"--digits {bad[0]} is out of range: the test split has "
                              f"{len(x)} images (0..{len(x) - 1})")
     idx = torch.as_tensor(list(indices), dtype=torch.long)
+    assert dm.mean is not None and dm.std is not None  # set up (_digits_module)
     return (x[idx], [f"digit{i}" for i in indices], [int(v) for v in y[idx]],
             (dm.mean,), (dm.std,))
 
@@ -252,6 +259,7 @@ def default_mean_std(model: ImageTransformer) -> tuple[tuple[float, ...], tuple[
     if chans == 1:
         dm = _digits_module(model) if len(set(_img_size(model))) == 1 else None
         if dm is not None:
+            assert dm.mean is not None and dm.std is not None  # set up (_digits_module)
             return (dm.mean,), (dm.std,)
     raise AttentionError(f"no default --mean/--std for a {chans}-channel model: give them")
 
@@ -276,8 +284,8 @@ def load_image_files(
         if not p.is_file():
             raise AttentionError(f"image not found: {p}")
         try:
-            with Image.open(p) as img:
-                img = img.convert("L" if chans == 1 else "RGB")
+            with Image.open(p) as file:
+                img = file.convert("L" if chans == 1 else "RGB")
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
                 t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         except (UnidentifiedImageError, OSError) as err:
@@ -302,7 +310,7 @@ def per_channel(values: Sequence[float], chans: int, flag: str) -> torch.Tensor:
 # --- plotting ------------------------------------------------------------------------------
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,7 +18,7 @@ import argparse
 import json
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caitlab.analysis.model_source import BenchError, build
 from caitlab.analysis.paper import compare_paper
@@ -33,6 +33,9 @@ from caitlab.analysis.timing import (
     precision_label,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "caitlab-bench"
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -63,7 +66,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-def _warnings(result: dict[str, Any], device) -> list[str]:
+def _warnings(result: dict[str, Any], device: torch.device) -> list[str]:
     """Notes on figures not to trust: a busy CPU, or an MFU above 100%."""
     import os
 
@@ -102,7 +105,7 @@ def _counted(name: str, overrides: dict[str, Any] | None, img_size: int | None,
 
 
 def _timing_device(device: str | None, precision: str, threads: int | None,
-                   counts: dict[str, int]):
+                   counts: dict[str, int]) -> torch.device:
     """The device to time on, once the request (``counts``: batch, warmup, repeats, iters)
     is known to be one it can honour."""
     import torch
@@ -248,7 +251,7 @@ def parse_compare(text: str) -> tuple[str, list[Any]]:
 
 
 def format_compare(rows: list[dict[str, Any]]) -> str:
-    def num(v, fmt):
+    def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = ["Paper comparison: params (M) counted at 224 px and 1000 classes as in the papers' "

@@ -59,6 +59,7 @@ def _from_run(path: Path) -> ModelSource:
         cfg = yaml.safe_load(config.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise BenchError(f"{config}: cannot read it ({e.__class__.__name__})") from None
+    model: dict | None
     if isinstance(cfg, dict) and cfg.get("_target_"):  # a model config (conf/model/x.yaml)
         model, cfg = cfg, {}
     else:
@@ -71,7 +72,8 @@ def _from_run(path: Path) -> ModelSource:
     # constructor's defaults or --set; a run's config.yaml has them resolved
     kwargs = {k: v for k, v in model.items() if not str(k).startswith("_")
               and not (isinstance(v, str) and "${" in v)}
-    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    data = cfg.get("data")
+    data = data if isinstance(data, dict) else {}
     label = str(kwargs["name"]) if target == "caitlab.models.create_model" else target
     return ModelSource(label, _import_object(target), kwargs, data)
 
@@ -98,7 +100,7 @@ def resolve_model(spec: str) -> ModelSource:
                      f"({', '.join(list_models())}), a run folder, or module.Class of your own")
 
 
-def _construct(source: ModelSource, kwargs: dict[str, Any], device: Any):
+def _construct(source: ModelSource, kwargs: dict[str, Any], device: Any) -> Any:
     import torch
 
     from caitlab.models import ModelConfigError, UnknownModelError
@@ -120,7 +122,7 @@ def _construct(source: ModelSource, kwargs: dict[str, Any], device: Any):
         raise BenchError(f"bad model arguments {kwargs}: {msg}") from None
 
 
-def _input_shape(model, source: ModelSource, kwargs: dict[str, Any]) -> tuple[int, int, int]:
+def _input_shape(model: Any, source: ModelSource, kwargs: dict[str, Any]) -> tuple[int, int, int]:
     """(channels, height, width) of one input: a caitlab model's ``config``, else the
     ``in_chans``/``img_size`` it was built with (--set, the run's config, the run's data, the
     constructor's defaults)."""
@@ -128,7 +130,8 @@ def _input_shape(model, source: ModelSource, kwargs: dict[str, Any]) -> tuple[in
 
     cfg = getattr(model, "config", None)
     if isinstance(cfg, dict) and "in_chans" in cfg and "img_size" in cfg:
-        return (int(cfg["in_chans"]), *(int(x) for x in cfg["img_size"]))
+        h, w = cfg["img_size"]  # (height, width)
+        return int(cfg["in_chans"]), int(h), int(w)
     try:
         defaults = {k: p.default for k, p in inspect.signature(source.build).parameters.items()
                     if p.default is not inspect.Parameter.empty}
@@ -162,7 +165,7 @@ def build(name: str, overrides: dict[str, Any] | None = None, img_size: int | No
 
 
 def build_model(name: str, overrides: dict[str, Any] | None = None,
-                img_size: int | None = None, device: Any = "meta"):
+                img_size: int | None = None, device: Any = "meta") -> Any:
     """Builds MODEL ``name`` (:func:`resolve_model`) with ``overrides`` (``img_size`` wins over
     an override) on ``device``.
 

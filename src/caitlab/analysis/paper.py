@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caitlab.analysis.model_source import build_model
+
+if TYPE_CHECKING:
+    from caitlab.models import ImageTransformer
 
 # Parameters (M) of the papers' variants, at 224 px and 1000 classes: CaiT Table 3 (the
 # 384/448 px models are listed with their 224 px count). DeiT's own table rounds to whole
@@ -51,7 +54,7 @@ def paper_variants() -> list[str]:
     return named + extra
 
 
-def params_at_size(model, img_size: int) -> int:
+def params_at_size(model: ImageTransformer, img_size: int) -> int:
     """Parameters of ``model`` rebuilt at ``img_size`` px, without rebuilding it: the learned
     position embedding (one ``embed_dim`` vector per patch) is the only parameter whose size
     depends on the image size."""

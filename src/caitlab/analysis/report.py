@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from caitlab.analysis.report_answers import Answers, answers, few_seeds_note, metric_name
 from caitlab.analysis.report_html import to_html
@@ -170,6 +170,9 @@ def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
 
 # --- wandb summary run -------------------------------------------------------------------------
 
+WandbMode = Literal["online", "offline", "disabled", "shared"]  # wandb.init's modes
+Columns = list[str | int]  # a wandb.Table's column names, as wandb types them
+
 
 def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None = None,
                  out_dir: Path | None = None) -> str:
@@ -180,16 +183,18 @@ def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None
     from caitlab.secrets import wandb_mode
 
     run = wandb.init(project=project, entity=entity, group=group, job_type="report",
-                     name=f"report {group}", mode=wandb_mode(),
+                     # WANDB_MODE as set (a str): wandb.init checks it is one of its modes
+                     name=f"report {group}", mode=cast("WandbMode", wandb_mode()),
                      dir=str(out_dir) if out_dir else None, reinit="finish_previous")
     try:
         cols = list(report.data[0]) if report.data else []
         verdicts = report.as_json("")["verdicts"]
         vcols = ["line", "kind", "outcome", "delta", "low", "high", "p", "p_adjusted", "test",
                  "n", "macs_ratio"]
-        run.log({"comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols]
-                                                                 for r in report.data]),
-                 "verdicts": wandb.Table(columns=vcols,
+        # wandb types columns list[str | int] where it only reads them: a list[str] serves
+        run.log({"comparison": wandb.Table(columns=cast(Columns, cols),
+                                           data=[[r[c] for c in cols] for r in report.data]),
+                 "verdicts": wandb.Table(columns=cast(Columns, vcols),
                                          data=[[v[c] for c in vcols] for v in verdicts]),
                  **{f"plots/{p.stem}": wandb.Image(str(p)) for p in report.plots}})
         run.summary["verdicts"] = report.verdicts

@@ -86,8 +86,8 @@ def _axis_settings(variant: Variant) -> dict[str, str]:
 def settings(variant: Variant) -> dict[str, str]:
     """What the variant's runs were asked for, seed aside: the overrides all its runs share
     (falling back to its axes for runs that do not record their overrides)."""
-    found = [_override_settings(r) for r in variant.runs]
-    if not found or any(s is None for s in found):
+    found = [s for r in variant.runs if (s := _override_settings(r)) is not None]
+    if not found or len(found) < len(variant.runs):  # a run without its overrides
         return _axis_settings(variant)
     first = found[0]
     return {k: v for k, v in first.items() if all(s.get(k) == v for s in found[1:])}

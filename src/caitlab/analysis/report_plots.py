@@ -14,18 +14,23 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from caitlab.analysis.report_answers import Answers, by_seed, metric_name
 from caitlab.analysis.report_runs import Variant
 from caitlab.analysis.report_table import extra_axes, variant_label
 from caitlab.analysis.stats import MIN_SEEDS, Estimate, estimate
 
+if TYPE_CHECKING:  # matplotlib is imported where used: importing this stays cheap
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 MARKERS = {"ViT": "o", "CaiT": "^", "own": "s"}
 BARS = f"bars: 95% CI over seeds (with {MIN_SEEDS}+ seeds)"
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,27 +46,28 @@ def _colors(variants: list[Variant]) -> dict[str, Any]:
     return {v.key: cmap(i % cmap.N) for i, v in enumerate(variants)}
 
 
-def _figure(n_labels: int, longest: int, height: float = 4.2):
+def _figure(n_labels: int, longest: int, height: float = 4.2) -> tuple[Figure, Axes]:
     """A figure wide enough for its legend beside the axes."""
     plt = _pyplot()
     width = 5.5 + (0.075 * longest + 0.5 if n_labels else 0)
     return plt.subplots(figsize=(width, height), layout="constrained")
 
 
-def _point(ax, x: float, e: Estimate, **style) -> None:
+def _point(ax: Axes, x: float, e: Estimate, **style: Any) -> None:
     """The mean with its interval as an error bar (none below MIN_SEEDS seeds)."""
-    yerr = None if e.low is None else [[e.mean - e.low], [e.high - e.mean]]
+    yerr = (None if e.low is None or e.high is None  # (both set, or neither)
+            else [[e.mean - e.low], [e.high - e.mean]])
     ax.errorbar([x], [e.mean], yerr=yerr, capsize=3, linestyle="none", markersize=7, **style)
 
 
-def _legend(fig, ax) -> None:
+def _legend(fig: Figure, ax: Axes) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside right upper", fontsize="small",
                    frameon=False)
 
 
-def _readable_x(ax, values: list[float]) -> None:
+def _readable_x(ax: Axes, values: list[float]) -> None:
     """A log x scale where the values span more than 4x, with plain-number ticks at 1-2-5
     (matplotlib's default labels minor ticks too on a short log axis, and they collide)."""
     from matplotlib import ticker
@@ -90,13 +96,13 @@ def _dodged(xs: list[float], step: float = 0.012) -> list[float]:
     return factors
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path
 
 
-def figure_top1_vs_depth(variants: list[Variant], metric: str = "test/top1"):
+def figure_top1_vs_depth(variants: list[Variant], metric: str = "test/top1") -> Figure | None:
     """One line per residual scaling: the paper's Table 1 as a picture; None where the
     sweep has fewer than two depths."""
     points: dict[str, list[tuple[int, Estimate]]] = {}
@@ -118,10 +124,10 @@ def figure_top1_vs_depth(variants: list[Variant], metric: str = "test/top1"):
     for i, (name, pts) in enumerate(sorted(points.items())):
         pts.sort(key=lambda p: p[0])
         off = step * (i - (len(points) - 1) / 2)
-        line, = ax.plot([d + off for d, _ in pts], [e.mean for _, e in pts], marker="o",
-                        label=name)
+        drawn, = ax.plot([d + off for d, _ in pts], [e.mean for _, e in pts], marker="o",
+                         label=name)
         for d, e in pts:
-            _point(ax, d + off, e, color=line.get_color())
+            _point(ax, d + off, e, color=drawn.get_color())
     from matplotlib import ticker
 
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -133,11 +139,12 @@ def figure_top1_vs_depth(variants: list[Variant], metric: str = "test/top1"):
     return fig
 
 
-def _front_line(ax, pts: list[tuple[float, float]], lower_is_cheaper: bool) -> None:
+def _front_line(ax: Axes, pts: list[tuple[float, float]], lower_is_cheaper: bool) -> None:
     """The Pareto front as a staircase: from the cheapest member, accuracy holds until the
     next member buys more of it."""
     pts = sorted(pts, reverse=not lower_is_cheaper)
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     for x, y in pts:
         if xs:
             xs.append(x)
@@ -151,7 +158,7 @@ def _front_line(ax, pts: list[tuple[float, float]], lower_is_cheaper: bool) -> N
 
 
 def figure_top1_vs_cost(variants: list[Variant], cost: str, answers: Answers | None = None,
-                        extra: Iterable[str] = ()):
+                        extra: Iterable[str] = ()) -> Figure | None:
     """Top-1 against MACs (``cost='macs'``) or training images/s (``'images_per_s'``): a
     point per variant with its interval, ViT-like and CaiT-like as two marker families, the
     Pareto front drawn. None where no variant has both."""
@@ -190,7 +197,7 @@ def figure_top1_vs_cost(variants: list[Variant], cost: str, answers: Answers | N
     return fig
 
 
-def figure_val_curves(variants: list[Variant], extra: Iterable[str] = ()):
+def figure_val_curves(variants: list[Variant], extra: Iterable[str] = ()) -> Figure | None:
     """A mean line per variant over its seeds' validation curves, with a band of ± one
     standard deviation where it has two seeds or more."""
     curves = [(v, [r.curve for r in v.runs if r.curve]) for v in variants]

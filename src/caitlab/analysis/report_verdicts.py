@@ -68,6 +68,7 @@ def number(x: float, digits: int, sign: bool = False) -> str:
 def interval(d: Difference, digits: int = 1) -> str:
     """``[low, high]`` with its level where that is not the nominal 95%, at the digits that
     keep its bounds' signs."""
+    assert d.low is not None and d.high is not None  # asked for where there is one
     digits = sign_digits(d.low, d.high, digits=digits)
     text = f"[{number(d.low, digits)}, {number(d.high, digits)}]"
     if abs(d.alpha - ALPHA) > 1e-12:
@@ -125,7 +126,8 @@ class Verdict:
     why: str | None = None  # a question the runs cannot answer: why not
     not_counted: str = ""  # the runs a side has but the difference could not count
     correction: str = "none"
-    seeds: tuple[dict, dict] = field(default=(), repr=False, compare=False)
+    # a difference's (variant, baseline) seed -> value; () where there is none
+    seeds: tuple[dict, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -136,8 +138,14 @@ class Verdict:
         return self.divergence or self.difference
 
     @property
+    def answered(self) -> Difference | Rates:
+        """Its test, of a question answered (every verdict without ``why`` has one)."""
+        assert self.test is not None
+        return self.test
+
+    @property
     def outcome(self) -> str:
-        return "not answered" if self.why else self.test.outcome
+        return "not answered" if self.why else self.answered.outcome
 
     def question(self) -> str:
         where = [shown(k, v) for k, v in self.context.items()]
@@ -162,6 +170,7 @@ class Verdict:
                     f"{r.k_baseline} of {r.n_baseline} runs diverged, "
                     f"{self._p(r.p, r.p_adjusted, 'Fisher')} -> {r.outcome}")
         d = self.difference
+        assert d is not None  # answered, not a divergence line
         digits = sign_digits(d.low, d.high)
         text = f"{number(d.delta, digits, sign=True)} pts"
         if d.low is not None:
@@ -216,22 +225,26 @@ def apply_correction(verdicts: Iterable[Verdict], method: str = "holm",
     each difference recomputed at the threshold its verdict is held to, so that its interval
     excludes 0 exactly where the verdict says better or worse."""
     verdicts = list(verdicts)
-    family = [i for i, v in enumerate(verdicts) if v.why is None and v.test.p is not None]
-    adjusted, thresholds = correct([verdicts[i].test.p for i in family], method, alpha)
+    ps = {i: p for i, v in enumerate(verdicts)  # index -> p of each verdict with one
+          if v.why is None and (p := v.answered.p) is not None}
+    adjusted, thresholds = correct(list(ps.values()), method, alpha)
     out = [replace(v, correction=method) for v in verdicts]
-    for i, p_adj, t in zip(family, adjusted, thresholds, strict=True):
+    for i, p_adj, t in zip(ps, adjusted, thresholds, strict=True):
         v = out[i]
         if v.divergence is not None:
             out[i] = replace(v, divergence=replace(v.divergence, alpha=t, p_adjusted=p_adj))
         else:
-            out[i] = replace(v, difference=replace(difference(*v.seeds, alpha=t),
-                                                   p_adjusted=p_adj))
+            d = difference(v.seeds[0], v.seeds[1], alpha=t)
+            assert d is not None  # the seeds gave one at the nominal threshold
+            out[i] = replace(v, difference=replace(d, p_adjusted=p_adj))
     return out
 
 
 def method_text(verdicts: list[Verdict], method: str, alpha: float = ALPHA) -> str:
     """How the verdicts are held together, for the report's heading."""
-    m = sum(v.why is None and v.test.p is not None for v in verdicts)
+    m = sum(v.why is None and v.answered.p is not None for v in verdicts)
+    if m == 0:
+        return "none could be tested yet, so none is held to a threshold"
     if method == "none":
         return (f"no correction: each verdict at α={alpha:g} on its own, so about "
                 f"{alpha * m:.2g} of these {m} lines say better or worse by chance alone")

@@ -75,6 +75,7 @@ def estimate(values: list[float], min_n: int = MIN_SEEDS) -> Estimate | None:
 
     if std == 0:
         return Estimate(mean, 0.0, len(values), mean, mean)
+    assert std is not None  # min_n >= 2 values: they have a standard deviation
 
     low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=mean,
                                  scale=std / math.sqrt(len(values)))

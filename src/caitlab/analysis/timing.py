@@ -18,14 +18,19 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, cast
 
+if TYPE_CHECKING:  # torch is imported where used: importing this stays cheap
+    import torch
+    from torch import nn
+
+    Device = torch.device | str  # a device, or its name
 PRECISIONS = ("32", "bf16")
 
 
-def resolve_device(name: str | None):
+def resolve_device(name: str | None) -> torch.device:
     """The ``torch.device`` for ``name`` (cpu, cuda, cuda:1; None: cuda if available, else
     cpu), a bare ``cuda`` pinned to the current index. ValueError for one this machine lacks."""
     import torch
@@ -39,21 +44,21 @@ def resolve_device(name: str | None):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available here")
-        if device.index is None:
+        if cast("int | None", device.index) is None:  # torch types it int; bare cuda's is None
             device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return device
 
 
-def compute_dtype(precision: str):
+def compute_dtype(precision: str) -> torch.dtype:
     """The dtype the matmuls of ``precision`` (one of :data:`PRECISIONS`) run in."""
     import torch
 
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def autocast(device, precision: str):
+def autocast(device: Device, precision: str) -> AbstractContextManager[Any]:
     """bf16 autocast on ``device`` for ``precision="bf16"``; nothing for fp32."""
     import torch
 
@@ -66,7 +71,7 @@ def precision_label(precision: str) -> str:
     return "bf16 autocast" if precision == "bf16" else "fp32"
 
 
-def device_name(device) -> str:
+def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model with the torch threads timing runs on."""
     import torch
 
@@ -100,7 +105,7 @@ def num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def sync(device) -> None:
+def sync(device: Device) -> None:
     """Waits for ``device``'s queued work, so a clock read after it times that work."""
     import torch
 
@@ -108,7 +113,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_repeats(step: Callable[[], Any], device, warmup: int, repeats: int,
+def time_repeats(step: Callable[[], Any], device: Device, warmup: int, repeats: int,
                  iters: int) -> list[float]:
     """Seconds for each of ``repeats`` runs of ``iters`` steps, after ``warmup`` untimed steps."""
     for _ in range(warmup):
@@ -125,8 +130,8 @@ def time_repeats(step: Callable[[], Any], device, warmup: int, repeats: int,
     return times
 
 
-def time_interleaved(steps: dict[str, Callable[[], Any]], device, warmup: int, repeats: int,
-                     iters: int) -> dict[str, list[float]]:
+def time_interleaved(steps: dict[str, Callable[[], Any]], device: Device, warmup: int,
+                     repeats: int, iters: int) -> dict[str, list[float]]:
     """Seconds per repeat of each named step, the steps taking turns repeat by repeat.
 
     Side-by-side comparisons (ours against a reference) alternate so that a change of clock,
@@ -156,13 +161,13 @@ def median_ratio(ours: list[float], reference: list[float]) -> float:
     return statistics.median(reference) / statistics.median(ours)
 
 
-def default_matmul_size(device) -> int:
+def default_matmul_size(device: Device) -> int:
     import torch
 
     return 4096 if torch.device(device).type == "cuda" else 1024
 
 
-def matmul_peak_flops(device, dtype, size: int | None = None, repeats: int = 5,
+def matmul_peak_flops(device: Device, dtype: torch.dtype, size: int | None = None, repeats: int = 5,
                       target_s: float = 0.05) -> float:
     """FLOP/s of a ``size x size @ size x size`` matmul in ``dtype`` on ``device``: the median
     of ``repeats`` timed runs, each long enough (about ``target_s``) to time reliably.
@@ -178,7 +183,7 @@ def matmul_peak_flops(device, dtype, size: int | None = None, repeats: int = 5,
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     out = torch.empty(n, n, device=device, dtype=dtype)
 
-    def step():
+    def step() -> None:
         torch.mm(a, b, out=out)
 
     # Calibrate: how many matmuls make one timed repeat last about target_s.
@@ -188,7 +193,8 @@ def matmul_peak_flops(device, dtype, size: int | None = None, repeats: int = 5,
     return 2 * n**3 * iters / statistics.median(times)
 
 
-def prepare_device(name: str | None, precision: str, threads: int | None = None):
+def prepare_device(name: str | None, precision: str,
+                   threads: int | None = None) -> tuple[torch.device, float, int]:
     """(device, matmul peak FLOP/s, matmul size) for a benchmark script: ``threads`` CPU
     threads when given (for the rest of the process), TF32 matmuls on CUDA (as training uses
     them), and the MFU denominator timed now, on this device and precision."""
@@ -219,7 +225,7 @@ class PeakMemory:
     RSS on the CPU (``ru_maxrss`` is a high-water mark: a phase that stays below an earlier
     peak reads 0)."""
 
-    def __init__(self, device) -> None:
+    def __init__(self, device: Device) -> None:
         import torch
 
         self.cuda = torch.device(device).type == "cuda"
@@ -235,25 +241,26 @@ class PeakMemory:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux
 
-    def __enter__(self):
+    def __enter__(self) -> PeakMemory:
         import torch
 
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.start = None if self.cuda else self._maxrss_bytes()
-        self.bytes = None
+        self.bytes: int | None = None
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         import torch
 
         if self.cuda:
             self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-        elif self.start is not None:
-            self.bytes = max(0, self._maxrss_bytes() - self.start)
+        elif self.start is not None and (end := self._maxrss_bytes()) is not None:
+            self.bytes = max(0, end - self.start)
 
 
-def inference_step(forward: Callable, x, device, precision: str) -> Callable[[], None]:
+def inference_step(forward: Callable, x: torch.Tensor, device: Device,
+                   precision: str) -> Callable[[], None]:
     """One batch of inference: ``forward(x)`` under ``inference_mode`` and ``precision``."""
     import torch
 
@@ -264,8 +271,9 @@ def inference_step(forward: Callable, x, device, precision: str) -> Callable[[],
     return step
 
 
-def training_step(forward: Callable, params, x, y, device, precision: str,
-                  optimizer=None) -> Callable[[], None]:
+def training_step(forward: Callable, params: Iterable[torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor | None, device: Device, precision: str,
+                  optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
     """One batch of training: ``forward(x)`` under ``precision``, the loss in fp32 (cross
     entropy with labels ``y``; the mean square of the outputs when ``y`` is None), backward,
     then ``optimizer``'s step when given, and the gradients of ``params`` dropped."""
@@ -287,7 +295,9 @@ def training_step(forward: Callable, params, x, y, device, precision: str,
     return step
 
 
-def _random_batch(model, batch: int, device, input_shape: tuple[int, int, int] | None):
+def _random_batch(model: nn.Module, batch: int, device: Device,
+                  input_shape: tuple[int, int, int] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random images of ``input_shape`` (default: a caitlab model's own) and labels for as
     many classes as the model has (None for a model whose output is not one row of logits)."""
     import torch
@@ -318,7 +328,8 @@ def _phase_result(times: list[float], batch: int, iters: int, macs: int, peak: f
     )
 
 
-def measure_throughput(model, *, batch: int, device, precision: str, macs: int, peak: float,
+def measure_throughput(model: nn.Module, *, batch: int, device: Device, precision: str,
+                       macs: int, peak: float,
                        warmup: int = 3, repeats: int = 5, iters: int = 5,
                        compile: bool = False,
                        input_shape: tuple[int, int, int] | None = None
@@ -338,7 +349,7 @@ def measure_throughput(model, *, batch: int, device, precision: str, macs: int, 
         warmup = max(warmup, 1)  # the first call compiles; never time it
     timing = dict(warmup=warmup, repeats=repeats, iters=iters)
 
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     model.eval()
     with PeakMemory(device) as mem:
         times = time_repeats(inference_step(forward, x, device, precision), device, **timing)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -62,7 +63,7 @@ def held_out_words(fraction: float, source: str) -> str:
 
 
 
-def loader_workers(requested: int | str, cpus: int) -> tuple[int, str | None]:
+def loader_workers(requested: int | Literal["auto"], cpus: int) -> tuple[int, str | None]:
     """Workers per DataLoader for ``requested`` (an integer or ``auto``) given ``cpus`` for this
     process, and the one line to say about it (None: nothing worth saying).
 
@@ -268,11 +269,11 @@ class ResumableLoader(DataLoader):
     to after that draw, and a second one would shift every draw of the run after it.
     """
 
-    def __init__(self, *args, record: LoaderRecord | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, record: LoaderRecord | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.record = record if record is not None else LoaderRecord()
 
-    def __iter__(self):
+    def __iter__(self) -> Any:  # a map over DataLoader's iterator (the type it declares)
         record = self.record
         record.batches_out = 0
         record.iterations += 1
@@ -284,7 +285,7 @@ class ResumableLoader(DataLoader):
         finally:
             self.generator = None
 
-    def _count(self, batch):
+    def _count(self, batch: Any) -> Any:
         self.record.batches_out += 1
         return batch
 
@@ -343,7 +344,7 @@ class FileDataModule(DataModuleBase):
         self._loaders[split] = loader
         return loader
 
-    def collate_fn(self, train: bool):
+    def collate_fn(self, train: bool) -> Callable[[list[Any]], Any] | None:
         """The loader's collate function (None: PyTorch's default)."""
         return None
 
@@ -371,13 +372,15 @@ class FileDataModule(DataModuleBase):
         """``(batches, finished)``: batches of the current epoch trained, and whether the
         epoch is over. Under a trainer its loop's count (its fetcher takes a batch ahead of
         the one training); without one, the batches the training loader handed out."""
-        loop = getattr(self.trainer, "fit_loop", None)
-        if loop is not None:
+        trainer = self.trainer
+        if trainer is not None and (loop := getattr(trainer, "fit_loop", None)) is not None:
             done = int(loop.epoch_loop.batch_progress.current.processed)
-            return done, done >= self.trainer.num_training_batches
+            return done, done >= trainer.num_training_batches
         loader = self._loaders["train"]
+        sampler = loader.sampler
+        assert isinstance(sampler, ResumableSampler)  # every training loader's (_file_loader)
         done = loader.record.batches_out
-        return done, done >= loader.sampler.batches_per_epoch()
+        return done, done >= sampler.batches_per_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         """The training sampler's position, and which loaders' workers' seeds the run has

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
@@ -77,7 +78,7 @@ class CifarDataModule(FileDataModule):
         return selection_facts("test", test_is_val=True)
 
     @property
-    def dataset_cls(self) -> type:
+    def dataset_cls(self) -> Any:  # torchvision's CIFAR10 or CIFAR100 (it has no types)
         import torchvision.datasets
 
         return getattr(torchvision.datasets, self.dataset_cls_name)
@@ -111,7 +112,7 @@ class CifarDataModule(FileDataModule):
         if self.download:
             self.dataset_cls(str(self.root), train=True, download=True)
 
-    def _load(self, train: bool) -> Dataset:
+    def _load(self, train: bool) -> Any:  # a dataset_cls
         try:
             ds = self.dataset_cls(str(self.root), train=train, transform=self.transform(train))
         except RuntimeError as e:

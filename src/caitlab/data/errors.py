@@ -4,7 +4,7 @@ line naming ``data.<key>`` or the path, so that ``caitlab-train`` can print it a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,7 +18,7 @@ class ImageReadError(DataConfigError):
     one line names the file and the cause, the traceback is worth keeping."""
 
 
-def data_error_message(err: DataConfigError) -> str:
+def data_error_message(err: Exception) -> str:
     """``err``'s one line, also when a DataLoader worker raised it: torch re-raises a worker's
     error in the main process with the worker's whole traceback as the message, and the
     original message as its last line."""
@@ -66,7 +66,7 @@ def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def check_workers(value: Any) -> int | str:
+def check_workers(value: Any) -> int | Literal["auto"]:
     """``num_workers``: an integer >= 0, or ``auto`` (:func:`caitlab.data.base.loader_workers`)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"

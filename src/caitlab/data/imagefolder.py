@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -31,7 +32,7 @@ from caitlab.data.images import (
     checked_image_folder,
     find_class_folders,
 )
-from caitlab.data.sampling import RepeatedAugSampler, ResumableSampler
+from caitlab.data.sampling import RepeatedAugSampler, ResumableSampler, num_images
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 # random erasing's fill (timm): const (its default: 0 once normalised), rand (one normal
@@ -203,7 +204,8 @@ class ImageFolderDataModule(FileDataModule):
                                      auto_augment=self.auto_augment, re_prob=self.reprob,
                                      re_mode=self.remode,
                                      interpolation=self.interpolation,
-                                     color_jitter=self.color_jitter,
+                                     # None: none (timm's type leaves None out)
+                                     color_jitter=cast(float, self.color_jitter),
                                      use_prefetcher=self.normalize_on_device)
         except (AssertionError, ValueError, KeyError) as e:
             raise DataConfigError(f"data.auto_augment: {self.auto_augment!r} is not a timm "
@@ -223,7 +225,7 @@ class ImageFolderDataModule(FileDataModule):
         if stage in (None, "fit") and self.train_set is None:
             train = self._train_images()
             self.train_set = Subset(train, self.held_out()[0]) if self.val_fraction else train
-            self._num_train_samples = len(self.train_set)
+            self._num_train_samples = num_images(self.train_set)
         self.check_train_batches(stage)
         if self.val_set is None:
             if self.val_fraction:
@@ -251,7 +253,7 @@ class ImageFolderDataModule(FileDataModule):
         Raises:
             DataConfigError: ``val_fraction`` holds out no image, or leaves none to train on.
         """
-        n = len(self._train_images())
+        n = num_images(self._train_images())
         n_val = round(self.val_fraction * n)
         if not 0 < n_val < n:
             raise DataConfigError(f"data.val_fraction={self.val_fraction} of {n} training "
@@ -284,7 +286,7 @@ class ImageFolderDataModule(FileDataModule):
                                   repeats=self.repeated_aug, batch_size=self.batch_size,
                                   drop_last=self.drop_last)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """A uint8 training batch, now on the device: normalised (ImageNet mean and std, as
         the evaluation transform does), then randomly erased (``reprob``; ``remode``: the
         box's fill), as timm's prefetcher does. Evaluation batches come normalised from their
@@ -298,7 +300,7 @@ class ImageFolderDataModule(FileDataModule):
 
             mean = torch.tensor([255 * m for m in IMAGENET_DEFAULT_MEAN], device=x.device)
             std = torch.tensor([255 * s for s in IMAGENET_DEFAULT_STD], device=x.device)
-            erase = RandomErasing(self.reprob, mode=self.remode, max_count=1,
+            erase: Callable | None = RandomErasing(self.reprob, mode=self.remode, max_count=1,
                                   device=x.device) if self.reprob > 0 else None
             self._on_device = (mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1), erase)
         mean, std, erase = self._on_device

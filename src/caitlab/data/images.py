@@ -34,7 +34,7 @@ def load_rgb(path: str) -> Image.Image:
     all white. Such images are rescaled to 8 bits first: 16-bit ranges by 1/257, others
     (float, 32-bit int) from their own minimum and maximum."""
     with open(path, "rb") as f:
-        img = Image.open(f)
+        img: Image.Image = Image.open(f)  # a file's image, converted below
         img.load()
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         a = np.asarray(img, dtype=np.float64)
@@ -72,6 +72,7 @@ class CheckedImages:
     def __init__(self, root: str, transform: Callable | None, on_corrupt: str) -> None:
         self.on_corrupt = on_corrupt
         self.skipped: set[str] = set()
+        # super() is ImageFolder, which checked_image_folder mixes this class into
         super().__init__(root, transform=transform, loader=load_rgb)  # type: ignore[call-arg]
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:

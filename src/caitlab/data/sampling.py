@@ -12,13 +12,19 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sized
+from typing import Any, cast
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
+
+
+def num_images(dataset: Dataset) -> int:
+    """``len(dataset)``: every dataset caitlab loads or samples is map-style, with a length
+    (torch types ``Dataset`` without ``__len__``, which its own samplers call regardless)."""
+    return len(cast(Sized, dataset))
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -141,7 +147,7 @@ class ResumableSampler(DistributedSampler, metaclass=ABCMeta):
     (DistributedSampler's own ``drop_last`` is whether to pad the shards, and stays False).
     """
 
-    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int,
                  batch_size: int = 1, drop_last: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
                          seed=seed)
@@ -186,14 +192,14 @@ class ResumableSampler(DistributedSampler, metaclass=ABCMeta):
         elif finished or batches >= self.batches_per_epoch():
             epoch, batches, started = epoch + 1, 0, False
         return {"epoch": epoch, "batches": int(batches), "started": started, "seed": self.seed,
-                "num_images": len(self.dataset), "num_replicas": self.num_replicas,
+                "num_images": num_images(self.dataset), "num_replicas": self.num_replicas,
                 "batch_size": self.batch_size, **self.generator_state(epoch)}
 
     def resume_from(self, state: dict[str, Any]) -> None:
         """Continues at ``state`` (a :meth:`position`) on the next iteration; a position saved
         for another seed, number of images, ranks or batch size starts its epoch over."""
         batches = int(state["batches"])
-        mine = {"seed": self.seed, "num_images": len(self.dataset),
+        mine = {"seed": self.seed, "num_images": num_images(self.dataset),
                 "num_replicas": self.num_replicas, "batch_size": self.batch_size}
         other = {k: state.get(k) for k in mine if state.get(k) != mine[k]}
         if other and batches:
@@ -226,7 +232,7 @@ class ShuffleSampler(ResumableSampler):
     are made here, on a generator of the sampler's own.
     """
 
-    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int,
                  batch_size: int = 1, drop_last: bool = False, shard: bool = True,
                  loader_draws_every_epoch: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas if shard else 1,
@@ -242,7 +248,7 @@ class ShuffleSampler(ResumableSampler):
         return self.epoch if self.shard else self._drawn
 
     def order(self, epoch: int) -> list[int]:
-        n = len(self.dataset)
+        n = num_images(self.dataset)
         if self.shard:
             gen = torch.Generator().manual_seed(self.seed + epoch)
             return shard_indices(torch.randperm(n, generator=gen), self.rank,
@@ -255,7 +261,7 @@ class ShuffleSampler(ResumableSampler):
 
     def after_epoch(self) -> None:
         if not self.shard:
-            torch.randperm(len(self.dataset), generator=self._gen)
+            torch.randperm(num_images(self.dataset), generator=self._gen)
 
     def generator_state(self, epoch: int) -> dict[str, Any]:
         if self.shard:
@@ -279,7 +285,7 @@ class RepeatedAugSampler(ResumableSampler):
     the same for every seed).
     """
 
-    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int,
                  repeats: int = 3, batch_size: int = 1, drop_last: bool = False) -> None:
         from timm.data.distributed_sampler import RepeatAugSampler
 

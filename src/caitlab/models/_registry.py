@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -24,7 +25,7 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **overrides) -> nn.Module:
+def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds the named variant; ``overrides`` replace any of its constructor arguments."""
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
@@ -160,7 +161,9 @@ class ImageTransformer(nn.Module):
 
         # Modules are made in this order because it is the order they draw their random
         # init in: a seed gives the same model as it always did.
-        self.patch_embed = PatchEmbed(img_size=spec.img_size, patch_size=spec.patch_size,
+        # timm types patch_size as an int; it takes the resolved pair too (to_2tuple)
+        self.patch_embed = PatchEmbed(img_size=spec.img_size,
+                                      patch_size=cast(int, spec.patch_size),
                                       in_chans=spec.in_chans, embed_dim=spec.embed_dim)
         self.cls_token = (nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
                           if spec.class_token != "none" else None)
@@ -170,7 +173,7 @@ class ImageTransformer(nn.Module):
         self.layer_tokens: list[int] = _layer_tokens(self.patch_embed.num_patches, spec)
         self.blocks = self._self_attention_stage(spec)
         self.ca_blocks = self._class_attention_stage(spec)
-        self.norm = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
+        self.norm: nn.Module = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps)
         self.head_drop = nn.Dropout(spec.drop_rate)
         self.head = self._head(spec)
 
@@ -181,7 +184,8 @@ class ImageTransformer(nn.Module):
 
         # made and drawn after everything else: the rest of the model is what the same seed
         # gives without it
-        self.dist_token = self.head_dist = None
+        self.dist_token: nn.Parameter | None = None
+        self.head_dist: nn.Module | None = None
         self.distilled_training = False  # set by a training with a teacher (timm's name)
         if spec.distillation_token:
             self.dist_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
@@ -197,7 +201,7 @@ class ImageTransformer(nn.Module):
                 qkv_bias=spec.qkv_bias, talking_heads=spec.talking_heads,
                 proj_drop=spec.proj_drop_rate, attn_drop=spec.attn_drop_rate,
                 drop_path=dpr[i], residual=spec.residual,
-                layerscale_init=spec.layerscale_init, norm_eps=spec.norm_eps,
+                layerscale_init=float(spec.layerscale_init), norm_eps=spec.norm_eps,
                 static_keys=self.layer_tokens[i] if spec.attention == "static_key" else None,
                 keep_rate=spec.keep_rate if i in spec.reorg_layers else 1.0,
             )
@@ -212,7 +216,7 @@ class ImageTransformer(nn.Module):
                 dim=spec.embed_dim, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,
                 qkv_bias=spec.qkv_bias, proj_drop=spec.proj_drop_rate,
                 attn_drop=spec.attn_drop_rate, residual=spec.residual,
-                layerscale_init=spec.layerscale_init, norm_eps=spec.norm_eps,
+                layerscale_init=float(spec.layerscale_init), norm_eps=spec.norm_eps,
             )
             for _ in range(spec.ca_depth)
         )
@@ -250,6 +254,7 @@ class ImageTransformer(nn.Module):
 
     def _cls(self, batch: int) -> torch.Tensor:
         """The class token, then the distillation token where there is one: (B, 1 or 2, C)."""
+        assert self.cls_token is not None  # asked for where the model has one
         if self.dist_token is None:
             return self.cls_token.expand(batch, -1, -1)
         return torch.cat((self.cls_token, self.dist_token), dim=1).expand(batch, -1, -1)
@@ -390,7 +395,8 @@ class ImageTransformer(nn.Module):
             if i in watched:
                 attention.append(ClassTokenAttention(f"sa.{i}", self._no_dist(row),
                                                      positions))
-            positions = follow_tokens(positions, row, block.keep_rate)
+            keep_rate = cast(Block, block).keep_rate  # ModuleList types its items Module
+            positions = follow_tokens(positions, row, keep_rate)
         ca: list[torch.Tensor] = []
         x = self.forward_cls(x, ca)
         attention += [ClassTokenAttention(f"ca.{j}", self._no_dist(w), positions)
@@ -424,6 +430,7 @@ class ImageTransformer(nn.Module):
         return (cls + dist) / 2
 
     def _both_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.head_dist is not None  # with a distillation token
         return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,9 +439,9 @@ class ImageTransformer(nn.Module):
             raise ValueError("distillation_token=false: the model has one head")
         return self._both_heads(self.forward_features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return tuple(self.patch_embed.grid_size)  # type: ignore[return-value]
+        return tuple(self.patch_embed.grid_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -125,7 +126,8 @@ def remap_state_dict(
             for i, token in enumerate(tokens):
                 out[token] = out[token] + pos[:, i:i + 1]
             pos = pos[:, len(tokens):]
-        grid = tuple(model.grid_size)
+        # the model's own (H, W): nn.Module types attributes it does not know as Tensor | Module
+        grid = tuple(cast(tuple[int, int], model.grid_size))
         src = _grid(pos.shape[1])
         if src is not None and src != grid and pos.shape[-1] == target.shape[-1]:
             pos = resample_abs_pos_embed(pos, list(grid), list(src), num_prefix_tokens=0)

@@ -57,7 +57,7 @@ def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, 
         len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair),
         f"{name}={value!r} must be a positive integer or a pair of them",
     )
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def _layerscale_eps(layerscale_init: float | str, depth: int) -> float:
@@ -78,7 +78,7 @@ def _reorg_layers(value: tuple[int, ...] | list[int] | str, depth: int) -> tuple
         return tuple(sorted({depth * k // 12 for k in (3, 6, 9)}))
     ok = not isinstance(value, str)
     try:
-        layers = tuple(value) if ok else ()
+        layers: tuple[Any, ...] = tuple(value) if ok else ()  # checked just below
     except TypeError:
         ok = False
     _check(ok and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
@@ -170,8 +170,9 @@ class ModelSpec:
         model from and a run's summary records (lists, not tuples: it is saved as YAML and
         JSON). Its keys and their order are part of the saved format."""
         r = self.resolved()
+        assert isinstance(r.img_size, tuple) and isinstance(r.patch_size, tuple)  # pairs
         return dict(
-            img_size=list(r.img_size), patch_size=list(r.patch_size),  # type: ignore[arg-type]
+            img_size=list(r.img_size), patch_size=list(r.patch_size),
             in_chans=r.in_chans, num_classes=r.num_classes, embed_dim=r.embed_dim,
             depth=r.depth, num_heads=r.num_heads, mlp_ratio=r.mlp_ratio, qkv_bias=r.qkv_bias,
             class_token=r.class_token, insert_layer=r.insert_layer, ca_depth=r.ca_depth,

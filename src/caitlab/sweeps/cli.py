@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -209,8 +210,9 @@ def _examples(*lines: str) -> str:
     return "\n".join(("Examples:", *lines, DOCS))
 
 
-def _add_command(sub, name: str, summary: str, description: str, examples: tuple[str, ...],
-                 func) -> argparse.ArgumentParser:
+def _add_command(sub: Any, name: str, summary: str, description: str,
+                 examples: tuple[str, ...],
+                 func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=summary, description=_wrap(description),
                             epilog=_examples(*examples),
                             formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from caitlab import compat
@@ -30,15 +31,15 @@ class SummaryCallback(Callback):
 
     # on_validation_end, not on_validation_epoch_end: the module logs the epoch's metrics in
     # its own on_validation_epoch_end, which Lightning calls after the callbacks'.
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         values: dict[str, Any] = {"epochs": trainer.current_epoch + 1,
                                   "global_step": trainer.global_step, **self.clock()}
-        top1 = metrics.get("val/top1")
-        if top1 is not None:
-            top1 = float(top1)
+        logged = metrics.get("val/top1")
+        if logged is not None:
+            top1 = float(logged)
             best = self.summary.get("val/top1_best")
             values["val/top1"] = top1
             values["val/top1_best"] = top1 if best is None else max(best, top1)
@@ -86,7 +87,7 @@ class BestCheckpoint(ModelCheckpoint):
         # latest monitors nothing: Lightning keeps its newest file as its best_model_path
         return (self.best_model_path if scored == "best" else self.latest.best_model_path) or None
 
-    def save(self, trainer, filepath: str) -> None:
+    def save(self, trainer: Trainer, filepath: str) -> None:
         step, source = compat.last_save(self.latest)
         if step != trainer.global_step or not source or self.save_weights_only:
             compat.lightning_save(self, trainer, filepath)
@@ -133,7 +134,8 @@ class SteadyProgressBar(RichProgressBar):
         self.interval = interval
         self._shown_at = float("-inf")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
         now = time.monotonic()
         last = batch_idx + 1 >= self.total_train_batches
         if not last and now - self._shown_at < self.interval:
@@ -159,24 +161,25 @@ class EpochLines(Callback):
         self._ended: tuple[int, float] | None = None  # (epoch, its duration) not yet written
         self._validated = -1
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer)
         self._t0 = time.monotonic()
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._validated = trainer.current_epoch
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ended = (trainer.current_epoch, time.monotonic() - self._t0)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer)
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
         self._write(trainer)
 
-    def _write(self, trainer) -> None:
+    def _write(self, trainer: Trainer) -> None:
         if self._ended is None or not trainer.is_global_zero:
             self._ended = None
             return
@@ -189,9 +192,9 @@ class EpochLines(Callback):
         if self._validated == epoch:  # otherwise the values are an earlier epoch's
             shown += [("val/loss", "val/loss", False), ("val/top1", "val/top1", True)]
         for key, name, percent in shown:
-            value = metrics.get(key)
-            if value is not None:
-                value = float(value)
+            logged = metrics.get(key)
+            if logged is not None:
+                value = float(logged)
                 parts.append(f"{name} {100 * value:.1f}" if percent else f"{name} {value:.3f}")
         parts.append(f"{seconds:.1f} s")
         say(log, "  ".join(parts), console=self.console)

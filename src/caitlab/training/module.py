@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol, TypeGuard, cast
 
 import lightning as L
 import torch
@@ -29,6 +29,7 @@ from caitlab.config import TrainConfig, lr_floor
 from caitlab.console import say
 from caitlab.data.sampling import dist_rank_world
 from caitlab.training.distillation import DistillationLoss
+from caitlab.training.metrics import TopKAccuracy, WeightedMean
 from caitlab.training.preemption import rng_state, set_rng_state
 
 log = logging.getLogger("caitlab")
@@ -42,60 +43,15 @@ class DivergedError(RuntimeError):
         self.step, self.epoch, self.value = step, epoch, value
 
 
-class TopKAccuracy(Metric):
-    """Micro top-1 (and top-5, with 5 classes or more) accuracy over an epoch: what
-    ``MulticlassAccuracy(average="micro", top_k=k)`` gives, from one ``topk`` a batch.
+class _Distilled(Protocol):
+    """A model with a distillation token (caitlab's ``ImageTransformer``), as used here."""
 
-    Every training step and evaluation batch updates it; torchmetrics' stat-scores updates
-    for top-1 and top-5 cost five times as much (188 µs against 37 µs a batch of 64 on a
-    CPU). Counts stay on the device and are summed across ranks at ``compute``.
-    """
+    def set_distilled_training(self, enable: bool = True) -> None: ...
 
-    full_state_update = False
-
-    def __init__(self, num_classes: int, prefix: str) -> None:
-        super().__init__()
-        self.ks = (1, 5) if num_classes >= 5 else (1,)
-        self.prefix = prefix
-        self.add_state("hits", torch.zeros(len(self.ks), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        top = logits.topk(self.ks[-1], dim=1).indices == target[:, None]
-        first = top[:, 0].sum()
-        self.hits += torch.stack([first, top.any(1).sum()]) if len(self.ks) > 1 else first
-        self.total += target.numel()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        acc = self.hits.double() / self.total.clamp(min=1)
-        return {f"{self.prefix}top{k}": acc[i].float() for i, k in enumerate(self.ks)}
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class WeightedMean(Metric):
-    """The mean of per-batch values weighted by their batch sizes, kept on the device.
-
-    torchmetrics' ``MeanMetric`` copies a weight given as a number to the device every update
-    and, with ``nan_strategy="disable"``, ignores it; its other strategies read the value
-    back to the host to look for NaN. Here a batch costs two device additions: a non-finite
-    value makes the mean non-finite, as it should."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, value: torch.Tensor, weight: int) -> None:
-        """``value``: a batch's mean (a 0-d tensor); ``weight``: its number of images."""
-        self.total += value.detach().double() * weight  # a Python number: no copy to the device
-        self.weight += weight
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.weight).float()
-
-
-def _has_dist_token(model: nn.Module) -> bool:
+def _has_dist_token(model: nn.Module) -> TypeGuard[_Distilled]:
     return getattr(model, "dist_token", None) is not None
 
 
@@ -121,6 +77,8 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, sched: Any, peak: float, t
 
 
 class ClassificationModule(L.LightningModule):
+    teacher: nn.Module | None  # kept in __dict__ (__init__): no submodule
+
     def __init__(self, model: nn.Module, num_classes: int, cfg: TrainConfig | None = None,
                  batch_size: int = 128, teacher: nn.Module | None = None) -> None:
         super().__init__()
@@ -180,7 +138,7 @@ class ClassificationModule(L.LightningModule):
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None and self.cfg.ema.evaluate else self.model
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
         targets = y
         # timm's Mixup pairs each image with its mirror in the batch: it needs an even batch.
@@ -247,7 +205,8 @@ class ClassificationModule(L.LightningModule):
         step, value = self._nonfinite_at
         seen = torch.stack([step.double(), value.double()])
         if dist_rank_world()[1] > 1:
-            ranks = self.all_gather(seen).reshape(-1, 2)
+            # a tensor's gather is a tensor (Lightning types it as any collection's)
+            ranks = cast(torch.Tensor, self.all_gather(seen)).reshape(-1, 2)
             found = ranks[ranks[:, 0] >= 0]
             seen = found[found[:, 0].argmin()] if len(found) else seen
         if seen[0].item() >= 0:  # the one device sync, at logging steps and epoch ends
@@ -258,6 +217,7 @@ class ClassificationModule(L.LightningModule):
         where an odd batch was left unmixed (the functional form: the module's call costs
         more, every step)."""
         if targets.ndim == 2:
+            assert self.train_loss is not None  # soft targets come from mixup
             return self.train_loss(logits, targets)
         return F.cross_entropy(logits, targets, label_smoothing=self.cfg.recipe.label_smoothing)
 
@@ -274,15 +234,16 @@ class ClassificationModule(L.LightningModule):
         trainer = compat.attached_trainer(self)
         return trainer is not None and compat.logs_this_step(trainer)
 
-    def _eval_step(self, batch, metrics: TopKAccuracy, loss_mean: WeightedMean,
+    def _eval_step(self, batch: Any, metrics: TopKAccuracy, loss_mean: WeightedMean,
                    stage: str) -> None:
         x, y = batch
         model = self._eval_model()
         if self.head_metrics is not None:  # DeiT: the heads' mean predicts; each is logged
-            cls, dist = model.forward_heads(x)
+            # head_metrics exist for a model with a distillation token (__init__)
+            cls, dist = cast(_Distilled, model).forward_heads(x)
             logits = (cls + dist) / 2
-            self.head_metrics[f"{stage}_cls"].update(cls, y)
-            self.head_metrics[f"{stage}_dist"].update(dist, y)
+            self._head_metric(f"{stage}_cls").update(cls, y)
+            self._head_metric(f"{stage}_dist").update(dist, y)
         else:
             logits = model(x)
         metrics.update(logits, y)
@@ -292,9 +253,14 @@ class ClassificationModule(L.LightningModule):
         if self.head_metrics is None:
             return
         for head in ("cls", "dist"):
-            metric = self.head_metrics[f"{stage}_{head}"]
+            metric = self._head_metric(f"{stage}_{head}")
             self.log(f"{stage}/top1_{head}", metric.compute(), sync_dist=True)
             metric.reset()
+
+    def _head_metric(self, name: str) -> Metric:
+        """``head_metrics[name]``: torch's ModuleDict is not generic (it types items Module)."""
+        assert self.head_metrics is not None
+        return cast(Metric, self.head_metrics[name])
 
     def _log_epoch(self, metrics: Metric, loss_mean: WeightedMean, loss_name: str,
                    prog_bar: bool = False) -> None:
@@ -307,7 +273,7 @@ class ClassificationModule(L.LightningModule):
         metrics.reset()
         loss_mean.reset()
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, self.val_loss_mean, "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -315,7 +281,7 @@ class ClassificationModule(L.LightningModule):
             self._log_heads("val")
             self._log_epoch(self.val_metrics, self.val_loss_mean, "val/loss", prog_bar=True)
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, self.test_loss_mean, "test")
 
     def on_test_epoch_end(self) -> None:
@@ -328,11 +294,11 @@ class ClassificationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_images, self._epoch_t0 = 0, None
 
-    def on_train_batch_start(self, batch, batch_idx) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._epoch_t0 is None:
             self._epoch_t0 = time.perf_counter()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         trainer = compat.attached_trainer(self)
         last = trainer is None or batch_idx + 1 >= trainer.num_training_batches
         # every epoch's last batch is checked, so a bad step is in the epoch it reports
@@ -358,7 +324,7 @@ class ClassificationModule(L.LightningModule):
         if self.train_loss_mean.update_count:
             self._log_epoch(self.train_metrics, self.train_loss_mean, "train/loss_epoch")
         ips = self.images_per_s
-        if ips is not None:
+        if ips is not None and self._epoch_t0 is not None:  # (no ips without a start time)
             self.log("perf/images_per_s", ips, on_epoch=True)
             self.log("perf/epoch_time_s", self._epoch_t1 - self._epoch_t0, on_epoch=True)
 
@@ -379,10 +345,13 @@ class ClassificationModule(L.LightningModule):
             return self.batch_size
         return self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
-    def configure_optimizers(self):
+    # Any: Lightning's OptimizerLRScheduler admits torch's schedulers only, and this one is
+    # timm's (stepped by lr_scheduler_step)
+    def configure_optimizers(self) -> Any:
         optim = self.cfg.optim
         lr = optim.lr * self.global_batch_size() / 512 if optim.scale_lr else optim.lr
-        kwargs = {"betas": optim.betas, "eps": optim.eps} if optim.name != "sgd" else {}
+        kwargs: dict[str, Any] = ({"betas": optim.betas, "eps": optim.eps}
+                                  if optim.name != "sgd" else {})
         if optim.name == "adamw":
             fused = optim.fused
             if fused is None:  # torch would pick foreach; the fused kernel is faster on GPU
@@ -402,16 +371,17 @@ class ClassificationModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def lr_scheduler_step(self, scheduler, metric) -> None:
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # timm schedulers are driven by the number of updates done, not by .step()
         scheduler.step_update(num_updates=self.global_step)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._logs_this_step():
             self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
         clip = self.cfg.optim.clip_grad or gradient_clip_val
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -425,7 +395,7 @@ class ClassificationModule(L.LightningModule):
         # writes the file): a resumed run draws the same dropout/drop-path/mixup as one that
         # never stopped.
         rng = rng_state()
-        by_rank = [rng]
+        by_rank: list[Any] = [rng]
         world = dist_rank_world()[1]
         if world > 1:
             by_rank = [None] * world

@@ -17,8 +17,9 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from caitlab import compat
 from caitlab.runs import AtomicWrite, write_atomic
 
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from lightning.pytorch import LightningModule, Trainer
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file, fsync'ed, then renamed over the old one:
@@ -38,12 +44,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     every rank reads the file rank 0 wrote, and its CUDA tensors would all land on rank 0's
     device; Lightning moves what it restores to each rank's own."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
+                        storage_options: Any = None) -> None:
         write_atomic(Path(path), lambda f: torch.save(checkpoint, f), binary=True,
                      sync_folder=True)
 
-    def load_checkpoint(self, path, map_location="cpu", weights_only: bool | None = True):
-        return super().load_checkpoint(path, map_location=map_location or "cpu",
+    def load_checkpoint(self, path: str | Path, map_location: Any = "cpu",
+                        weights_only: bool | None = True) -> dict[str, Any]:
+        # Lightning types map_location as a callable; it hands it to torch.load, which
+        # takes a device's name too
+        return super().load_checkpoint(path, map_location=cast(Callable, map_location or "cpu"),
                                        weights_only=True)
 
 
@@ -81,7 +91,8 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self._gate = threading.Event()
         self._gate.set()
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
+                        storage_options: Any = None) -> None:
         self.wait()
         if self.serialize_in_loop:
             pending = AtomicWrite(Path(path), lambda f: torch.save(checkpoint, f), binary=True)
@@ -99,7 +110,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self._gate.set()
         super().teardown()
 
-    def then(self, fn) -> None:
+    def then(self, fn: Callable[[], Any]) -> None:
         """Runs ``fn()`` in the writer thread once the writes queued before it are done (a
         file made from a checkpoint being written); its error is raised as a write's is."""
         compat.async_io_submit(self, fn)
@@ -115,18 +126,19 @@ class ReleaseWrites(Callback):
     and starts its queued writes as the next training batch starts (teardown, a stop and the
     next save start them too)."""
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         io = trainer.strategy.checkpoint_io
         if isinstance(io, BackgroundCheckpointIO):
             io.serialize_in_loop = every_core_busy(trainer)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         io = trainer.strategy.checkpoint_io
         if isinstance(io, BackgroundCheckpointIO):
             io.release()
 
 
-def every_core_busy(trainer) -> bool:
+def every_core_busy(trainer: Trainer) -> bool:
     """Whether the trainer's ranks on this machine train on the CPU with a torch thread for
     every core this process may use (``threads=auto``, the default)."""
     from caitlab.cpus import available_cpus
@@ -137,7 +149,10 @@ def every_core_busy(trainer) -> bool:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step may draw from, as tensors and plain values (weights_only)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # legacy=True, the default, named: numpy's stub types the default as legacy=False's dict
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)  # legacy's
+    name, keys, pos, has_gauss, gauss = state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -178,13 +193,13 @@ class GracefulStop(Callback):
         self.last_ckpt = Path(last_ckpt)
         self.requested: str | None = None
         self.requeue = False
-        self._trainer = None
+        self._trainer: Trainer | None = None
         self._previous: dict[int, Any] = {}
         self._signum = 0  # the signal this rank received, until the ranks agree
 
     # --- signals ---------------------------------------------------------------------------
 
-    def _request(self, signum: int, frame) -> None:
+    def _request(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self._signum:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self._signum = int(signum)
@@ -210,7 +225,7 @@ class GracefulStop(Callback):
         for sig in self._previous:
             signal.signal(sig, self._request)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._previous:
             return
         self._trainer = trainer
@@ -221,13 +236,13 @@ class GracefulStop(Callback):
             self._previous[sig] = signal.getsignal(sig)
         self._install()
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning puts its own SIGTERM handler first after setup: on rank 0 it signals the
         # other ranks' processes, and on any rank it broadcasts from inside the handler, a
         # collective the other ranks do not join. Ours alone decides.
         self._install()
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         for sig, handler in self._previous.items():
@@ -236,7 +251,7 @@ class GracefulStop(Callback):
 
     # --- the safe point --------------------------------------------------------------------
 
-    def _ranks_agree_to_stop(self, trainer) -> bool:
+    def _ranks_agree_to_stop(self, trainer: Trainer) -> bool:
         """Whether any of the ranks was asked to stop (each calls this at the same batch)."""
         import torch.distributed as dist
 
@@ -251,26 +266,29 @@ class GracefulStop(Callback):
             compat.request_stop(trainer)
         return bool(signum)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         # alone, a flag raised while the batch was fetched stops before it trains
         if trainer.world_size == 1 and trainer.received_sigterm:
             raise SIGTERMException
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
         # Agreed as a batch ends, so that Lightning stops every rank before it fetches the
         # next batch: a stop at the next batch's start would follow its transfer, whose
         # random erasing has drawn from the RNGs the checkpoint then saves one batch ahead.
         if trainer.world_size > 1:
             self._ranks_agree_to_stop(trainer)
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
-                                  dataloader_idx=0) -> None:
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule,
+                                  batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Lightning's evaluation loop stops after the batch once the flag is raised, on
         # every rank alike now that they agreed
         if trainer.world_size > 1 and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._ranks_agree_to_stop(trainer)
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.last_ckpt)
 
@@ -279,6 +297,6 @@ class GracefulStop(Callback):
         on the other ranks it returns)."""
         sig = submitit_signal()
         handler = self._previous.get(sig) if sig is not None else None
-        if callable(handler):
+        if sig is not None and callable(handler):
             signal.signal(sig, handler)
             handler(sig, None)

@@ -40,7 +40,7 @@ def _comparable(value: Any) -> Any:
 IMPLICIT_BEFORE = {"data.remode": "const"}
 
 
-def first_difference(recorded: dict[str, Any], requested: dict[str, Any],
+def first_difference(recorded: Mapping[Any, Any], requested: dict[str, Any],
                      patterns: Iterable[str]) -> tuple[str, Any, Any] | None:
     """The first key (sorted) whose value a run folder's recorded config and a requested one
     disagree on, as ``(key, recorded value, requested value)``; None when they agree.
@@ -117,7 +117,7 @@ def _root(config: Mapping[str, Any]) -> str | None:
     return root if isinstance(root, str) else None
 
 
-def _check_data(run_dir: Path, previous: Mapping[str, Any], recorded: Mapping[str, Any],
+def _check_data(run_dir: Path, previous: Mapping[str, Any], recorded: Mapping[Any, Any],
                 requested: Mapping[str, Any]) -> None:
     """The data's location is no part of a run's identity, so data found elsewhere must be
     the data the run trained on: where the location changed, what lies there is compared

@@ -12,7 +12,7 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig
 
@@ -167,7 +167,9 @@ class Parts:
                                       cfg=self.recipe, batch_size=cfg.data.batch_size,
                                       teacher=self.teacher)
         if self.recipe.compile_backend:
-            module.model = torch.compile(module.model, backend=self.recipe.compile_backend)
+            # torch types compile's result as the callable given; of a module it is a module
+            module.model = cast(torch.nn.Module, torch.compile(
+                module.model, backend=self.recipe.compile_backend))
         return module
 
 
@@ -377,6 +379,6 @@ def _ddp_strategy(strategy: Any, timeout_s: Any, parallel_devices: list | None =
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    timeout = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
+    timeout: dict[str, Any] = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
     return DDPStrategy(find_unused_parameters=strategy.endswith("_true"),
                        parallel_devices=parallel_devices, **timeout)

@@ -10,7 +10,7 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -21,6 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from caitlab import compat
 from caitlab.runs import write_text_atomic
 from caitlab.secrets import redact, wandb_mode
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 
 class _AppendingWriter:
@@ -171,11 +174,11 @@ def build_loggers(
     return loggers
 
 
-def wandb_run(loggers: list[Logger]):
+def wandb_run(loggers: list[Logger]) -> Any:
     """The live wandb run behind the loggers, if any."""
     for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            return lg.experiment
+        if type(lg).__name__ == "WandbLogger":  # known by its name: not imported here
+            return cast("WandbLogger", lg).experiment
     return None
 
 
