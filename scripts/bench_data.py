@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
+
 BATCH = 64
 RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, interpolation="bicubic",
               color_jitter=0.3)
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                    "workers), to see what the uint8 batches buy")
     p.add_argument("--folder", type=Path, default=None,
                    help="an image folder to use instead (root/train/<class>/...)")
+    add_doc_args(p)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="caitlab-bench-data-") as tmp:
         root = args.folder or make_folder(Path(tmp), args.images)
@@ -151,8 +154,28 @@ def main(argv: list[str] | None = None) -> int:
     rate = results[0]["ours"]
     print(f"\n(median over passes; ours/timm: the median of the passes' ratios, target >= 0.95)"
           f"\nat {rate:.0f} img/s per worker (CPU core), one GPU training at")
-    for model_rate in (float(x) for x in args.model_img_s.split(",")):
-        print(f"  {model_rate:>6.0f} img/s needs {math.ceil(model_rate / rate)} workers")
+    needs = [(float(x), math.ceil(float(x) / rate)) for x in args.model_img_s.split(",")]
+    for model_rate, workers in needs:
+        print(f"  {model_rate:>6.0f} img/s needs {workers} workers")
+    if not args.no_doc:
+        ours = ("normalised in the workers (`data.normalize_on_device=false`)" if args.in_worker
+                else "uint8 batches, normalised and erased on the device (default)")
+        table = markdown_table(
+            ["workers", "ours", "ours img/s per worker", "timm img/s per worker", "ours/timm",
+             "target"],
+            [[r["workers"], ours, f"{r['ours']:.1f}", f"{r['timm']:.1f}",
+              f"**{r['ratio']:.3f}**", ">= 0.95 " + ("(met)" if r["ratio"] >= 0.95
+                                                     else "(missed)")] for r in results],
+            right=(0, 2, 3, 4))
+        feeds = markdown_table(["one GPU training at", "workers it needs"],
+                               [[f"{m:.0f} img/s", w] for m, w in needs], right=(0, 1))
+        source = ("the given folder" if args.folder is not None else
+                  f"{args.images} JPEGs at ImageNet's median size")
+        write_doc_table("bench_data", "Data pipeline: ours against timm's loader",
+                        f"DeiT's training transform at 224 px, batches of {BATCH}, on {source}; "
+                        f"medians of {args.passes} passes each, taking turns.\n\n{table}\n\n"
+                        f"At {rate:.0f} img/s per worker (one CPU core):\n\n{feeds}",
+                        command_line(__file__, argv), args.doc_out)
     return 0
 
 

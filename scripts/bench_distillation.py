@@ -17,6 +17,7 @@ import statistics
 
 import torch
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
 from caitlab.analysis.timing import autocast, resolve_device, time_interleaved
 from caitlab.config import DistillationConfig, TrainConfig
 from caitlab.models import create_model
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="32")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iters", type=int, default=10)
+    add_doc_args(parser)
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -80,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.img_size} px, {device}, precision {args.precision}")
     print(f"step: {alone:.2f} ms alone, {with_teacher:.2f} ms with the teacher: "
           f"{with_teacher / alone:.2f}x")
+    if not args.no_doc:
+        table = markdown_table(
+            ["student", "teacher", "distillation", "batch", "image", "device", "precision",
+             "step alone", "step with the teacher", "with / alone"],
+            [[f"`{args.student}`", f"`{args.teacher}`", args.kind, args.batch,
+              f"{args.img_size} px", str(device), args.precision, f"{alone:.2f} ms",
+              f"{with_teacher:.2f} ms", f"**{with_teacher / alone:.2f}x**"]],
+            right=(3, 7, 8, 9))
+        write_doc_table("bench_distillation", "What a teacher costs a training step",
+                        f"Median of {args.repeats} interleaved repeats of {args.iters} steps "
+                        f"after 3 warm-up.\n\n{table}", command_line(__file__, argv),
+                        args.doc_out)
     return 0
 
 

@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
 from caitlab.analysis.model_source import build_model
 from caitlab.analysis.timing import (
     PRECISIONS,
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    add_doc_args(p)
     args = p.parse_args(argv)
 
     device, peak, n = prepare_device(args.device, args.precision, args.threads)
@@ -141,8 +143,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['timm_img_s']:>11.2f}{r['ratio']:>10.3f}{100 * r['ours_mfu']:>8.1f}%"
                   f"{100 * r['timm_mfu']:>8.1f}%{r['max_abs_diff']:>12.1e}", flush=True)
     worst = min(rows, key=lambda r: r["ratio"])
-    print(f"\nlowest ours/timm: {worst['ratio']:.3f} ({worst['case']}, {worst['mode']}); "
-          f"target >= 1.00: {'met' if worst['ratio'] >= 1.0 else 'NOT met'}")
+    verdict = (f"lowest ours/timm: {worst['ratio']:.3f} ({worst['case']}, {worst['mode']}); "
+               f"target >= 1.00: {'met' if worst['ratio'] >= 1.0 else 'NOT met'}")
+    print("\n" + verdict)
+    if not args.no_doc:
+        table = markdown_table(
+            ["case", "model", "mode", "ours img/s", "timm img/s", "ours/timm", "MFU ours",
+             "MFU timm", "max abs logit diff"],
+            [[r["case"], f"`{r['model']}`", r["mode"], f"{r['ours_img_s']:.2f}",
+              f"{r['timm_img_s']:.2f}", f"**{r['ratio']:.3f}**",
+              f"{100 * r['ours_mfu']:.1f}%", f"{100 * r['timm_mfu']:.1f}%",
+              f"{r['max_abs_diff']:.1e}"] for r in rows], right=range(3, 9))
+        setup = (f"Device {device} ({device_name(device)}), precision "
+                 f"{precision_label(args.precision)}, batch {args.batch}"
+                 f"{', compiled' if args.compile else ''}; median of {args.repeats} interleaved "
+                 f"repeats x {args.iters} batches after {args.warmup} warm-up; matmul peak "
+                 f"{peak / 1e9:.1f} GFLOP/s ({n}x{n}).")
+        write_doc_table("bench_model", "Our model against timm's", f"{setup}\n\n{table}\n\n"
+                        f"{verdict[0].upper()}{verdict[1:]}.", command_line(__file__, argv),
+                        args.doc_out)
     return 0
 
 

@@ -50,6 +50,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "caitlab" / "conf")
 
 CASES = {
@@ -359,18 +361,21 @@ def bench_case(case: str, rounds: int, epochs: int | None, extra: list[str],
               f"{100 * (statistics.median(ratios) - 1):+.1f}%", flush=True)
     # each phase's share of the difference: median over epochs of loop - reference
     print(f"  {'phase':<12}{loop + ' s':>12}{'ref s':>9}{'diff s':>10}  (medians over epochs)")
+    by_phase = {}
     for phase in PHASES:
         a = [o[phase] for o, _ in phases]
         b = [f[phase] for _, f in phases]
-        print(f"  {phase:<12}{statistics.median(a):>12.4f}{statistics.median(b):>9.4f}"
-              f"{statistics.median(x - y for x, y in zip(a, b, strict=True)):>+10.4f}")
+        by_phase[phase] = (statistics.median(a), statistics.median(b),
+                           statistics.median(x - y for x, y in zip(a, b, strict=True)))
+        print(f"  {phase:<12}{by_phase[phase][0]:>12.4f}{by_phase[phase][1]:>9.4f}"
+              f"{by_phase[phase][2]:>+10.4f}")
     ratios = sorted(a / b for a, b in zip(ours_t, ref_t, strict=True))
     q1, q3 = statistics.quantiles(ratios, n=4)[0], statistics.quantiles(ratios, n=4)[2]
     return dict(case=case, loop=loop, ours_s=statistics.median(ours_t),
                 reference_s=statistics.median(ref_t),
                 overhead=statistics.median(ratios) - 1, iqr=(q1 - 1, q3 - 1),
                 target=CASES[case]["target"], epochs=len(ours_t), max_weight_diff=max_diff,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), phases=by_phase, rounds=rounds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                    "against the reference, round for round")
     p.add_argument("overrides", nargs="*", help="extra config overrides for both runs "
                    "(e.g. trainer.precision=bf16-mixed trainer=gpu)")
+    add_doc_args(p)
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -411,7 +417,39 @@ def main(argv: list[str] | None = None) -> int:
           f"quartiles; {results[0]['threads']} torch threads; max|dw|: largest difference of "
           "the final weights, the loop's vs the reference's; lightning: Lightning's own loop "
           "doing the reference's work, so ours' overhead less its is caitlab's)")
+    if not args.no_doc:
+        write_doc(results, args, argv)
     return 0
+
+
+def write_doc(results: list[dict], args, argv) -> None:
+    """The summary table and each loop's split by phase, as the Performance page's data."""
+    rows, phases = [], []
+    for r in results:
+        ours = r["loop"] == "ours"
+        met = "met" if r["overhead"] <= r["target"] else "missed"
+        rows.append([r["case"], "caitlab" if ours else "Lightning alone", f"{r['ours_s']:.4f}",
+                     f"{r['reference_s']:.4f}", f"**{100 * r['overhead']:+.1f}%**",
+                     f"{100 * r['iqr'][0]:+.1f}..{100 * r['iqr'][1]:+.1f}%",
+                     f"<= {100 * r['target']:.0f}% ({met})" if ours else "", r["epochs"],
+                     f"{r['max_weight_diff']:.1e}"])
+        for phase, (a, b, d) in r["phases"].items():
+            phases.append([r["case"], "caitlab" if ours else "Lightning alone", phase,
+                           f"{a:.4f}", f"{b:.4f}", f"{d:+.4f}"])
+    table = markdown_table(["case", "loop", "s/epoch", "hand-written s/epoch",
+                            "overhead (median of epoch pairs)", "IQR", "target",
+                            "epoch pairs", "max abs weight diff"], rows, right=(2, 3, 4, 5, 7))
+    split = markdown_table(["case", "loop", "phase", "loop s", "hand-written s", "difference s"],
+                           phases, right=(3, 4, 5))
+    cases = "; ".join(f"{c}: `{' '.join(CASES[c]['overrides'])}`"
+                      for c in dict.fromkeys(r["case"] for r in results))
+    write_doc_table(
+        "bench_overhead", "Training-path overhead",
+        f"{results[0]['rounds']} round(s) per case, the first epoch of each not counted; "
+        f"{results[0]['threads']} torch threads. Cases: {cases}.\n\n{table}\n\n"
+        f"Where an epoch's time goes (medians over epochs; steps: batch start to batch end, "
+        f"rest: the epoch end and what happens between batches):\n\n{split}",
+        command_line(__file__, argv), args.doc_out)
 
 
 if __name__ == "__main__":

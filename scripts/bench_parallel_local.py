@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / ".venv" / "bin" / "caitlab-train"
 
@@ -70,16 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="trainer=gpu: one run per GPU")
+    add_doc_args(p)
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count()
     print(f"{args.runs} vit_tiny digits runs of {args.epochs} epochs, {cores} cores, "
           f"cpus_per_task={args.cpus_per_task}{', trainer=gpu' if args.gpu else ''}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for slots in (False, True):
             r = sweep(Path(tmp), slots, args)
             print(f"  cluster.slots={str(slots).lower():5}  sweep {r['sweep_s']:6.1f} s  "
                   f"training {r['run_s']:6.1f} s per run  at most {r['most']} at once")
+            rows.append([f"`cluster.slots={str(slots).lower()}`", f"**{r['sweep_s']:.1f} s**",
+                         f"{r['run_s']:.1f} s", r["most"]])
+    if not args.no_doc:
+        table = markdown_table(["case", "sweep wall time", "training per run (mean)",
+                                "most runs training at once"], rows, right=(1, 2, 3))
+        write_doc_table(
+            "bench_parallel_local", "A local sweep with and without slots",
+            f"One `hydra/launcher=local` sweep of {args.runs} `vit_tiny` digits runs of "
+            f"{args.epochs} epochs per case, {cores} cores, "
+            f"`cluster.cpus_per_task={args.cpus_per_task}`"
+            f"{', `trainer=gpu`' if args.gpu else ''}.\n\n{table}",
+            command_line(__file__, argv), args.doc_out)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
 from caitlab.analysis.model_source import build_model
 from caitlab.analysis.timing import (
     PRECISIONS,
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    add_doc_args(p)
     args = p.parse_args(argv)
 
     device, peak, _ = prepare_device(args.device, args.precision, args.threads)
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'train img/s':>12}{'MFU':>7}{'cost x':>8}{'MACs x':>8}")
     print(header + "\n" + "-" * len(header))
     base = None
+    rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for depth in (int(d) for d in args.depths.split(",")):
             model = build_model(args.model, {"depth": depth}, size, device=device)
@@ -67,9 +70,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['inference']['images_per_s']:>12.2f}{100 * r['inference']['mfu']:>6.1f}%"
                   f"{r['training']['images_per_s']:>12.2f}{100 * r['training']['mfu']:>6.1f}%"
                   f"{train_s_per_img / base[0]:>8.2f}{macs / base[1]:>8.2f}", flush=True)
+            rows.append([depth, size, f"{macs / 1e9:.2f}",
+                         f"{r['inference']['images_per_s']:.2f}",
+                         f"{100 * r['inference']['mfu']:.0f}%",
+                         f"{r['training']['images_per_s']:.2f}",
+                         f"{100 * r['training']['mfu']:.0f}%",
+                         f"**{train_s_per_img / base[0]:.2f}**", f"{macs / base[1]:.2f}"])
             del model
     print("\ncost x: training seconds per image relative to the first row; MACs x: the same "
           "ratio predicted by the MACs. Equal columns: cost grows exactly as the arithmetic.")
+    if not args.no_doc:
+        table = markdown_table(["depth", "img", "GMACs", "infer img/s", "MFU", "train img/s",
+                                "MFU", "train cost x", "MACs x"], rows, right=range(9))
+        write_doc_table(
+            "bench_scaling", "Scaling with depth and image size",
+            f"`{args.model}` with `depth` overridden on {device} ({device_name(device)}), "
+            f"{precision_label(args.precision)}, batch {batch}"
+            f"{', compiled' if args.compile else ''}; median of {args.repeats} x {args.iters} "
+            f"batches after {args.warmup} warm-up; MFU against a matmul timed in the same run "
+            f"({peak / 1e9:.1f} GFLOP/s). Train cost x: training seconds per image relative to "
+            f"the first row; MACs x: the same ratio predicted by the MACs.\n\n{table}",
+            command_line(__file__, argv), args.doc_out)
     return 0
 
 

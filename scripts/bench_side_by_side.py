@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / ".venv" / "bin" / "caitlab-train"
 TARGET = 1.2
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=0, help="runs at once (default: one per core)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="rounds of each case (median)")
+    add_doc_args(p)
     args = p.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
     n = args.runs or len(cores)
@@ -94,8 +97,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{med(unbound) / med(alone):5.2f}x alone")
     ratio = med(bound) / med(alone)
     ok = ratio <= TARGET
-    print(f"{'PASS' if ok else 'MISS'}: {n} runs side by side take {ratio:.2f}x their time "
-          f"alone (target <= {TARGET}x)")
+    verdict = (f"{'PASS' if ok else 'MISS'}: {n} runs side by side take {ratio:.2f}x their "
+               f"time alone (target <= {TARGET}x)")
+    print(verdict)
+    if not args.no_doc:
+        table = markdown_table(["case", "s per run", "x alone"], [
+            ["alone, one CPU (`taskset -c 0`)", f"{med(alone):.2f}", "1.00"],
+            [f"{n} at once, each on its own CPU (`taskset -c i`, `threads=auto`)",
+             f"{med(bound):.2f}", f"**{med(bound) / med(alone):.2f}**"],
+            [f"{n} at once, unbound, `threads={len(cores)}` each", f"{med(unbound):.2f}",
+             f"{med(unbound) / med(alone):.2f}"]], right=(1, 2))
+        write_doc_table(
+            "bench_side_by_side", "Runs side by side",
+            f"Training seconds (`wall_s`) of a `vit_tiny` digits run of {args.epochs} epochs, "
+            f"{len(cores)} cores, median of {args.repeats} interleaved rounds.\n\n{table}\n\n"
+            f"{verdict}.", command_line(__file__, argv), args.doc_out)
     return 0 if ok else 1
 
 

@@ -237,7 +237,11 @@ def pulled_in(roots: list[Node], min_s: float) -> list[tuple[int, str, float, st
     return rows
 
 
-def importtime_report(work: Path, top: int, min_s: float, timeout: float) -> None:
+def importtime_report(work: Path, top: int, min_s: float,
+                      timeout: float) -> tuple[list[tuple[str, float, int]], float, int,
+                                               list[tuple[int, str, float, str]]]:
+    """Prints the breakdown; returns the ``top`` packages by self time (package, seconds,
+    modules), the total seconds, the number of modules and :func:`pulled_in`'s rows."""
     out, stamp = work / "importtime", work / "importtime.json"
     out.mkdir()
     _, _, err = _run(first_step_cmd(out, stamp, ("-X", "importtime")), cwd=out,
@@ -258,8 +262,11 @@ def importtime_report(work: Path, top: int, min_s: float, timeout: float) -> Non
         print(f"  {key:<12}{sum(r.cum_us for r in mine) / 1e6:6.2f} s  {heaviest}")
     print(f"\nWho pulls what in (cumulative >= {min_s} s; indented = imported by the line "
           "above's package):")
-    for depth, name, s, importer in pulled_in(roots, min_s):
+    pulled = pulled_in(roots, min_s)
+    for depth, name, s, importer in pulled:
         print(f"{'  ' * depth}{name:<{48 - 2 * depth}} {s:>6.2f} s  <- {importer}")
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(name, s, n) for name, (s, n) in ranked], total, n_modules, pulled
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-importtime", action="store_true",
                    help="skip the -X importtime breakdown")
     p.add_argument("--timeout", type=float, default=300, help="seconds per process")
+    # imported here, not at the top: the runs import this module for their probe
+    from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
+
+    add_doc_args(p)
     args = p.parse_args(argv)
     if not TRAIN.exists():
         raise SystemExit(f"{TRAIN} not found: run `make setup` first")
@@ -316,18 +327,58 @@ def main(argv: list[str] | None = None) -> int:
               f"(`python -c 'import {', '.join(TRAINING_IMPORTS[:3])}, ...'`)")
         print("\n  phases of the first step (median seconds; cumulative from the command):")
         previous = 0.0
+        phase_rows = []
         for key, what in PHASES:
             at = statistics.median([r[key] for r in runs])
             print(f"    {key:<12}{at:6.2f}  +{at - previous:5.2f}  {what}")
+            phase_rows.append([f"`{key}`", f"{at:.2f}", f"+{at - previous:.2f}", what])
             previous = at
 
+        packages = None
         if not args.no_importtime:
-            importtime_report(work, args.top, args.min_pull, args.timeout)
+            packages = importtime_report(work, args.top, args.min_pull, args.timeout)
 
     print()
-    print(verdict("caitlab-train --cfg job", statistics.median(cfg_job), TARGET_CFG_JOB_S))
-    print(verdict("first optimizer step of the demo run on CPU", statistics.median(first),
-                  TARGET_FIRST_STEP_S))
+    verdicts = [verdict("caitlab-train --cfg job", statistics.median(cfg_job), TARGET_CFG_JOB_S),
+                verdict("first optimizer step of the demo run on CPU", statistics.median(first),
+                        TARGET_FIRST_STEP_S)]
+    print("\n".join(verdicts))
+    if args.no_doc:
+        return 0
+
+    def met(seconds: float, target: float) -> str:
+        return f"< {target:.0f} s ({'met' if seconds < target else 'missed'})"
+
+    summary = markdown_table(["", "median", "min .. max", "target"], [
+        ["`caitlab-train --cfg job`", f"**{statistics.median(cfg_job):.2f} s**",
+         f"{min(cfg_job):.2f} .. {max(cfg_job):.2f}",
+         met(statistics.median(cfg_job), TARGET_CFG_JOB_S)],
+        ["first optimizer step, demo run", f"**{statistics.median(first):.2f} s**",
+         f"{min(first):.2f} .. {max(first):.2f}",
+         met(statistics.median(first), TARGET_FIRST_STEP_S)],
+        ["the training imports alone", f"{statistics.median(imports):.2f} s",
+         f"{min(imports):.2f} .. {max(imports):.2f}", ""]], right=(1, 2))
+    phases = markdown_table(["milestone", "s from the command", "phase s", "what the phase does"],
+                            phase_rows, right=(1, 2))
+    text = (f"{args.repeats} fresh processes each, median; load average {load_before[0]:.2f} "
+            f"before, {load_after[0]:.2f} after.\n\n{summary}\n\n"
+            f"Phases of the first step (median seconds):\n\n{phases}")
+    if packages is not None:
+        rows, total, n_modules, pulled = packages
+        text += (f"\n\nImports before the first step by package (`python -X importtime`, one "
+                 f"run, which importtime slows: {n_modules} modules, {total:.2f} s; compare "
+                 f"these figures with each other only):\n\n"
+                 + markdown_table(["package", "self s", "share", "modules"],
+                                  [[f"`{name}`", f"{s:.2f}", f"{s / total:.0%}", n]
+                                   for name, s, n in rows], right=(1, 2, 3)))
+        text += (f"\n\nWho pulls what in (cumulative seconds >= {args.min_pull}; a level "
+                 "deeper is imported by the row above's package):\n\n"
+                 + markdown_table(["import", "cumulative s", "imported by"],
+                                  [[f"{'&nbsp;' * 3 * depth}`{name}`", f"{s:.2f}",
+                                    importer if importer.startswith("(") else f"`{importer}`"]
+                                   for depth, name, s, importer in pulled], right=(1,)))
+    write_doc_table("bench_startup", "Start-up", text, command_line(__file__, argv),
+                    args.doc_out)
     return 0
 
 

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdoc import add_doc_args, command_line, markdown_table, write_doc_table
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / ".venv" / "bin" / "caitlab-train"
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -144,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one more override for every sweep (repeatable), e.g. "
                         "hydra/sweeper=basic for Hydra's own sweeper")
     p.add_argument("--timeout", type=float, default=600, help="seconds per submission")
+    add_doc_args(p)
     return p
 
 
-def report(times: dict[int, list[float]], repeats: int, loads: tuple[float, float]) -> None:
-    """The table of median submission times per size, then the verdict on each target."""
+def report(times: dict[int, list[float]], repeats: int, loads: tuple[float, float]) -> str:
+    """Prints the table of median submission times per size, then the verdict on each
+    target; returns the same as markdown."""
     sizes = list(times)
     ref_n = sizes[0]
     ref = statistics.median(times[ref_n])
@@ -157,22 +161,33 @@ def report(times: dict[int, list[float]], repeats: int, loads: tuple[float, floa
           f"{loads[1]:.2f} after")
     print(f"{'runs':>6}{'seconds':>10}{'s/run':>9}{f'x vs {ref_n}':>10}{'runs x':>9}"
           f"{'min':>8}{'max':>8}")
+    rows = []
     for n in sizes:
         med = statistics.median(times[n])
         print(f"{n:>6}{med:>10.2f}{med / n:>9.3f}{med / ref:>10.2f}{n / ref_n:>9.0f}"
               f"{min(times[n]):>8.2f}{max(times[n]):>8.2f}")
+        rows.append([n, f"**{med:.2f}**", f"{med / n:.3f}", f"{med / ref:.2f}",
+                     f"{n / ref_n:.0f}", f"{min(times[n]):.2f} .. {max(times[n]):.2f}"])
 
     print()
+    verdicts = []
     largest = max(sizes)
     if largest > ref_n:
         grow = statistics.median(times[largest]) / ref
         runs_x = largest / ref_n
-        print(f"{'PASS' if grow < runs_x else 'MISS'}: sub-linear growth, {largest} runs take "
-              f"{grow:.2f}x the time of {ref_n} for {runs_x:.0f}x the runs")
+        verdicts.append(f"{'PASS' if grow < runs_x else 'MISS'}: sub-linear growth, {largest} "
+                        f"runs take {grow:.2f}x the time of {ref_n} for {runs_x:.0f}x the runs")
     if 256 in times:
         t256 = statistics.median(times[256])
-        print(f"{'PASS' if t256 < TARGET_256_S else 'MISS'}: 256 runs submitted in "
-              f"{t256:.2f} s (median), target < {TARGET_256_S:.0f} s")
+        verdicts.append(f"{'PASS' if t256 < TARGET_256_S else 'MISS'}: 256 runs submitted in "
+                        f"{t256:.2f} s (median), target < {TARGET_256_S:.0f} s")
+    for line in verdicts:
+        print(line)
+    table = markdown_table(["runs", "seconds (median)", "s/run", f"x vs {ref_n} runs",
+                            "runs x", "min .. max"], rows, right=range(6))
+    return (f"Median of {repeats} submissions per size, taking turns; load average "
+            f"{loads[0]:.2f} before, {loads[1]:.2f} after.\n\n{table}\n\n"
+            + "".join(f"- {line}\n" for line in verdicts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(args.profile, work, args.hold, args.timeout, args.top, extra)
 
-    report(times, args.repeats, (load_before[0], load_after[0]))
+    text = report(times, args.repeats, (load_before[0], load_after[0]))
+    if not args.no_doc:
+        write_doc_table("bench_sweep", "Sweep submission to SLURM", text,
+                        command_line(__file__, argv), args.doc_out)
     return 0
 
 

@@ -29,6 +29,10 @@ silently. ``--budget-s`` (default 450) bounds the whole: a check that would star
 a row ``skipped: time budget``. ``--reduced`` runs every check on the CPU with 2-layer, 32 px
 models, a few steps, Dynamo's ``eager`` backend for the step checks (tracing, no code
 generation) and DDP on 2 CPU processes (gloo), so that the code paths cannot rot unseen.
+
+The table is also written, with the command, date, commit and machine, as
+``docs/performance/gpu_check.md``, the Performance page's (``--doc-out DIR`` elsewhere,
+``--no-doc`` not at all); ``--reduced`` writes it only where ``--doc-out`` is given.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchdoc import DOC_DIR, add_doc_args, command_line, markdown_table, write_doc_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -377,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="checks that would start past this many seconds are skipped")
     p.add_argument("--only", default="step,variant,train,ddp",
                    help="comma-separated checks to run (default: all)")
+    add_doc_args(p)
     args = p.parse_args(argv)
     start = time.perf_counter()
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -454,7 +461,32 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{len(rows)} checks, {len(failed)} failed, {result['seconds']:.0f} s; "
           f"written to {args.json}")
+    # the CPU version writes the docs' file only where asked to (--doc-out): the page's
+    # figures are a GPU's
+    if not args.no_doc and not (args.reduced and args.doc_out == DOC_DIR):
+        write_doc_table("gpu_check", "The GPU check", markdown(rows, env, result),
+                        command_line(__file__, argv), args.doc_out)
     return 1 if failed else 0
+
+
+def markdown(rows: list[Row], env: dict[str, Any], result: dict[str, Any]) -> str:
+    """The table printed, as the Performance page's data."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    table = markdown_table(
+        ["check", "model", "variant", "batch", "ours img/s", "ref img/s", "ratio", "MFU ours",
+         "MFU timm", "first s", "status"],
+        [[r.check, f"`{r.model}`", r.variant, _num(r.batch, "d"), _num(r.ours_img_s, ".1f"),
+          _num(r.timm_img_s, ".1f"), _num(r.ratio, ".3f"), pct(r.ours_mfu), pct(r.timm_mfu),
+          _num(r.first_call_s, ".1f"), r.status] for r in rows], right=range(3, 10))
+    return (f"{env['device']} x{max(env['devices'], 1)}, torch {env['torch']} (CUDA "
+            f"{env['cuda']}), lightning {env['lightning']}, timm {env['timm']}; "
+            f"{env['precision']} matmul peak {env['matmul_peak_tflops']:.1f} TFLOP/s "
+            f"({env['matmul_size']}^3); compile backend {env['compile_backend']}"
+            f"{'; reduced (CPU) version' if env['reduced'] else ''}.\n\n{table}\n\n"
+            f"{LEGEND}\n\n{len(rows)} checks, {result['failed']} failed, "
+            f"{result['seconds']:.0f} s.")
 
 
 if __name__ == "__main__":

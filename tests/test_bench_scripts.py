@@ -8,6 +8,7 @@ hand-written loop ends with the exact weights of caitlab's training path.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from caitlab.analysis.timing import time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import bench_distillation  # noqa: E402
 import bench_model  # noqa: E402
 import bench_overhead  # noqa: E402
 
@@ -60,7 +62,7 @@ def bench_model_rows(capsys, monkeypatch, case: str,
     monkeypatch.setattr(bench_model, "time_interleaved", clocked)
     assert bench_model.main(["--cases", case, "--device", "cpu", "--batch", str(batch),
                              "--warmup", "0", "--repeats", "1", "--iters", "1",
-                             "--threads", "1"]) == 0
+                             "--threads", "1", "--no-doc"]) == 0
     out = capsys.readouterr().out
     peak = float(next(ln for ln in out.splitlines()
                       if ln.startswith("matmul peak")).split()[2]) * 1e9
@@ -171,3 +173,25 @@ def test_bench_data_feeds_both_pipelines_the_same_photographs(tmp_path):
     for make in (bench_data.ours_pass, bench_data.timm_pass):
         n, seconds = make(root, workers=0)()
         assert n == 64 and seconds > 0
+
+
+def test_a_script_writes_its_table_for_the_docs_with_command_date_commit_machine(tmp_path):
+    """--doc-out DIR: the Performance page's data file, the command as run (here main's
+    argv), the date, the commit and the machine above a markdown table of the figures."""
+    import re
+
+    argv = ["--student", "cait_tiny", "--teacher", "cait_tiny", "--batch", "4",
+            "--repeats", "1", "--iters", "1", "--doc-out", str(tmp_path)]
+    assert bench_distillation.main(argv) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_distillation.md"]
+    text = (tmp_path / "bench_distillation.md").read_text()
+    assert "- command: `" in text and "scripts/bench_distillation.py --student cait_tiny" in text
+    assert f"--doc-out {tmp_path}`" in text
+    assert re.search(r"^- date: \d{4}-\d{2}-\d{2} \(UTC\)$", text, re.M)
+    assert re.search(r"^- commit: `[0-9a-f]{10}(\+dirty(\.[0-9a-f]{8})?)?`$", text, re.M), text
+    machine = re.search(r"^- machine: (.*)$", text, re.M).group(1)
+    assert f"{os.cpu_count()} cores" in machine and "load average" in machine
+    assert f"torch {torch.__version__}" in machine
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert len(table) == 3 and set(table[1]) <= set("|-: ")  # header, rule, one row
+    assert table[0].count("|") == table[2].count("|") and "ms" in table[2]

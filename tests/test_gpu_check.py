@@ -20,7 +20,7 @@ import gpu_check  # noqa: E402
 def test_reduced_check_runs_every_check_and_writes_its_table(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "check.json"
-    assert gpu_check.main(["--reduced", "--json", str(out)]) == 0
+    assert gpu_check.main(["--reduced", "--json", str(out), "--no-doc"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -54,7 +54,8 @@ def test_a_broken_check_is_a_failed_row_and_exit_1_and_the_others_still_run(
         tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(gpu_check.VARIANTS, "evit_2.0", {"keep_rate": 2.0})
     out = tmp_path / "check.json"
-    assert gpu_check.main(["--reduced", "--only", "variant", "--json", str(out)]) == 1
+    assert gpu_check.main(["--reduced", "--only", "variant", "--json", str(out),
+                           "--no-doc"]) == 1
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["static_key"]["status"] == "ok" and rows["evit_0.7"]["status"] == "ok"
     assert rows["evit_2.0"]["status"].startswith("FAILED: ")
@@ -65,6 +66,9 @@ def test_a_broken_check_is_a_failed_row_and_exit_1_and_the_others_still_run(
 def test_checks_past_the_budget_are_skipped_rows(tmp_path):
     out = tmp_path / "check.json"
     assert gpu_check.main(["--reduced", "--only", "step", "--budget-s", "0",
-                           "--json", str(out)]) == 0
+                           "--json", str(out), "--doc-out", str(tmp_path / "doc")]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and {r["status"] for r in rows} == {"skipped: time budget"}
+    # the docs' data file holds the same rows (--doc-out: never docs/ from a test)
+    doc = (tmp_path / "doc" / "gpu_check.md").read_text()
+    assert doc.count("| skipped: time budget |") == 4
