@@ -16,6 +16,7 @@ Run as a script it prints a page: ``.venv/bin/python scripts/docs_reference.py c
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import re
 import subprocess
@@ -231,6 +232,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     return importlib.import_module(PARSERS[script]).build_parser()
 
 
+@functools.cache  # a process of its own: asked once per build or test session
 def train_help() -> str:
     """``caitlab-train --help`` as it prints (Hydra's help template filled in)."""
     return subprocess.run([sys.executable, "-m", "caitlab.train", "--help"], check=True,

@@ -220,6 +220,11 @@ def _add_command(sub: Any, name: str, summary: str, description: str,
     return parser
 
 
+def _sweep_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
+                        help="the sweep folder, e.g. outputs/demo")
+
+
 def _squeue_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--squeue-timeout", type=float, default=SQUEUE_TIMEOUT_S, metavar="S",
                         help="seconds to wait for SLURM's squeue to answer "
@@ -253,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submissions whose runs have all finished.",
         ("caitlab-sweep status outputs/demo", "caitlab-sweep status outputs/demo --json",
          "caitlab-sweep status outputs/residual_vs_depth --squeue-timeout 30"), cmd_status)
-    status.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
-                        help="the sweep folder, e.g. outputs/demo")
+    _sweep_dir(status)
     status.add_argument("--json", action="store_true",
                         help="print the runs as a JSON list instead of a table (default: off)")
     _squeue_timeout(status)
@@ -274,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the start of it) or by its row number in caitlab-sweep status. Writes nothing.",
         ("caitlab-sweep log outputs/demo 3", "caitlab-sweep log outputs/demo 1a2b --err",
          "caitlab-sweep log outputs/demo 3 --tail 0"), cmd_log)
-    logs.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
-                      help="the sweep folder, e.g. outputs/demo")
+    _sweep_dir(logs)
     logs.add_argument("run", metavar="RUN",
                       help="the run's signature (or enough of its start to be unique), or "
                            "its row number in caitlab-sweep status")
@@ -293,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("caitlab-sweep cancel outputs/demo", "caitlab-sweep cancel outputs/demo 'model=cait_*'",
          "caitlab-sweep cancel outputs/residual_vs_depth 'model.depth=1*' residual=none"),
         cmd_cancel)
-    cancel.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
-                        help="the sweep folder, e.g. outputs/demo")
+    _sweep_dir(cancel)
     cancel.add_argument("patterns", nargs="*", metavar="KEY=VALUE",
                         help="only cancel the runs with an override of KEY whose value "
                              "matches VALUE (* and ? as in file names); all given must match "
