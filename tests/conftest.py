@@ -147,3 +147,13 @@ def _close_fork_server():
     yield
     if _server is not None:
         _server.close()
+
+
+def write_summary(run_dir: Path, **data: object) -> None:
+    """A run folder as some process left it: its ``summary.json`` holding ``data`` (a status
+    as its string, as the record writes it)."""
+    from caitlab.record import write_json_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "summary.json",
+                      {"attempts": 0, **{k: getattr(v, "value", v) for k, v in data.items()}})

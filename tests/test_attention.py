@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from caitlab.analysis.attention_cli import main
@@ -264,27 +267,28 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def run_folder_of(tmp_path, model, data: dict):
-    """A run folder as caitlab-train leaves it: its checkpoint and its resolved config."""
-    import yaml
-
+def run_folder_of(tmp_path, model, data: dict, summary: dict | None = None):
+    """A run folder as caitlab-train leaves it: its checkpoint, its resolved config and, where
+    given, its summary."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     save_checkpoint(model, run / "checkpoints" / "best.ckpt")
     (run / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
     return run
 
 
 def titles_of(monkeypatch) -> list[str]:
-    import caitlab.analysis.attention_maps as attention
+    import caitlab.analysis.attention_plot as attention_plot
 
-    titles, plot = [], attention.plot_attention
+    titles, plot = [], attention_plot.plot_attention
 
     def spy(image, layers, index, path, title=None, *args):
         titles.append(title)
         return plot(image, layers, index, path, title, *args)
 
-    monkeypatch.setattr(attention, "plot_attention", spy)
+    monkeypatch.setattr(attention_plot, "plot_attention", spy)
     return titles
 
 
@@ -299,6 +303,42 @@ def test_digits_refused_for_a_run_trained_on_other_data(tmp_path, capsys, data):
     option = "imagefolder" if "ImageFolder" in data["_target_"] else "cifar10"
     assert err == (f"caitlab-attention: error: --digits: {run} was trained on data={option}, "
                    "not digits; give its images with --images\n")
+    assert not (run / "attention").exists()
+
+
+def test_digits_follow_the_data_choice_the_summary_records(tmp_path, capsys, monkeypatch):
+    """A project's own digits module (``data=digits data._target_=...``): config.yaml names a
+    class caitlab does not know, the summary's ``data`` says digits, and digits it is."""
+    data = {"_target_": "myproject.data.AugmentedDigits", "val_fraction": 0.1,
+            "test_fraction": 0.2}
+    run = run_folder_of(tmp_path, tiny("cait_tiny"), data, {"data": "digits"})
+    titles = titles_of(monkeypatch)
+    assert main([str(run), "--digits", "3"]) == 0, capsys.readouterr().err
+    (title,) = titles
+    label = title.split("(label ")[1].split(")")[0]
+    assert label in [str(i) for i in range(10)]
+    assert title.split("predicted ")[1].split()[0] in [str(i) for i in range(10)], title
+    check_png(run / "attention" / "attention_digit3.png")
+
+
+def test_a_projects_own_option_over_caitlabs_digits_takes_digits(tmp_path, capsys, monkeypatch):
+    # data=digits_big in a project's conf/data/, a variant of caitlab's digits module
+    data = {"_target_": "caitlab.data.DigitsDataModule", "val_fraction": 0.1,
+            "test_fraction": 0.2}
+    run = run_folder_of(tmp_path, tiny("cait_tiny"), data, {"data": "digits_big"})
+    titles_of(monkeypatch)
+    assert main([str(run), "--digits", "1"]) == 0, capsys.readouterr().err
+    check_png(run / "attention" / "attention_digit1.png")
+
+
+def test_a_summary_from_before_data_was_recorded_falls_back_to_the_config_class(
+        tmp_path, capsys):
+    run = run_folder_of(tmp_path, tiny("vit_tiny"),
+                        {"_target_": "caitlab.data.SyntheticDataModule"}, {"status": "completed"})
+    assert main([str(run), "--digits", "0"]) == 2
+    assert capsys.readouterr().err == (
+        f"caitlab-attention: error: --digits: {run} was trained on data=synthetic, not digits; "
+        "give its images with --images\n")
     assert not (run / "attention").exists()
 
 

@@ -187,7 +187,7 @@ def test_checkpoint_of_a_compiled_run_loads(tmp_path):
     """A ``compile=true`` run trains ``torch.compile(model)``, whose state dict names every
     key ``_orig_mod.<key>``; its Lightning checkpoint must load for ``finetune_from`` and
     caitlab-attention alike."""
-    from caitlab.analysis.attention_maps import load_model
+    from caitlab.analysis.attention_data import load_model
     from caitlab.training.module import ClassificationModule
 
     torch.manual_seed(0)

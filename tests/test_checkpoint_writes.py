@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from caitlab.cpus import available_cpus
-from caitlab.runs import AtomicWrite
+from caitlab.record import AtomicWrite
 from caitlab.training import preemption
 from caitlab.training.preemption import BackgroundCheckpointIO, every_core_busy
 

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from caitlab.config import ConfigError, train_config
+from caitlab.identity import signature
 from caitlab.resolvers import register_resolvers
-from caitlab.runs import signature
 from caitlab.train import CONF_DIR
 
 register_resolvers()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from caitlab.training.folders import remove_unstarted_run_folder
+from caitlab.record import tidy_unstarted
 from conftest import FAULTS_OUTSIDE_SIGNATURE, clean_env
 
 TINY = ("model=vit_tiny", "model.embed_dim=32", "model.depth=1", "trainer.limit_train_batches=3",
@@ -125,12 +125,12 @@ def test_only_a_folder_hydra_alone_made_is_removed(tmp_path):
         return run
 
     fresh = folder("fresh")
-    remove_unstarted_run_folder(fresh, [fresh, fresh.parent])
+    tidy_unstarted(fresh, [fresh, fresh.parent])
     assert not fresh.parent.exists()  # nor the experiment's folder this process made for it
     for name, extra in (("started", "summary.json"), ("locked", ".lock"),
                         ("ckpt", "checkpoints/last.ckpt"), ("own", ".hydra/mine.txt")):
         run = folder(name, extra)
-        remove_unstarted_run_folder(run, [run, run.parent])
+        tidy_unstarted(run, [run, run.parent])
         assert (run / extra).read_text() == "x" and (run / "train.log").exists(), name
 
 

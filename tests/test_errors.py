@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from caitlab.config import CONF_DIR
-from caitlab.runs import ResumeError, RunLock, resume_checkpoint
+from caitlab.models.checkpoint import ResumeError, resume_checkpoint
+from caitlab.record import RunLock
 from conftest import clean_env, make_image_folder
 
 
@@ -185,7 +186,7 @@ def test_read_only_output_folder(read_only_folder, forkserver, tmp_path):
 
 
 def _check_often(folder: str) -> str | None:
-    from caitlab.runs import check_writable
+    from caitlab.record import check_writable
 
     try:
         for _ in range(300):
@@ -272,7 +273,7 @@ def test_partition_check_reads_the_real_cluster(slurm_cluster, monkeypatch):
 def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from caitlab.runs import RunLock
+        from caitlab.record import RunLock
         assert RunLock({str(tmp_path)!r}).acquire()
         print("locked", flush=True)
         time.sleep(60)

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from caitlab import identity
 from caitlab.errors import UserError
+from caitlab.identity import signature, variant_signature
 from caitlab.resolvers import register_resolvers
-from caitlab.runs import signature, variant_signature
 from caitlab.stages import Chain
 from caitlab.train import CONF_DIR
 from conftest import FAULTS_OUTSIDE_SIGNATURE, caitlab_train, clean_env
@@ -184,22 +184,6 @@ def test_variants_group_seeds_and_the_delta_says_what_differs():
     assert delta["values"] == {"data.seed": 3, "model.depth": 8, "seed": 3}
     assert identity.describe(delta) == ("model=vit_tiny model/class_token=input "
                                         "model/residual=none data.seed=3 model.depth=8 seed=3")
-
-
-def test_previous_rule_still_names_runs_whose_data_files_changed_their_defaults():
-    # signatures the code before this rule gave (commit 934934a), where data.num_workers
-    # was 8 (imagefolder) and 4 (cifar) and is `auto` now; vit_vs_cait trains with DeiT's
-    # repeated augmentation and random-erasing fill since, and CaiT models (the default
-    # cait_tiny) are evaluated at crop 1.0, so the earlier runs are those without them
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for overrides, old in (
-                (["data=imagefolder", "data.root=/x", "data.crop_pct=0.875"], "ac24a26cab"),
-                (["experiment=vit_vs_cait", "model=cait_s24_224", "data.root=/x",
-                  "data.repeated_aug=1", "data.remode=const", "data.crop_pct=0.875"],
-                 "0a3c4803a1")):
-            assert identity.legacy(compose("train", overrides)) == old, overrides
 
 
 # the fixture's interrupted run was stopped by a test callback, no part of what it trains

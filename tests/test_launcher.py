@@ -14,10 +14,12 @@ from hydra.core.utils import JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from caitlab.identity import signature
+from caitlab.record import read_summary
 from caitlab.resolvers import register_resolvers
-from caitlab.runs import Summary, read_summary, signature
 from caitlab.status import Status
 from caitlab.train import CONF_DIR
+from conftest import write_summary
 
 # Hydra's plugin scan re-executes the plugin's modules, redefining their classes: always look
 # them up through the module, never keep an imported class.
@@ -157,7 +159,7 @@ def test_a_blocked_run_submitted_again_says_pending_with_its_job(tmp_path, monke
     with _local_launcher(tmp_path / "sweep", monkeypatch) as (launcher, submitted):
         job = [*TASK, "seed=1"]
         run_dir = launcher.sweep_plan.run_dir(job)
-        Summary(run_dir, {}).update(status=Status.BLOCKED, slurm_job_id=None)
+        write_summary(run_dir, status=Status.BLOCKED, slurm_job_id=None)
         launcher.launch([job], initial_job_idx=0)
     assert len(submitted) == 1
     summary = read_summary(run_dir)
@@ -185,8 +187,8 @@ def planned(tmp_path_factory):
         for kind, status in [("completed", Status.COMPLETED), ("failed", Status.FAILED),
                              ("interrupted", Status.INTERRUPTED), ("blocked", Status.BLOCKED),
                              ("gone", Status.COMPLETED)]:
-            Summary(dirs[kind], {"overrides": jobs[kind]}).update(
-                status=status, error="boom" if kind == "failed" else None)
+            write_summary(dirs[kind], overrides=jobs[kind],
+                          status=status, error="boom" if kind == "failed" else None)
         (dirs["interrupted"] / "checkpoints").mkdir()
         (dirs["interrupted"] / "checkpoints" / "last.ckpt").write_bytes(b"weights")
         before = _files(sweep)
@@ -251,7 +253,7 @@ def test_the_plan_lists_the_runs_no_longer_in_the_sweep(planned):
 
 def test_a_stage_waits_for_its_upstreams_live_job_in_an_array_of_its_own(tmp_path):
     upstream = tmp_path / "0a1b2c3d4e"
-    Summary(upstream, {}).update(status=Status.PENDING, slurm_job_id="5_0")
+    write_summary(upstream, status=Status.PENDING, slurm_job_id="5_0")
     job = ["seed=1", f"finetune_from=stage\\:pretrain@{upstream.name}", "stage=finetune"]
     plan = planning.make_plan([(["seed=1"], tmp_path / "a"), (job, tmp_path / "b")],
                               retry_failed=False, live_job=lambda s: s.get("slurm_job_id"))
@@ -264,7 +266,7 @@ def test_acting_on_the_plan_marks_a_blocked_stage_and_submits_nothing_for_it(tmp
                                                                              monkeypatch):
     with _local_launcher(tmp_path / "sweep", monkeypatch) as (launcher, submitted):
         upstream = launcher.sweep_plan.run_dir([*TASK, "seed=2"])
-        Summary(upstream, {}).update(status=Status.FAILED, error="boom")
+        write_summary(upstream, status=Status.FAILED, error="boom")
         job = [*TASK, "seed=5", f"finetune_from=stage\\:pretrain@{upstream.name}",
                "stage=finetune"]
         (returned,) = launcher.launch([job], initial_job_idx=0)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from caitlab.analysis.attention_data import load_model
 from caitlab.analysis.attention_maps import (
     AttentionError,
     attention_maps,
     class_row_attention,
-    load_model,
 )
 from caitlab.analysis.report import Run, group_variants, table_rows, variant_label
 from caitlab.models import (

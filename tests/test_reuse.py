@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from caitlab import identity
 from caitlab.errors import UserError
-from caitlab.training.reuse import check_reuse, data_fingerprint, first_difference
+from caitlab.identity import first_difference
+from caitlab.training.reuse import check_reuse, data_fingerprint
 from conftest import clean_env, make_image_folder
 
 TINY = ("model=vit_tiny", "model.embed_dim=32", "model.depth=1", "trainer.max_epochs=1",

@@ -4,9 +4,8 @@ that a summary written with a member holds the plain string."""
 from __future__ import annotations
 
 import json
-import time
 
-from caitlab.runs import Summary, read_summary
+from caitlab.record import RunRecord, read_summary
 from caitlab.status import (
     ACTIVE,
     DISPLAY_ORDER,
@@ -18,25 +17,23 @@ from caitlab.status import (
     diverged_label,
 )
 from caitlab.sweeps import snapshot
+from conftest import write_summary
 
 # the values caitlab writes into summary.json; LOST and UNREADABLE are display only
 WRITTEN = set(Status) - {Status.LOST, Status.UNREADABLE}
 
 
-def test_a_summary_written_with_a_member_is_byte_for_byte_the_strings(tmp_path, monkeypatch):
-    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "2026-01-01T00:00:00+0000")
-    for folder, status in ((tmp_path / "member", Status.FAILED), (tmp_path / "text", "failed")):
-        Summary(folder, {"signature": "abc"}).update(status=status, error="boom")
-    member, text = ((tmp_path / f / "summary.json").read_bytes() for f in ("member", "text"))
-    assert member == text and b'"status": "failed"' in member
-    assert type(read_summary(tmp_path / "member")["status"]) is str
+def test_a_summary_the_record_writes_holds_the_plain_string(tmp_path):
+    RunRecord(tmp_path, {"signature": "abc"}).fail("boom")
+    assert b'"status": "failed"' in (tmp_path / "summary.json").read_bytes()
+    assert type(read_summary(tmp_path)["status"]) is str
 
 
 def test_the_record_in_memory_holds_the_string_wandb_is_handed(tmp_path):
     # wandb writes an Enum member by its name (FAILED): the record's copy must be the string
-    summary = Summary(tmp_path, {})
-    summary.update(status=Status.FAILED)
-    assert type(summary["status"]) is str and summary["status"] == "failed"
+    record = RunRecord(tmp_path)
+    record.fail("boom")
+    assert type(record["status"]) is str and record["status"] == "failed"
 
 
 def test_members_compare_hash_and_format_as_their_strings():
@@ -86,7 +83,7 @@ def test_a_snapshot_goes_once_its_runs_are_completed_or_blocked(tmp_path):
     sweep = tmp_path / "sweep"
     runs = {sweep / "teacher": Status.COMPLETED, sweep / "student": Status.BLOCKED}
     for folder, status in runs.items():
-        Summary(folder, {}).update(status=status)
+        write_summary(folder, status=status)
     snap = sweep / ".submitit" / f"{snapshot.PREFIX}abc"
     (snap / "code").mkdir(parents=True)
     (snap / snapshot.RUNS_FILE).write_text(json.dumps([str(p) for p in runs]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from caitlab.analysis.report import collect_runs
-from caitlab.runs import write_json_atomic
+from caitlab.record import write_json_atomic
 from caitlab.sweeps import cli as sweep
 from caitlab.sweeps import slurm
 

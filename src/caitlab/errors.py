@@ -36,6 +36,28 @@ def storage_message(err: OSError, where: Path | None = None) -> str:
     return f"cannot write {path}: {err.strerror}"
 
 
+def storage_error(err: BaseException | None) -> OSError | None:
+    """The refused write (an ``OSError`` with one of ``STORAGE_ERRNOS``) behind ``err``, looked
+    for along its cause/context chain: torch and Lightning re-raise a failed write as their own
+    error types, with the ``OSError`` only as the context."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def name_path(err: BaseException, path: Path) -> BaseException:
+    """A refused write as an ``OSError`` that names ``path``; a write into an open file fails
+    without a file name, and ``No space left on device`` alone does not say where."""
+    found = storage_error(err)
+    if found is None or (found is err and found.filename):
+        return err
+    return OSError(found.errno, found.strerror, str(path))
+
+
 def constructor_refusal(err: BaseException) -> str | None:
     """One line for a class that refused the arguments its config gave it (a TypeError or
     ValueError from its constructor, which Hydra's instantiate wraps, as from a project's own

@@ -13,15 +13,16 @@ minus the keys ``signature_exclude`` (train.yaml) declares, as glob patterns ove
 to a user's, never changes a signature; neither does editing the contents of an option file
 (a run's provenance says which code and config produced it).
 
-Folders named by the previous rule (a hash of the whole resolved config: :func:`legacy`)
-are still found: where a run's folder does not exist and the old rule's does, it is used.
+Folders named by the previous rule (a hash of the whole resolved config) are found by what
+they hold, not by that rule: ``caitlab.record.find_folder`` compares their recorded config
+with the one asked for (:func:`first_difference`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, cast
@@ -74,7 +75,7 @@ def values(cfg: DictConfig, patterns: Iterable[str]) -> dict[str, Any]:
         if OmegaConf.is_missing(cfg, key):
             out[key] = "???"
             continue
-        value = _resolved(cfg, key)
+        value = resolved(cfg, key)
         if key == "callbacks" and isinstance(value, dict):
             value = without_display_callbacks(value, cfg)
         flatten(value, key, out, patterns)
@@ -90,7 +91,7 @@ def without_display_callbacks(callbacks: dict[str, Any], cfg: Any) -> dict[str, 
             if not (isinstance(v, dict) and v.get("_target_") in display)}
 
 
-def _resolved(cfg: DictConfig, key: str) -> Any:
+def resolved(cfg: DictConfig, key: str) -> Any:
     """``cfg[key]`` as plain data, resolved where it is: it may interpolate keys left out
     (``data.root`` -> ``paths.data_dir``)."""
     node = compat.config_node(cfg, key)
@@ -359,74 +360,75 @@ def run_delta(cfg: DictConfig) -> dict[str, Any] | None:
     return ident.delta(cfg, overrides, hydra.runtime.choices)
 
 
-def folder(parent: str | Path | None, sig: str, cfg: DictConfig | dict) -> str:
-    """``sig``, or the name the previous rule gave this run where only that folder exists."""
-    if parent is None or (Path(parent) / sig).exists():
-        return sig
-    old = legacy(cfg)
-    return old if (Path(parent) / old / "summary.json").exists() else sig
+def signature(cfg: DictConfig) -> str:
+    """The signature of a config composed by Hydra (the running app's, or ``compose`` with
+    ``return_hydra_config=True``): the name of its run's folder.
+
+    Raises:
+        ValueError: a config composed without Hydra's node, outside an app: what it was
+            asked with (overrides, group choices) is not known.
+    """
+    return signature_of(_delta_or_raise(cfg))
 
 
-# The previous rule (caitlab <= d3b9350): a hash of the resolved config minus these keys.
-LEGACY_NON_RESULT_KEYS = ("hydra", "logger", "paths", "callbacks", "name", "cluster", "tags",
-                          "retry_failed")
-LEGACY_NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary",
-                                  "log_every_n_steps", "default_root_dir",
-                                  "num_sanity_val_steps")
-# keys the config gained since, each with the value every earlier config had implicitly
-LEGACY_ADDED = ("signature_exclude", "threads", "dist_timeout_s", "signature_exclude_callbacks")
-LEGACY_ADDED_DEFAULTS = {"distillation": {"type": "none"}, "stage": None, "stages": None}
-# data keys added since, with the value every earlier data config had implicitly
-LEGACY_ADDED_DATA_DEFAULTS = {"normalize_on_device": True, "repeated_aug": 1}
-# keys added since to one data config, with the value its earlier runs had implicitly
-LEGACY_ADDED_TARGET_DEFAULTS = {
-    "caitlab.data.ImageFolderDataModule": {"val_fraction": 0.0, "remode": "const"}}
-# data.num_workers became `auto` where these data configs had a count
-LEGACY_NUM_WORKERS = {"caitlab.data.ImageFolderDataModule": 8,
-                      "caitlab.data.Cifar10DataModule": 4, "caitlab.data.Cifar100DataModule": 4}
+def variant_signature(cfg: DictConfig) -> str:
+    """The signature without the seed: runs that differ only by seed are one variant."""
+    return variant_of(_delta_or_raise(cfg))
 
 
-def legacy_config(cfg: DictConfig | dict) -> dict[str, Any]:
-    skip = (*LEGACY_NON_RESULT_KEYS, *LEGACY_ADDED)
-    if isinstance(cfg, DictConfig):
-        data = {k: _resolved(cfg, k) for k in map(str, cfg) if k not in skip}
-    else:
-        data = {k: v for k, v in cfg.items() if k not in skip}
-    # keys added since, left out where they hold their defaults (a run that sets one cannot
-    # have been written by the previous rule, and must not land in a folder it wrote)
-    for key, default in LEGACY_ADDED_DEFAULTS.items():
-        if default is None and key in data and data[key] is None:
-            data.pop(key)
-        elif isinstance(default, dict) and isinstance(data.get(key), dict) and all(
-                data[key].get(k) == v for k, v in default.items()):
-            data.pop(key)
-    trainer = data.get("trainer")
-    if isinstance(trainer, dict):
-        data["trainer"] = {k: v for k, v in trainer.items()
-                           if k not in LEGACY_NON_RESULT_TRAINER_KEYS}
-    dataset = data.get("data")
-    if isinstance(dataset, dict):
-        added = {**LEGACY_ADDED_DATA_DEFAULTS,
-                 **LEGACY_ADDED_TARGET_DEFAULTS.get(str(dataset.get("_target_")), {})}
-        dataset = data["data"] = {k: v for k, v in dataset.items() if not (
-            k in added and v == added[k])}
-    if isinstance(dataset, dict) and dataset.get("num_workers") == "auto":
-        old = LEGACY_NUM_WORKERS.get(str(dataset.get("_target_")))
-        if old is not None:  # the previous rule hashed the count these files then gave
-            data["data"] = {**dataset, "num_workers": old}
-    return data
+def _delta_or_raise(cfg: DictConfig) -> dict[str, Any]:
+    delta = run_delta(cfg)
+    if delta is None:
+        raise ValueError("a signature needs the config as Hydra composed it (its hydra node, "
+                         "or a running app): the overrides and group choices it names")
+    return delta
 
 
-def legacy(cfg: DictConfig | dict) -> str:
-    """The signature the previous rule gave ``cfg``: how folders written before were named."""
-    return _hash(legacy_config(cfg))
+# A checkpoint a run starts from is named by the run that wrote it (<signature>/checkpoints/
+# best.ckpt), not by where its outputs folder lies now
+_WEIGHTS_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors", ".bin")
 
 
-def legacy_variant(cfg: DictConfig | dict) -> str:
-    """The previous rule's seed-less signature."""
-    data = legacy_config(cfg)
-    data.pop("seed", None)
-    for key in ("data", "model"):
-        if isinstance(data.get(key), dict):
-            data[key] = {k: v for k, v in data[key].items() if k != "seed"}
-    return _hash(data)
+def _comparable(value: Any) -> Any:
+    if isinstance(value, str) and value.endswith(_WEIGHTS_SUFFIXES) and "/" in value:
+        return "/".join(value.split("/")[-3:])
+    return value
+
+
+# Keys caitlab's config gained after runs were written, with the value those runs had
+# implicitly: a run without the key differs from a request that sets another value
+IMPLICIT_BEFORE = {"data.remode": "const"}
+
+
+def first_difference(recorded: Mapping[Any, Any], requested: dict[str, Any],
+                     patterns: Iterable[str]) -> tuple[str, Any, Any] | None:
+    """The first key (sorted) whose value a run folder's recorded config and a requested one
+    disagree on, as ``(key, recorded value, requested value)``; None when they agree.
+
+    ``recorded`` and ``requested``: resolved configs as plain data. Keys ``patterns`` leave out
+    (display, logging, places) and the data's location are not compared, nor keys only the
+    request has (added since with their defaults, they change nothing; those whose earlier
+    value :data:`IMPLICIT_BEFORE` knows are compared with it); a key only the
+    recorded run has was deleted (``~ema``), and is a difference (requested value
+    :data:`caitlab.DELETED`)."""
+    patterns = tuple(patterns)
+    old: dict[str, Any] = {}
+    new: dict[str, Any] = {}
+    for config, flat in ((recorded, old), (requested, new)):
+        for key, value in config.items():
+            if key == "callbacks" and isinstance(value, dict):
+                value = without_display_callbacks(value, requested)
+            if not excluded(str(key), patterns):
+                flatten(value, str(key), flat, patterns)
+    for key, value in IMPLICIT_BEFORE.items():
+        if key in new and key not in old:
+            old[key] = value
+    for key in sorted(old):
+        if key in LOCATION_KEYS:
+            continue
+        if key not in new:
+            return key, old[key], DELETED
+        a, b = _comparable(old[key]), _comparable(normal(key, new[key], old[key]))
+        if not same(normal(key, a, a), b):
+            return key, old[key], new[key]
+    return None

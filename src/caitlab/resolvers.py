@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caitlab import identity
 from caitlab.config import eval_crop_pct, paper_epochs
-from caitlab.runs import signature
+from caitlab.record import find_folder
 from caitlab.secrets import register_netrc_resolver
 from caitlab.stages import resolver as stage_resolver
 
@@ -22,7 +22,7 @@ from caitlab.stages import resolver as stage_resolver
 def _signature_resolver(parent: str | None = None, *, _root_: DictConfig) -> str:
     # Hydra resolves hydra.run.dir / hydra.sweep.subdir with the job's whole config as root;
     # ``parent`` (the folder the run lands in) finds a folder named by the previous rule.
-    return identity.folder(parent, signature(_root_), _root_)
+    return find_folder(parent, identity.signature(_root_), _root_)
 
 
 def _gpus_if_gpu(accelerator: str, devices: Any) -> Any:

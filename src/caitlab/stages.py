@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caitlab.record import RunBlocked, read_summary
 from caitlab.status import Status
 
 PREFIX = "stage:"
@@ -51,14 +52,6 @@ FOLDER_KEYS = ("name", "hydra", "paths", "stage", "stages")
 
 class StageError(ValueError):
     """An experiment's ``stages`` that cannot be expanded: one line naming the key."""
-
-
-class StageBlocked(Exception):
-    """A stage whose upstream has not completed: it cannot start."""
-
-    def __init__(self, message: str, upstream: str) -> None:
-        super().__init__(message)
-        self.upstream = upstream  # the upstream's run folder name (its signature)
 
 
 def resolver(name: str) -> str:
@@ -228,9 +221,7 @@ def blocked_reason(ref: Reference, summary: Mapping[str, Any] | None) -> str | N
 
 def upstream(key: str, value: Any, run_dir: Path) -> str:
     """The checkpoint a reference ``value`` of ``key`` names for the run in ``run_dir``: its
-    upstream's best, beside it. Raises StageBlocked where that run has not completed."""
-    from caitlab.runs import read_summary
-
+    upstream's best, beside it. Raises ``RunBlocked`` where that run has not completed."""
     found = parse(value)
     if found is None:
         raise StageError(f"{key}={value}: ${{stage:...}} is only resolved in an experiment's "
@@ -239,7 +230,7 @@ def upstream(key: str, value: Any, run_dir: Path) -> str:
     folder = Path(run_dir).parent / sig
     reason = blocked_reason(Reference(key, stage, sig), read_summary(folder))
     if reason is not None:
-        raise StageBlocked(reason, sig)
+        raise RunBlocked(reason, sig)
     from caitlab.models.checkpoint import resolve_checkpoint
 
     return str(resolve_checkpoint(folder))

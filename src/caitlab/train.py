@@ -17,17 +17,18 @@ import hydra
 from omegaconf import DictConfig
 
 from caitlab.config import CONF_DIR, project_on_path
-from caitlab.errors import DISK_FULL_ERRNOS, UserError, one_line, storage_message
-from caitlab.resolvers import register_resolvers
-from caitlab.runs import (
-    RunBlocked,
-    RunFailed,
-    read_summary,
+from caitlab.errors import (
+    DISK_FULL_ERRNOS,
+    UserError,
+    one_line,
     storage_error,
+    storage_message,
 )
+from caitlab.record import RunBlocked, RunFailed, read_summary, tidy_unstarted
+from caitlab.resolvers import register_resolvers
 from caitlab.secrets import hide_in_argv, redact
 from caitlab.status import Status
-from caitlab.training.folders import new_folders, remove_unstarted_run_folder
+from caitlab.training.folders import new_folders
 from caitlab.training.lifecycle import (
     RankDone,
     is_multirun,
@@ -83,7 +84,7 @@ def run(cfg: DictConfig) -> float | None:
         _keep_rank_error(err, cfg)
         if isinstance(err, UserError) and not multirun:
             # a sweep's refused run keeps its summary for the sweep's table
-            remove_unstarted_run_folder(job_run_dir(cfg), new_folders())
+            tidy_unstarted(job_run_dir(cfg), new_folders())
         line, code = failure_line(err, cfg)
         print(line, file=sys.stderr, flush=True)
         if not multirun:

@@ -1,5 +1,6 @@
 """``caitlab-attention``: the command line that draws where a trained model's class token
-looks (the maps themselves: ``caitlab.analysis.attention_maps``)."""
+looks (the maps themselves: ``caitlab.analysis.attention_maps``; the model, data and images:
+``attention_data``; the PNGs: ``attention_plot``)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # torch and the models only once there is work: --help stays instant
-    from caitlab.analysis.attention_maps import AttentionError
+    from caitlab.analysis.attention_maps import AttentionError  # imports torch: kept off --help
 
     try:
         return _run(args)
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from caitlab.analysis.attention_maps import (
-        AttentionError,
+    from caitlab.analysis.attention_data import (  # imports torch: kept off --help
         class_names,
         data_option,
         default_mean_std,
@@ -72,11 +71,11 @@ def _run(args: argparse.Namespace) -> int:
         load_image_files,
         load_model,
         per_channel,
-        plot_attention,
         run_data_config,
-        trace_attention,
     )
-    from caitlab.models.checkpoint import run_folder
+    from caitlab.analysis.attention_maps import AttentionError, trace_attention  # torch: off --help
+    from caitlab.analysis.attention_plot import plot_attention  # torch: off --help
+    from caitlab.models.checkpoint import run_folder  # torch: off --help
 
     model, ckpt = load_model(args.checkpoint)
     if model.cls_token is None:
@@ -84,11 +83,12 @@ def _run(args: argparse.Namespace) -> int:
                              "average-pools its patch tokens)")
     labels: list[int] | None = None
     data = run_data_config(ckpt)
+    option = data_option(ckpt, data)
     if args.digits is not None:
-        if data is not None and data_option(data) != "digits":
+        if option is not None and option != "digits":
             raise AttentionError(
-                f"--digits: {run_folder(ckpt)} was trained on data={data_option(data)}, not "
-                "digits; give its images with --images")
+                f"--digits: {run_folder(ckpt)} was trained on data={option}, not digits; "
+                "give its images with --images")
         x, names, labels, mean, std = load_digits(model, args.digits, data)
     else:
         if args.mean is None or args.std is None:
@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     # without a head (num_classes=0) the logits are features: nothing to predict
     probs = trace.logits.softmax(dim=-1) if model.num_classes > 0 else None
     out = args.out if args.out is not None else run_folder(ckpt) / "attention"
-    classes = class_names(data, trace.logits.shape[-1])
+    classes = class_names(data, option, trace.logits.shape[-1])
 
     def label(k: int) -> str:
         return classes[k] if classes is not None else str(k)

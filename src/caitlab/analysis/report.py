@@ -145,7 +145,7 @@ def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
     """The table, answers and plots of ``runs``, written into ``out_dir`` (report.md,
     report.csv, report.json, report.html, plots/). ``correction``: how the verdicts are
     held together (:func:`caitlab.analysis.stats.correct`)."""
-    from caitlab.runs import write_text_atomic
+    from caitlab.record import write_text_atomic
 
     variants = ordered(group_variants(runs, by_commit))
     answers_ = answers(variants, sweep_dir, baseline, correction)

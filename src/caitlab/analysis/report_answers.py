@@ -256,23 +256,10 @@ class Answers:
 
 
 def _data_name(variant: Variant) -> str | None:
-    """The data the variant trained on: its summary's ``data`` (the config choice) or, for
-    runs written before summaries said, its config's datamodule class (``digits`` for
-    ``caitlab.data.DigitsDataModule``)."""
-    run = variant.runs[0]
-    if run.summary.get("data"):
-        return str(run.summary["data"])
-    if run.folder is None or not (run.folder / "config.yaml").is_file():
-        return None
-    try:
-        import yaml
-
-        target = ((yaml.safe_load((run.folder / "config.yaml").read_text()) or {})
-                  .get("data") or {}).get("_target_", "")
-    except Exception:  # noqa: BLE001 - a name for a verdict; the run's numbers still count
-        return None
-    name = str(target).rsplit(".", 1)[-1].removesuffix("DataModule")
-    return name.lower() or None
+    """The data the variant trained on: its summary's ``data`` (the config choice; for a run
+    written before summaries said, ``caitlab.record.upgrade`` names its datamodule class)."""
+    data = variant.runs[0].summary.get("data")
+    return str(data) if data else None
 
 
 def answers(variants: list[Variant], sweep_dir: Path | None = None,

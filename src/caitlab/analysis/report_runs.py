@@ -14,6 +14,7 @@ from typing import Any
 
 from caitlab.analysis.stats import throughput
 from caitlab.provenance import commit_of
+from caitlab.record import load_summary, upgrade
 from caitlab.status import WANDB_STATES, Status, diverged_label
 
 
@@ -141,7 +142,7 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
         if any(part.startswith(".") for part in path.relative_to(sweep_dir).parts):
             continue
         try:
-            summary = json.loads(path.read_text())
+            summary = load_summary(path)
         except (OSError, ValueError) as err:  # cut short by a crash or a full disk
             summary = {"status": Status.UNREADABLE,
                        "error": f"{path}: {getattr(err, 'strerror', None) or err}"}
@@ -161,7 +162,7 @@ def runs_from_wandb(api: Any, path: str, group: str | None = None,
         filters["tags"] = {"$in": list(tags)}
     runs = []
     for wrun in api.runs(path, filters=filters or None):
-        summary = {k: v for k, v in dict(wrun.summary).items() if not k.startswith("_")}
+        summary = upgrade({k: v for k, v in dict(wrun.summary).items() if not k.startswith("_")})
         summary.setdefault("status", WANDB_STATES.get(getattr(wrun, "state", ""), Status.PENDING))
         if "variant" not in summary:
             config = dict(wrun.config)
@@ -209,17 +210,13 @@ def mixed_code_warning(runs: list[Run]) -> str | None:
 
 
 def measured_on_selection(summary: dict[str, Any]) -> bool:
-    """Whether a run's ``test/top1`` was measured on the images that chose its checkpoint: its
-    summary says so (``selection.test_is_selection``), or, written before caitlab recorded
-    it, its data validated on its test images (``imagefolder``, whose val/ was both; CIFAR
-    with ``data.val_fraction=0``) and the best checkpoint was scored."""
+    """Whether a run's ``test/top1`` was measured on the images that chose its checkpoint, as
+    its summary says (``selection.test_is_selection``; ``caitlab.record.upgrade`` says it for
+    summaries written before caitlab recorded it)."""
     selection = summary.get("selection")
-    if selection is not None and hasattr(selection, "get"):  # wandb's nested summary too
-        return selection.get("test_is_selection") is True
-    data = summary.get("data")
-    values = (summary.get("delta") or {}).get("values") or {}
-    return data == "imagefolder" or (
-        data in ("cifar10", "cifar100") and values.get("data.val_fraction") == 0)
+    # a mapping: a dict from summary.json, wandb's own nested summary type from wandb
+    return selection is not None and hasattr(selection, "get") and \
+        selection.get("test_is_selection") is True
 
 
 def selection_warning(runs: list[Run], root: Path | None = None) -> str | None:

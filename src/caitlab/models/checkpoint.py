@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import cast
 
@@ -251,3 +252,38 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, Path]:
                               ) from None
     load_state(model, obj, str(ckpt))
     return model.eval(), ckpt
+
+
+def checkpoint_is_readable(path: Path) -> bool:
+    """Whether torch can load ``path`` (memory-mapped: the tensors are not read)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:
+        return False
+
+
+def resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that loads: ``last.ckpt``, or, if that one is broken, the next
+    newest (``best.ckpt``), with a warning. A folder whose checkpoints are all broken is an
+    error: starting over silently would throw away the run's history."""
+    candidates = sorted((p for p in Path(ckpt_dir).glob("*.ckpt") if p.is_file()),
+                        key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    broken: list[Path] = []
+    for path in candidates:
+        if checkpoint_is_readable(path):
+            if broken:
+                warnings.warn(f"{', '.join(map(str, broken))} cannot be read; resuming from "
+                              f"{path} instead", stacklevel=2)
+            return path
+        broken.append(path)
+    if broken:
+        names = ", ".join(p.name for p in broken)
+        raise ResumeError(f"no readable checkpoint in {ckpt_dir} ({names} broken): "
+                          "move them away to start this run over")
+    return None
+
+
+class ResumeError(RuntimeError):
+    """A run folder whose checkpoints are all broken: resuming would have nothing to start
+    from, and starting over would throw its history away."""

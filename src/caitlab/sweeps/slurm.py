@@ -13,7 +13,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from caitlab.status import LIVE, Status
+from caitlab.record import RunRecord
+from caitlab.status import LIVE
 
 SQUEUE_CMD = ("squeue", "--noheader", "--format=%i|%T|%r", "--states=all", "--array")
 SQUEUE_TIMEOUT_S = 5.0
@@ -240,8 +241,6 @@ def cancel_runs(runs: list[tuple[Any, dict[str, Any]]], queue: Queue,
     ``interrupted`` as it stops at SLURM's SIGTERM, which must not be the last word."""
     import time
 
-    from caitlab.runs import Summary  # omegaconf: not at import (caitlab-sweep stays light)
-
     live = [(folder, job) for folder, summary in runs if (job := live_job(summary, queue))]
     cancel([job for _, job in live])
     deadline = time.monotonic() + wait_s
@@ -254,5 +253,5 @@ def cancel_runs(runs: list[tuple[Any, dict[str, Any]]], queue: Queue,
             break
         time.sleep(1)
     for folder, _ in live:
-        Summary(folder, {}).update(status=Status.CANCELLED)
+        RunRecord(folder).cancel()
     return live

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from caitlab.provenance import SNAPSHOT_FILE, git_state, source_root
-from caitlab.runs import read_summary
+from caitlab.record import read_summary
 from caitlab.status import FINAL
 
 PREFIX = "code-"

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from caitlab import compat
 from caitlab.analysis.stats import THROUGHPUT_RULE, throughput
 from caitlab.console import say
-from caitlab.runs import Summary
+from caitlab.record import RunRecord
 from caitlab.training.preemption import BackgroundCheckpointIO
 
 log = logging.getLogger("caitlab")
@@ -25,7 +25,7 @@ log = logging.getLogger("caitlab")
 class SummaryCallback(Callback):
     """Keeps ``summary.json`` current at every validation, so sweeps can be read live."""
 
-    def __init__(self, summary: Summary, clock: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, summary: RunRecord, clock: Callable[[], dict[str, float]]) -> None:
         # the run's clocks over all attempts (wall_s, device_hours: caitlab.training.lifecycle)
         self.summary, self.clock = summary, clock
 

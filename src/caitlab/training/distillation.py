@@ -83,7 +83,7 @@ def teacher_name(source: str) -> str:
     if not path.exists():
         return source
     from caitlab.models.checkpoint import resolve_checkpoint, run_folder
-    from caitlab.runs import read_summary
+    from caitlab.record import read_summary
 
     try:
         folder = run_folder(resolve_checkpoint(path))

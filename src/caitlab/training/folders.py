@@ -1,5 +1,5 @@
-"""The folders a run's path needed that this process made, and the tidying of them when Hydra
-made a run folder for a config caitlab then refused: only what this process made is removed.
+"""The folders a run's path needed that this process made: the only ones a config refused after
+Hydra made the run folder may remove (``caitlab.record.tidy_unstarted``).
 """
 
 from __future__ import annotations
@@ -34,32 +34,3 @@ class NewFolders(Callback):
 def new_folders() -> list[Path]:
     """The folders :class:`NewFolders` noted for this process's run, deepest first."""
     return list(_new_folders)
-
-
-def remove_unstarted_run_folder(run_dir: Path, created: list[Path]) -> None:
-    """Hydra makes the run folder (``.hydra/``, ``train.log``) before caitlab checks the
-    config: a rejected config leaves nothing behind. Only the folders in ``created`` (those
-    this process made) are removed, each only when nothing but Hydra's files is in it: a
-    folder holding anything else (a run's files, another process's lock) is left as it is."""
-    made = {p.absolute() for p in created}
-    run_dir = run_dir.absolute()
-    if run_dir not in made:
-        return
-    hydra_dir = run_dir / ".hydra"
-    try:
-        if {p.name for p in run_dir.iterdir()} - {".hydra", "train.log"}:
-            return
-        hydra_files = list(hydra_dir.iterdir()) if hydra_dir.is_dir() else []
-        if {p.name for p in hydra_files} - {"config.yaml", "hydra.yaml", "overrides.yaml"}:
-            return
-        for path in hydra_files:
-            path.unlink()
-        if hydra_dir.is_dir():
-            hydra_dir.rmdir()
-        (run_dir / "train.log").unlink(missing_ok=True)
-        folder = run_dir
-        while folder in made:  # <output_dir>/<name>/, when this run made it
-            folder.rmdir()
-            folder = folder.parent
-    except OSError:
-        pass  # only ever tidying: whatever could not go stays

@@ -20,19 +20,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab.console import say
-from caitlab.errors import UserError, storage_message
-from caitlab.runs import (
-    ResumeError,
+from caitlab.errors import UserError, storage_error, storage_message
+from caitlab.record import (
     RunBlocked,
     RunFailed,
     RunLock,
-    Summary,
+    RunRecord,
     check_writable,
     read_summary,
     remove_stale_temp_files,
-    resume_checkpoint,
     skip_reason,
-    storage_error,
     write_text_atomic,
 )
 from caitlab.secrets import redact
@@ -159,7 +156,7 @@ class Run:
         self.rank = process_rank()  # the trainer's own, once it exists (uses)
         self.watch: RankWatch | None = None
         self.previous = read_summary(self.dir)
-        self.summary = Summary(self.dir, {}, writable=False)  # until start()
+        self.summary = RunRecord(self.dir, writable=False)  # until start()
         self.resume_from: Path | None = None
         self.loggers: list = []  # the attempt's loggers: wandb's run mirrors the summary
         self.stopper: Any = None  # the attempt's GracefulStop: who interrupted, and requeue
@@ -197,8 +194,7 @@ class Run:
         """A config the run cannot start with; in a sweep its summary says so, for the
         sweep's table."""
         if is_multirun():
-            Summary(self.dir, self._sweep_facts()).update(status=Status.FAILED,
-                                                          error=redact(message))
+            RunRecord(self.dir, self._sweep_facts()).fail(redact(message))
         return UserError(message)
 
     def upstreams(self, cfg: DictConfig) -> dict[str, str]:
@@ -217,11 +213,10 @@ class Run:
                 found[key] = stages.upstream(key, value, self.dir)
             except stages.StageError as err:
                 raise self.refuse(str(err)) from None
-            except stages.StageBlocked as err:
+            except RunBlocked as err:
                 if is_multirun():
-                    Summary(self.dir, self._sweep_facts()).update(
-                        status=Status.BLOCKED, blocked_by=err.upstream, error=str(err))
-                raise RunBlocked(str(err)) from None
+                    RunRecord(self.dir, self._sweep_facts()).block(err.upstream, str(err))
+                raise
         return found
 
     def open(self, cfg: DictConfig) -> dict[str, Any]:
@@ -249,13 +244,14 @@ class Run:
     def start(self, facts: dict[str, Any]) -> None:
         """A new attempt: the summary with ``facts`` (identity, model, axes...), the code it
         runs and the checkpoint it resumes from."""
+        from caitlab.models.checkpoint import ResumeError, resume_checkpoint
         from caitlab.provenance import commit_of, provenance
 
         try:
             self.resume_from = resume_checkpoint(self.dir / "checkpoints")
         except ResumeError as err:
             raise UserError(str(err)) from None
-        self.summary = Summary(self.dir, writable=self.rank_zero, initial=facts)
+        self.summary = RunRecord(self.dir, facts, writable=self.rank_zero)
         self._t0, self._wall_before = time.time(), self.summary.get("wall_s", 0.0) or 0.0
         self._device_h_before = self.summary.get("device_hours", 0.0) or 0.0
         code, diff = provenance()
@@ -265,11 +261,10 @@ class Run:
                      f"{now}: its weights may not match an uninterrupted run's")
         if self.rank_zero and diff:  # the uncommitted changes the run's numbers depend on
             write_text_atomic(self.dir / "code.diff", redact(diff))
-        self.summary.update(status=Status.RUNNING, attempts=self.summary["attempts"] + 1,
-                            resumed_from=str(self.resume_from) if self.resume_from else None,
-                            slurm_job_id=slurm_job_id(), provenance=code,
-                            # the local launcher's job (its logs: caitlab-sweep log)
-                            submitit_job_id=os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
+        self.summary.start(resumed_from=str(self.resume_from) if self.resume_from else None,
+                           slurm_job_id=slurm_job_id(), provenance=code,
+                           # the local launcher's job (its logs: caitlab-sweep log)
+                           submitit_job_id=os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
         if self.resume_from:  # Lightning's own line about it is in train.log only
             say(log, f"resuming {shown_path(self.dir)} from {self.resume_from.name} "
                      f"(attempt {self.summary['attempts']})")
@@ -291,7 +286,7 @@ class Run:
                                    ).start()
 
     def _rank_died(self, message: str) -> None:
-        self.end(Status.FAILED, error=redact(message))
+        self.summary.fail(redact(message), **self.clock())
 
     def device_hours(self) -> float:
         """Wall time x devices, summed over attempts (an attempt killed before it could write
@@ -302,15 +297,10 @@ class Run:
         """The run's clocks as the summary keeps them: ``wall_s`` and ``device_hours``."""
         return {"wall_s": self.wall_s(), "device_hours": round(self.device_hours(), 6)}
 
-    def end(self, status: Status, **fields: Any) -> None:
-        """Writes the state the attempt ended in, with the run's clocks."""
-        self.summary.update(status=status, **self.clock(), **fields)
-
     def complete(self, test: Mapping[str, float]) -> dict[str, Any]:
         """The run's final result: the test metrics in the summary (and wandb's)."""
-        self.end(Status.COMPLETED, **{k: test.get(k) for k in ("test/top1", "test/top5",
-                                                          "test/loss")},
-                 finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.summary.complete(**self.clock(), **{k: test.get(k) for k in (
+            "test/top1", "test/top5", "test/loss")})
         self._mirror({k: v for k, v in self.summary.data.items()
                       if isinstance(v, (int, float, str)) and v is not None})
         self._mirror({"axes": self.summary.get("axes"),
@@ -345,17 +335,15 @@ class Run:
             yield self
             exit_code = 0
         except DivergedError as err:
-            self.end(Status.DIVERGED, diverged_step=err.step, diverged_epoch=err.epoch,
-                     error=str(err))
+            self.summary.diverge(err.epoch, err.step, str(err), **self.clock())
             # the string: wandb writes an Enum member by its name
             self._mirror({"status": Status.DIVERGED.value, "diverged_epoch": err.epoch,
                           "diverged_step": err.step})
             raise
         except (KeyboardInterrupt, SystemExit):
             stopper = self.stopper
-            self.end(Status.INTERRUPTED,
-                     interrupted_by=stopper.requested if stopper else "KeyboardInterrupt",
-                     requeued=bool(stopper and stopper.requeue))
+            self.summary.interrupt(stopper.requested if stopper else "KeyboardInterrupt",
+                                   requeued=bool(stopper and stopper.requeue), **self.clock())
             exit_code = 255
             if stopper is not None and stopper.requeue:
                 finish_wandb(exit_code)
@@ -384,7 +372,7 @@ class Run:
             log_file = self.dir / error_log_name(self.rank)
             log_file.write_text(redact(traceback.format_exc()))
             message += f"; traceback in {log_file}"
-        self.end(Status.FAILED, error=redact(message))
+        self.summary.fail(redact(message), **self.clock())
         return UserError(message)
 
     def _failed(self, err: BaseException) -> None:
@@ -394,17 +382,17 @@ class Run:
             # on disk is whole (every write is atomic), so the same command resumes later. The
             # summary is best effort: it may not fit on the disk either.
             with contextlib.suppress(OSError):
-                self.end(Status.INTERRUPTED, interrupted_by=refused.strerror,
-                         error=redact(storage_message(refused, self.dir)))
+                self.summary.interrupt(str(refused.strerror), **self.clock(),
+                                       error=redact(storage_message(refused, self.dir)))
             return
         error = f"{type(err).__name__}: {err}"
         (self.dir / error_log_name(self.rank)).write_text(
             redact(error_text(error, traceback.format_exc())))
         others = first_rank_error(self.dir) if self.rank_zero else None
         if others is None:
-            self.end(Status.FAILED, error=redact(error))
+            self.summary.fail(redact(error), **self.clock())
             return
         # the rank that failed first holds the cause; this one's is what followed
         first, by_rank = others
-        self.end(Status.FAILED, error=redact(f"{first}; rank 0: {error}"),
-                 rank_errors={k: redact(v) for k, v in by_rank.items()})
+        self.summary.fail(redact(f"{first}; rank 0: {error}"), **self.clock(),
+                          rank_errors={k: redact(v) for k, v in by_rank.items()})

@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from caitlab import compat
-from caitlab.runs import AtomicWrite, write_atomic
+from caitlab.record import AtomicWrite, write_atomic
 
 if TYPE_CHECKING:
     from types import FrameType

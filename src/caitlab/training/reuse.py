@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,56 +22,6 @@ from caitlab.errors import UserError, one_line
 from caitlab.secrets import redact
 
 log = logging.getLogger("caitlab")
-
-
-# A checkpoint a run starts from is named by the run that wrote it (<signature>/checkpoints/
-# best.ckpt), not by where its outputs folder lies now
-_WEIGHTS_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors", ".bin")
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, str) and value.endswith(_WEIGHTS_SUFFIXES) and "/" in value:
-        return "/".join(value.split("/")[-3:])
-    return value
-
-
-# Keys caitlab's config gained after runs were written, with the value those runs had
-# implicitly: a run without the key differs from a request that sets another value
-IMPLICIT_BEFORE = {"data.remode": "const"}
-
-
-def first_difference(recorded: Mapping[Any, Any], requested: dict[str, Any],
-                     patterns: Iterable[str]) -> tuple[str, Any, Any] | None:
-    """The first key (sorted) whose value a run folder's recorded config and a requested one
-    disagree on, as ``(key, recorded value, requested value)``; None when they agree.
-
-    ``recorded`` and ``requested``: resolved configs as plain data. Keys ``patterns`` leave out
-    (display, logging, places) and the data's location are not compared, nor keys only the
-    request has (added since with their defaults, they change nothing; those whose earlier
-    value :data:`IMPLICIT_BEFORE` knows are compared with it); a key only the
-    recorded run has was deleted (``~ema``), and is a difference (requested value
-    :data:`caitlab.identity.DELETED`)."""
-    patterns = tuple(patterns)
-    old: dict[str, Any] = {}
-    new: dict[str, Any] = {}
-    for config, flat in ((recorded, old), (requested, new)):
-        for key, value in config.items():
-            if key == "callbacks" and isinstance(value, dict):
-                value = identity.without_display_callbacks(value, requested)
-            if not identity.excluded(str(key), patterns):
-                identity.flatten(value, str(key), flat, patterns)
-    for key, value in IMPLICIT_BEFORE.items():
-        if key in new and key not in old:
-            old[key] = value
-    for key in sorted(old):
-        if key in identity.LOCATION_KEYS:
-            continue
-        if key not in new:
-            return key, old[key], identity.DELETED
-        a, b = _comparable(old[key]), _comparable(identity.normal(key, new[key], old[key]))
-        if not identity.same(identity.normal(key, a, a), b):
-            return key, old[key], new[key]
-    return None
 
 
 def _shown(value: Any) -> str:
@@ -103,7 +53,7 @@ def check_reuse(run_dir: Path, previous: Mapping[str, Any] | None, cfg: DictConf
         return
     requested = redact(OmegaConf.to_container(cfg, resolve=True))
     recorded = recorded if isinstance(recorded, dict) else {}
-    found = first_difference(recorded, requested, identity.exclusions(cfg))
+    found = identity.first_difference(recorded, requested, identity.exclusions(cfg))
     if found is not None:
         key, old, new = found
         raise UserError(f"{shown_path(Path(run_dir))} holds a run of {key}={_shown(old)}, not "

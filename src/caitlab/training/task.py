@@ -119,7 +119,6 @@ class Parts:
         from caitlab.identity import run_delta, variant_of
         from caitlab.models import count_params
         from caitlab.models.axes import ablation_axes
-        from caitlab.runs import signature, variant_signature
         from caitlab.secrets import redact
 
         own = getattr(self.model, "config", None)  # a caitlab model's: "auto" values resolved
@@ -128,8 +127,10 @@ class Parts:
         delta = run_delta(cfg)
         return {
             # the folder's name: the signature, or the previous rule's for a folder it wrote
-            "signature": run.dir.name if HydraConfig.initialized() else signature(cfg),
-            "variant": variant_of(delta) if delta is not None else variant_signature(cfg),
+            "signature": run.dir.name,
+            # outside a Hydra app (train() called with a config of one's own) there is no
+            # delta to tell the seed from the rest: the run is a variant of its own
+            "variant": variant_of(delta) if delta is not None else run.dir.name,
             "delta": redact(delta),  # what makes the run differ from the defaults
             "name": cfg.name,
             "overrides": redact(job_overrides()),

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab import compat
-from caitlab.runs import write_text_atomic
+from caitlab.record import write_text_atomic
 from caitlab.secrets import redact, wandb_mode
 
 if TYPE_CHECKING:

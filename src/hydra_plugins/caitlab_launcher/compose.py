@@ -14,6 +14,7 @@ from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab import compat, identity
+from caitlab.record import find_folder
 
 
 class _Base:
@@ -56,7 +57,6 @@ class SweepPlan:
         self._parsed: dict[str, tuple[Any, bool]] = {}
         self._run_dirs: dict[tuple[str, ...], Path] = {}
         self._identity: identity.Identity | None = None
-        self._listed: dict[Path, bool] = {}  # sweep folder: holds anything yet
         sweep = OmegaConf.to_container(master.hydra.sweep, resolve=False)
         raw_dir = sweep.get("dir") if isinstance(sweep, dict) else None
         self._full = self._repo is None or "hydra" in str(raw_dir)
@@ -116,10 +116,7 @@ class SweepPlan:
             cfg, _ = self._job(list(overrides))
             sig = identity.signature_of(self._identity.delta(cfg, overrides))
             parent = Path(str(cfg.hydra.sweep.dir))
-            if parent not in self._listed:
-                self._listed[parent] = parent.is_dir() and any(parent.iterdir())
-            name = identity.folder(parent, sig, cfg) if self._listed[parent] else sig
-            self._run_dirs[key] = parent / name
+            self._run_dirs[key] = parent / find_folder(parent, sig, cfg)
         return self._run_dirs[key]
 
 

@@ -17,8 +17,8 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from caitlab import stages
 from caitlab.config import ConfigError
-from caitlab.runs import RunFailed, Summary, read_summary
-from caitlab.status import LIVE, Status
+from caitlab.record import RunFailed, RunRecord, read_summary
+from caitlab.status import LIVE
 from caitlab.sweeps import slurm
 from caitlab.training.ranks import first_rank_error
 
@@ -131,13 +131,12 @@ def follow(jobs: list[Any], run_dirs: list[Path], sweep_dir: Path) -> dict[str, 
 
 def _block(job: Any, run_dir: Path) -> str:
     """Cancels the job of a stage whose upstream failed, and marks its run ``blocked``."""
-    summary = Summary(run_dir, {})
-    refs = stages.references(summary.get("overrides") or [])
+    record = RunRecord(run_dir)
+    refs = stages.references(record.get("overrides") or [])
     line = (stages.blocked_reason(refs[0], read_summary(run_dir.parent / refs[0].signature))
             if refs else None) or "blocked: the job it waits for failed"
     slurm.cancel([str(job.job_id)])
-    summary.update(status=Status.BLOCKED, error=line,
-                   **({"blocked_by": refs[0].signature} if refs else {}))
+    record.block(refs[0].signature if refs else None, line)
     log.warning(f"job {job.job_id} ({run_dir.name}) {line}")
     return line
 
@@ -168,7 +167,8 @@ def result(job: Any, overrides: list[str] | tuple[str, ...], run_dir: Path) -> J
         return job.results()[0]
     except Exception as err:
         # a run that failed: its job raised the run's own line (ArrayTask), in the trace
-        failed = re.search(r"^caitlab\.runs\.RunFailed: (.+)$", str(err), re.MULTILINE)
+        failed = re.search(rf"^{re.escape(RunFailed.__module__)}\.RunFailed: (.+)$", str(err),
+                           re.MULTILINE)
         if failed:
             return returned(overrides, failed=failed[1])
         line = (f"job {job.job_id} ({run_dir}) ended without a result: "
@@ -188,5 +188,5 @@ def _rank_failure(run_dir: Path, line: str) -> str:
         return line
     first, by_rank = others
     line = f"{first}; {line}"
-    Summary(run_dir, {}).update(status=Status.FAILED, error=line, rank_errors=by_rank)
+    RunRecord(run_dir).fail(line, rank_errors=by_rank)
     return line

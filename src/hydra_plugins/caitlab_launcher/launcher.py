@@ -34,9 +34,8 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hsl
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab import compat
-from caitlab.runs import Summary
+from caitlab.record import RunRecord
 from caitlab.stages import stage_facts
-from caitlab.status import SUBMITTED_OVER, Status
 from caitlab.sweeps import slurm, snapshot
 
 # Modules, not names: Hydra's plugin scan executes each module of this package again, some
@@ -144,9 +143,7 @@ class _SweepAwareMixin:
             return submitting.Submission(planned)
         done = submitting.submit(self, planned, sweep_dir, initial_job_idx)
         for entry, job in done.jobs:
-            summary = Summary(entry.run_dir, self._facts(entry))
-            if summary.get("status") in SUBMITTED_OVER:
-                summary.update(status=Status.PENDING, slurm_job_id=str(job.job_id))
+            RunRecord(entry.run_dir, self._facts(entry)).pending(str(job.job_id))
         arrays = sorted({job.job_id.split('_')[0] for _, job in done.jobs})
         log.info(f"submitted {len(done.jobs)} runs as job array{'s' * (len(arrays) > 1)} "
                  f"{', '.join(arrays)}")
@@ -204,9 +201,8 @@ class _SweepAwareMixin:
         for entry in planned.not_submitted:
             log.log(logging.WARNING if entry.failed else logging.INFO, f"\t{entry.line()}")
             if entry.action == planning.Action.BLOCKED:
-                Summary(entry.run_dir, self._facts(entry)).update(
-                    status=Status.BLOCKED, error=entry.why, blocked_by=entry.blocked_by,
-                    slurm_job_id=None)
+                RunRecord(entry.run_dir, self._facts(entry)).block(
+                    entry.blocked_by, entry.why or "", slurm_job_id=None)
 
     def _removed(self, planned: planning.Plan, sweep_dir: Path, queue: follow.Squeue) -> None:
         """Lists the runs of the sweep folder no longer in the sweep; with

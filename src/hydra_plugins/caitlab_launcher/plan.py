@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from caitlab import stages
-from caitlab.runs import read_summary, skip_reason
+from caitlab.record import RunRecord, read_summary, skip_reason
 from caitlab.status import Status
 from caitlab.training.lifecycle import skipped_message
 
@@ -164,7 +164,8 @@ def _entry(index: int, overrides: tuple[str, ...], run_dir: Path, retry_failed: 
         return entry(Action.SKIP, why=skipped_message(previous, run_dir), failed=True)
     if (live := live_job(previous)) is not None:
         return entry(Action.SKIP, why=f"its job {live} is still queued or running")
-    return entry(Action.RESUME if _has_checkpoint(run_dir) else Action.RUN, after=after)
+    resumes = RunRecord(run_dir).has_checkpoint()
+    return entry(Action.RESUME if resumes else Action.RUN, after=after)
 
 
 def _upstream(overrides: Sequence[str], run_dir: Path, live_job: LiveJob
@@ -182,12 +183,6 @@ def _upstream(overrides: Sequence[str], run_dir: Path, live_job: LiveJob
         if reason is not None:
             return (), (reason, ref.signature)
     return tuple(sorted(waits)), None
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    """Whether the run's job will resume (``caitlab.runs.resume_checkpoint`` picks which)."""
-    folder = run_dir / "checkpoints"
-    return folder.is_dir() and any(p.is_file() for p in folder.glob("*.ckpt"))
 
 
 def gone(sweep_dir: Path, wanted: Iterable[str]) -> tuple[Gone, ...]:
