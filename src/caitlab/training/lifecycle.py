@@ -22,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from caitlab.console import say
 from caitlab.errors import UserError, storage_error, storage_message
 from caitlab.record import (
+    CHECKPOINTS,
+    CONFIG,
+    OVERRIDES,
     RunBlocked,
     RunFailed,
     RunLock,
@@ -235,9 +238,9 @@ class Run:
             remove_stale_temp_files(self.dir)  # held: their writers are dead
         resolved = redact(OmegaConf.to_container(cfg, resolve=True))
         if self.rank_zero:
-            write_text_atomic(self.dir / "config.yaml",
+            write_text_atomic(self.dir / CONFIG,
                               OmegaConf.to_yaml(OmegaConf.create(resolved)))
-            write_text_atomic(self.dir / "overrides.yaml",
+            write_text_atomic(self.dir / OVERRIDES,
                               OmegaConf.to_yaml(OmegaConf.create(redact(job_overrides()))))
         return resolved
 
@@ -248,7 +251,7 @@ class Run:
         from caitlab.provenance import commit_of, provenance
 
         try:
-            self.resume_from = resume_checkpoint(self.dir / "checkpoints")
+            self.resume_from = resume_checkpoint(self.dir / CHECKPOINTS)
         except ResumeError as err:
             raise UserError(str(err)) from None
         self.summary = RunRecord(self.dir, facts, writable=self.rank_zero)

@@ -13,8 +13,8 @@ again lands in the same folder, so a sweep resumes or skips instead of duplicati
   any version of caitlab in today's form (:func:`upgrade`); :func:`find_folder` finds a run
   in a folder named by the previous signature rule.
 - **Writing**: every file is written atomically (:func:`write_atomic`); one process trains a
-  folder at a time (:class:`RunLock`); a refused config removes only the folders this
-  process made (:func:`tidy_unstarted`).
+  folder at a time (:class:`RunLock`): both in ``caitlab.record.files``. A refused config
+  removes only the folders this process made (:func:`tidy_unstarted`).
 
 Stdlib only at import, and nothing of caitlab's above the status and the errors:
 ``caitlab-sweep`` reads records without omegaconf, torch or Hydra.
@@ -22,30 +22,40 @@ Stdlib only at import, and nothing of caitlab's above the status and the errors:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from caitlab.errors import name_path
+from caitlab.record.files import (
+    AtomicWrite,
+    RunLock,
+    check_writable,
+    remove_stale_temp_files,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from caitlab.status import RETRY_ONLY, SUBMITTED_OVER, Status
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+__all__ = ["CHECKPOINTS", "CONFIG", "OVERRIDES", "SUMMARY", "SUMMARY_VERSION", "AtomicWrite",
+           "RunBlocked", "RunFailed", "RunLock", "RunRecord", "check_writable", "data_choice",
+           "find_folder", "load_summary", "read_summary", "remove_stale_temp_files",
+           "skip_reason", "tidy_unstarted", "upgrade", "write_atomic", "write_json_atomic",
+           "write_text_atomic"]
+
 # The form of summary.json this code writes (its ``summary_version``). A summary without one
 # was written before caitlab recorded it: :func:`upgrade` brings it to this form.
 SUMMARY_VERSION = 2
+# a run folder's files (caitlab.models.checkpoint, below this layer, spells "checkpoints" too)
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 OVERRIDES = "overrides.yaml"
 CHECKPOINTS = "checkpoints"
-LOCK = ".lock"
 
 
 class RunFailed(Exception):
@@ -76,96 +86,6 @@ def skip_reason(summary: dict[str, Any] | None, retry_failed: bool) -> str | Non
     if status in RETRY_ONLY and not retry_failed:
         return f"{status} (pass retry_failed=true to run it again)"
     return None
-
-
-def write_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False,
-                 sync_folder: bool = False) -> None:
-    """``write(f)`` into a temporary file in ``path``'s folder, fsync, rename over ``path``:
-    readers, and a process killed at any moment, see the old file or the new one, never half.
-    ``sync_folder`` also fsyncs the folder, so the rename itself survives a crash of the node.
-    A write the storage refuses (full disk...) raises an ``OSError`` that names ``path``."""
-    AtomicWrite(path, write, binary=binary).commit(sync_folder=sync_folder)
-
-
-class AtomicWrite:
-    """:func:`write_atomic` in two halves: the constructor writes the temporary file, and
-    :meth:`commit` (another thread may call it) fsyncs it and renames it over ``path``.
-
-    Until the commit, ``path`` is the old file: a process killed in between leaves it, and
-    the temporary file that :func:`remove_stale_temp_files` deletes. The fsyncs wait on the
-    disk, not on a core or the GIL, which is why they may be left to a thread."""
-
-    def __init__(self, path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                        suffix=".tmp")
-        self._file = os.fdopen(fd, "wb" if binary else "w")
-        with self._failing():
-            write(self._file)
-            self._file.flush()
-
-    def commit(self, sync_folder: bool = False) -> None:
-        with self._failing():
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self.tmp, self.path)
-            if sync_folder:
-                dir_fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-
-    @contextlib.contextmanager
-    def _failing(self) -> Iterator[None]:
-        """On any error: the temporary file goes (a full disk gets its space back), and a
-        refused write is raised naming ``path``."""
-        try:
-            yield
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-            # torch reports a full disk as "unexpected pos ..." with the OSError as context
-            named = name_path(err, self.path)
-            if named is err:
-                raise
-            raise named from err
-
-
-def check_writable(folder: Path) -> None:
-    """Makes ``folder`` and writes (then deletes) a file of a name no other process uses:
-    every DDP rank checks the run folder at once, and with one shared probe name a rank could
-    delete another's probe before that one did (its ``FileNotFoundError`` ended it, and the
-    other ranks waited for it at the DDP rendezvous). Raises the ``OSError`` of a refusal."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
-    os.close(fd)
-    os.unlink(probe)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """``text`` written with :func:`write_atomic`."""
-    write_atomic(path, lambda f: f.write(text))
-
-
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Deletes the temporary files of atomic writes (``.<name>.<random>.tmp``) whose writer
-    died before its rename (SIGKILL, node failure): a checkpoint's can be gigabytes. Call it
-    only while holding the run's ``RunLock``, so that no live writer owns them."""
-    removed = []
-    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        for path in folder.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-    return removed
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def load_summary(path: Path) -> dict[str, Any]:
@@ -428,35 +348,3 @@ def tidy_unstarted(run_dir: Path, created: list[Path]) -> None:
             folder = folder.parent
     except OSError:
         pass  # only ever tidying: whatever could not go stays
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``<run>/.lock``: one process trains a run folder at a time.
-
-    The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed run never
-    leaves a stale lock behind.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
-        self._fd = fd  # held open for the life of the process
-        return True
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "unknown pid"
-        except OSError:
-            return "unknown pid"
-
-
