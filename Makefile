@@ -50,8 +50,9 @@ browser:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	else echo "no chromium and not root: the report page's browser test will be skipped"; fi
 
+# Two workers (tests/conftest.py groups the tests that take both cores on one of them)
 test: setup lint docs slurm browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache site

@@ -108,6 +108,23 @@ def tiny_teacher(folder, in_chans: int = 1, num_classes: int = 10, img_size: int
             *(f"+distillation.teacher_kwargs.{k}={v}" for k, v in kwargs.items())]
 
 
+# make test runs the suite on two pytest-xdist workers (-n 2 --dist loadgroup). A file's tests
+# share a worker, so its module fixtures are made once; the tests that take both cores
+# themselves (DDP over two ranks, the local SLURM cluster's jobs, a core per run, threads per
+# core, SIGKILLs at chosen moments) share one, so that no two of them overlap, and each meets
+# at most one other process for the cores.
+BOTH_CORES = {"test_ddp.py", "test_slurm.py", "test_slots.py", "test_cpus.py",
+              "test_gpu_check.py", "test_faults.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        both = name in BOTH_CORES or "slurm_cluster" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("both-cores" if both else name))
+
+
 @pytest.fixture
 def train_cmd(tmp_path):
     def run(*overrides, **kwargs):

@@ -3,6 +3,8 @@ caller relies on, so that a release that changes one fails here, by name."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,3 +356,21 @@ def test_is_plain_mapping_is_true_only_for_a_concrete_dict(value, plain):
 def test_sweeper_params_are_the_overrides_its_sweep_starts_from():
     sweeper = compat.BasicSweeper(max_batch_size=None, params={"model": "a,b", "seed": "0,1"})
     assert compat.sweeper_params(sweeper) == ["model=a,b", "seed=0,1"]
+
+
+def test_the_suites_worker_groups_keep_their_tests_on_one_worker(tmp_path):
+    """make test's two workers keep the tests that take both cores on one of them
+    (tests/conftest.py marks them); pytest-xdist's loadgroup loses the marks on pytest 9.2
+    (pytest-xdist#1386), which pyproject bounds."""
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n\n@pytest.hookimpl(tryfirst=True)\n"
+        "def pytest_collection_modifyitems(config, items):\n"
+        "    for item in items:\n"
+        "        item.add_marker(pytest.mark.xdist_group('both-cores'))\n")
+    (tmp_path / "test_a.py").write_text("".join(f"def test_{i}():\n    pass\n\n\n"
+                                                for i in range(6)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2",
+                          "--dist", "loadgroup", "-v", "-c", "/dev/null", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    workers = {line.split("]")[0] for line in out.stdout.splitlines() if "PASSED" in line}
+    assert out.returncode == 0 and len(workers) == 1, out.stdout[-2000:]

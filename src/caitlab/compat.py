@@ -11,8 +11,11 @@ the libraries' public contracts only.
 from __future__ import annotations
 
 import argparse
+import copy
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
+from weakref import proxy
 
 if TYPE_CHECKING:  # the libraries are imported where used: importing this stays cheap
     import lightning as L
@@ -62,9 +65,9 @@ def retire_lightning_observer() -> bool:
     """Ends Lightning's child-process observer without it killing anything: on a rank's death
     it SIGKILLs rank 0 too, leaving no word of which rank died or why. caitlab's
     ``RankWatch`` does the same job, the cause recorded first. True when one was found."""
-    import threading
-
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    from lightning.fabric.strategies.launchers.subprocess_script import (  # kept off caitlab-sweep
+        _ChildProcessObserver,
+    )
 
     found = False
     for thread in threading.enumerate():
@@ -102,7 +105,7 @@ def routes_saves(cls: type[_Checkpoint]) -> type[_Checkpoint]:
 
 def lightning_save(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
     """``callback``'s save as Lightning makes it: ``trainer.save_checkpoint``, then its record."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint  # heavy: kept off caitlab-sweep
 
     ModelCheckpoint._save_checkpoint(callback, trainer, filepath)
 
@@ -110,8 +113,6 @@ def lightning_save(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str)
 def record_save(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
     """Records a save of ``callback`` made without ``trainer.save_checkpoint`` as Lightning's
     own: no second save at the same step, ``last_save``, the loggers' ``after_save_checkpoint``."""
-    from weakref import proxy
-
     callback._last_global_step_saved = trainer.global_step
     callback._last_checkpoint_saved = filepath
     if trainer.is_global_zero:
@@ -195,7 +196,7 @@ def is_plain_mapping(node: Any) -> bool:
 
     OmegaConf answers these only through its nodes' private ``_is_*`` methods; the public
     ``OmegaConf.is_missing``/``is_interpolation`` ask about a key of a parent instead."""
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig  # kept off caitlab-sweep
 
     return (isinstance(node, DictConfig) and not node._is_missing() and not node._is_none()
             and not node._is_interpolation())
@@ -211,8 +212,6 @@ def with_transform(dataset: Any, transform: Any) -> Any:
 
     ``VisionDataset`` applies ``self.transforms`` (a ``StandardTransform`` built from
     ``transform`` in its constructor), not ``self.transform``: both are set."""
-    import copy
-
     copied = copy.copy(dataset)
     copied.transform = transform
     copied.transforms = type(dataset.transforms)(transform, dataset.target_transform)
@@ -229,7 +228,7 @@ def take_indices(num_blocks: int, indices: int | Sequence[int] | None
 
     timm's own models share it from ``timm.models._features``, which ``timm.models`` does not
     export; reading it the same way keeps caitlab's ``forward_intermediates`` timm's contract."""
-    from timm.models._features import feature_take_indices
+    from timm.models._features import feature_take_indices  # heavy: kept off caitlab-sweep
 
     # timm types indices as a list; any sequence serves (it iterates them)
     return feature_take_indices(num_blocks, cast("int | list[int] | None", indices))
@@ -242,7 +241,7 @@ def __getattr__(name: str) -> Any:
     and batches would otherwise be written again from scratch. Imported on first use: it
     costs a third of a second, which most users of this module do not need."""
     if name in ("BasicSweeper", "BasicSweeperConf"):
-        from hydra._internal.core_plugins import basic_sweeper
+        from hydra._internal.core_plugins import basic_sweeper  # heavy: kept off caitlab-sweep
 
         return getattr(basic_sweeper, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -264,7 +263,7 @@ def apply_value_overrides(overrides: list[Any], cfg: DictConfig) -> None:
 
     Hydra composes only from scratch (``load_sweep_config``); applying value overrides to an
     existing composition is its ``ConfigLoaderImpl._apply_overrides_to_config``."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl  # heavy: kept off caitlab-sweep
 
     ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
@@ -325,9 +327,6 @@ def check_choice(group: str, choice: str | None, options: list[str], given: bool
 def check_recipe_choice(overrides: list[str]) -> None:
     """``recipe`` is optional (data without a recipe of its own keeps the group defaults), so
     Hydra would skip a mistyped ``recipe=...`` without a word."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         choice = HydraConfig.get().runtime.choices.get("recipe")
     except ValueError:

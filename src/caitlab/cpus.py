@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from caitlab.config import ConfigError
+
 
 def affinity_cores() -> list[int]:
     """The cores this process may run on (its affinity mask), in order."""
@@ -37,8 +39,6 @@ def torch_threads(requested: int | str | None, cpus: int, ranks_here: int = 1) -
     if requested in (None, "auto"):
         return max(1, cpus // max(1, ranks_here))
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-        from caitlab.config import ConfigError
-
         raise ConfigError(f"threads={requested!r} is not allowed: must be auto or an "
                           "integer >= 1")
     return requested
@@ -47,7 +47,7 @@ def torch_threads(requested: int | str | None, cpus: int, ranks_here: int = 1) -
 def set_torch_threads(cfg: Any) -> int:
     """torch's intra-op threads from the CPUs this run was given, shared by the DDP ranks of
     one machine outside SLURM (``cfg.threads``, ``cfg.trainer``); returns the count."""
-    import torch
+    import torch  # heavy: the sweep launcher imports cpus (slots)
 
     devices = cfg.trainer.get("devices", 1)
     local_ranks = devices if (isinstance(devices, int) and cfg.trainer.get("accelerator")

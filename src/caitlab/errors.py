@@ -3,18 +3,22 @@
 Hydra, OmegaConf and the constructors a config names raise errors that span lines (option
 lists, search paths, ``full_key:``...); ``caitlab-train`` prints one line per mistake instead,
 with the closest existing name where a name was mistyped.
+
+Stdlib only at import: the run record (``caitlab.record``) imports it, and ``caitlab-sweep``
+reads records without OmegaConf or Hydra.
 """
 
 from __future__ import annotations
 
 import difflib
 import errno
+import inspect
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from caitlab.config import CONF_DIR
+from caitlab.compat import config_node, config_root, is_plain_mapping
 
 # errno values that mean the storage refused a write: the disk or quota is full, the folder is
 # read-only or not ours. None of them is a bug in the run, and none is fixed by retrying at once.
@@ -63,10 +67,8 @@ def constructor_refusal(err: BaseException) -> str | None:
     ValueError from its constructor, which Hydra's instantiate wraps, as from a project's own
     model): the config key, the class, the reason, and for a mistyped argument the closest
     one it takes. None for any other error."""
-    import inspect
-
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_object
+    from hydra.errors import InstantiationException  # Hydra: kept off caitlab-sweep
+    from hydra.utils import get_object  # Hydra: kept off caitlab-sweep
 
     cause = err.__cause__
     if not isinstance(err, InstantiationException) or not isinstance(cause,
@@ -104,6 +106,8 @@ def _closest(word: str, options: list[str]) -> str | None:
 
 def _config_groups() -> list[str]:
     """The config groups (``model``, ``model/residual``...): caitlab's and the project's."""
+    from caitlab.config import CONF_DIR  # Hydra, OmegaConf: kept off caitlab-sweep
+
     groups: set[str] = set()
     for root in (Path(CONF_DIR), Path(os.environ.get("CAITLAB_CONFIG_DIR", "conf"))):
         if root.is_dir():
@@ -124,8 +128,6 @@ def _shortlist(options: list[str], width: int = 110) -> str:
 
 def _paths_named(node: Any, key: str) -> list[str]:
     """Every dotted path of the config ``node`` belongs to whose last part is ``key``."""
-    from caitlab.compat import config_node, config_root, is_plain_mapping
-
     root = config_root(node)
     found: list[str] = []
 
@@ -146,8 +148,8 @@ def _paths_named(node: Any, key: str) -> list[str]:
 def mistyped_name(err: BaseException) -> str | None:
     """One line for a config option or key that does not exist, with the closest existing
     name (difflib) -- Hydra's own message lists every option and its search path."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigKeyError
+    from hydra.errors import MissingConfigException  # Hydra: kept off caitlab-sweep
+    from omegaconf.errors import ConfigKeyError  # OmegaConf: kept off caitlab-sweep
 
     chain = _chain(err)
     for e in chain:

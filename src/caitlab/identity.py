@@ -27,10 +27,15 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, cast
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from caitlab import compat
 from caitlab.config import container
+from caitlab.errors import UserError
 
 SIGNATURE_LENGTH = 10
 DELETED = "<deleted>"  # a value (``~ema``) or a config group (``~recipe``) the run removed
@@ -188,8 +193,6 @@ class Identity:
 
     def __init__(self, compose: Callable[[tuple[str, ...]], DictConfig],
                  group_exists: Callable[[str], bool]) -> None:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         self._compose = compose
         self._repository_has = group_exists
         # groups a composed config chose from: a project's own (./conf/local/) are missing
@@ -284,8 +287,6 @@ class Identity:
     def _check_local(self, groups: tuple[str, ...], path: Path) -> None:
         """The ``local`` option composed by default (a git-ignored ``conf/local/default.yaml``)
         differs between machines, so it must not set what a run's result depends on."""
-        from caitlab.errors import UserError
-
         with_local, _ = self._base(groups)
         without, _ = self._base((*groups, "~local"))
         changed = _set_by(with_local, without)
@@ -326,9 +327,6 @@ _identities: dict[int, Identity] = {}
 
 def current(cfg: DictConfig) -> Identity | None:
     """The identity of the running Hydra app's config loader (None outside a Hydra app)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.types import RunMode
-
     if not GlobalHydra.instance().is_initialized():
         return None
     loader = GlobalHydra.instance().config_loader()
@@ -344,8 +342,6 @@ def hydra_node(cfg: DictConfig) -> DictConfig | None:
     ``HydraConfig`` once the task runs (Hydra hands the task its config without it)."""
     if "hydra" in cfg:
         return cfg.hydra
-    from hydra.core.hydra_config import HydraConfig
-
     # Hydra types its node as the HydraConf dataclass; it is the DictConfig of one
     return cast(DictConfig, HydraConfig.get()) if HydraConfig.initialized() else None
 

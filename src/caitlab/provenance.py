@@ -63,7 +63,7 @@ def _version(name: str) -> str | None:
 
 def device() -> dict[str, Any]:
     try:
-        import torch
+        import torch  # heavy: caitlab-sweep and caitlab-report read provenance
 
         if torch.cuda.is_available():
             return {"type": "cuda", "name": torch.cuda.get_device_name(0),

@@ -58,7 +58,7 @@ def netrc_value(host: str, field: str) -> str:
 
 
 def register_netrc_resolver() -> None:
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # kept off caitlab-report, which reads wandb_mode here
 
     if not OmegaConf.has_resolver("netrc"):
         OmegaConf.register_new_resolver("netrc", netrc_value)

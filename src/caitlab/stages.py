@@ -231,7 +231,7 @@ def upstream(key: str, value: Any, run_dir: Path) -> str:
     reason = blocked_reason(Reference(key, stage, sig), read_summary(folder))
     if reason is not None:
         raise RunBlocked(reason, sig)
-    from caitlab.models.checkpoint import resolve_checkpoint
+    from caitlab.models.checkpoint import resolve_checkpoint  # torch: the launcher reads this
 
     return str(resolve_checkpoint(folder))
 

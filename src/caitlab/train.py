@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 import warnings
 
 import hydra
@@ -32,8 +33,10 @@ from caitlab.training.folders import new_folders
 from caitlab.training.lifecycle import (
     RankDone,
     is_multirun,
+    is_rank_zero,
     job_run_dir,
 )
+from caitlab.training.ranks import error_log_name, error_text, process_rank
 from caitlab.training.task import train
 
 __all__ = ["CONF_DIR", "main", "project_on_path", "run", "train"]
@@ -96,11 +99,6 @@ def run(cfg: DictConfig) -> float | None:
 def _keep_rank_error(err: BaseException, cfg: DictConfig) -> None:
     """A rank other than 0 that fails before its attempt began (its data, its config) leaves
     its cause where rank 0 and the user look: ``error.rank<k>.log`` in the run folder."""
-    import traceback
-
-    from caitlab.training.lifecycle import is_rank_zero
-    from caitlab.training.ranks import error_log_name, error_text, process_rank
-
     run_dir = job_run_dir(cfg)
     devices = cfg.trainer.get("devices")
     path = run_dir / error_log_name(process_rank(devices if isinstance(devices, int) else 1))

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torchvision.datasets
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from caitlab.analysis.attention_maps import AttentionError
@@ -46,8 +48,6 @@ def run_data_config(ckpt: Path) -> dict | None:
     path = run_folder(ckpt) / "config.yaml"
     if not path.is_file():
         return None
-    from omegaconf import OmegaConf  # omegaconf only for a checkpoint in a run folder
-
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path))
         data = loaded.get("data") if isinstance(loaded, dict) else None
@@ -87,8 +87,6 @@ def class_names(data: dict | None, option: str | None, num_classes: int) -> list
 
 
 def _cifar_classes(root: Path, option: str) -> list[str] | None:
-    import torchvision.datasets  # its datasets only for a CIFAR run
-
     cls = torchvision.datasets.CIFAR10 if option == "cifar10" else torchvision.datasets.CIFAR100
     meta = root / cls.base_folder / cls.meta["filename"]
     try:  # read as torchvision reads it (CIFAR10._load_meta), without loading the images

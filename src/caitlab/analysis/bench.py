@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     Values are YAML scalars (``false``, ``null``, ``[224, 224]``); a string that is a number
     in exponent notation (YAML 1.1 leaves ``1e-5`` a string) becomes a float.
     """
-    import yaml
+    import yaml  # kept off caitlab-bench --help
 
     overrides: dict[str, Any] = {}
     for pair in pairs or []:
@@ -68,8 +69,6 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 def _warnings(result: dict[str, Any], device: torch.device) -> list[str]:
     """Notes on figures not to trust: a busy CPU, or an MFU above 100%."""
-    import os
-
     notes = []
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -87,7 +86,7 @@ def _counted(name: str, overrides: dict[str, Any] | None, img_size: int | None,
              settings: dict[str, Any]) -> dict[str, Any]:
     """The ``--json`` dict with params and MACs counted on the meta device, nothing timed yet;
     ``settings`` (precision, batch, compile, timing) recorded as asked."""
-    from caitlab.models import count_macs, count_params
+    from caitlab.models import count_macs, count_params  # torch: kept off caitlab-bench --help
 
     meta, source, shape = build(name, overrides, img_size)  # costs nothing, whatever the size
     try:
@@ -108,7 +107,7 @@ def _timing_device(device: str | None, precision: str, threads: int | None,
                    counts: dict[str, int]) -> torch.device:
     """The device to time on, once the request (``counts``: batch, warmup, repeats, iters)
     is known to be one it can honour."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     try:
         dev = resolve_device(device)
@@ -140,7 +139,7 @@ def bench(name: str, overrides: dict[str, Any] | None = None, *, img_size: int |
     if not throughput:
         return result
 
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     dev = _timing_device(device, precision, threads, dict(batch=batch, **timing))
     with num_threads(threads):

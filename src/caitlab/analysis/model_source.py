@@ -5,6 +5,8 @@ constructor overrides on any device (``meta`` by default: counting costs nothing
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +32,7 @@ class ModelSource:
 def _import_object(path: str) -> Any:
     """``pkg.module.Name`` -> the object, importing ``pkg.module`` (a project's own package in
     the folder caitlab-bench runs in included)."""
-    import importlib
-
-    from caitlab.config import project_on_path
+    from caitlab.config import project_on_path  # Hydra, OmegaConf: kept off --help
 
     project_on_path()
     module_name, _, attr = path.rpartition(".")
@@ -50,7 +50,7 @@ def _import_object(path: str) -> Any:
 
 
 def _from_run(path: Path) -> ModelSource:
-    import yaml
+    import yaml  # kept off caitlab-bench --help
 
     config = path / "config.yaml" if path.is_dir() else path
     if not config.is_file():
@@ -83,7 +83,7 @@ def resolve_model(spec: str) -> ModelSource:
     (``outputs/demo/8aac04fac3``: the model it trained, as configured), a model config
     (``conf/model/mynet.yaml``), or the dotted path of a model class or factory of a
     project's own (``mynet.MyNet``, arguments by --set)."""
-    from caitlab.models import create_model, list_models
+    from caitlab.models import create_model, list_models  # torch: kept off caitlab-bench --help
 
     if spec in list_models():
         return ModelSource(spec, lambda **kw: create_model(spec, **kw))
@@ -101,9 +101,12 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def _construct(source: ModelSource, kwargs: dict[str, Any], device: Any) -> Any:
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
-    from caitlab.models import ModelConfigError, UnknownModelError
+    from caitlab.models import (  # torch: kept off caitlab-bench --help
+        ModelConfigError,
+        UnknownModelError,
+    )
 
     try:
         try:
@@ -126,8 +129,6 @@ def _input_shape(model: Any, source: ModelSource, kwargs: dict[str, Any]) -> tup
     """(channels, height, width) of one input: a caitlab model's ``config``, else the
     ``in_chans``/``img_size`` it was built with (--set, the run's config, the run's data, the
     constructor's defaults)."""
-    import inspect
-
     cfg = getattr(model, "config", None)
     if isinstance(cfg, dict) and "in_chans" in cfg and "img_size" in cfg:
         h, w = cfg["img_size"]  # (height, width)

@@ -45,7 +45,7 @@ def paper_variants() -> list[str]:
     """The CaiT/DeiT variants to compare with the papers: the table's names that are
     registered, then any other registered ``cait_*``/``deit_*`` except the CPU-sized
     ``*_tiny`` toys (those get "-" for the paper)."""
-    from caitlab.models import list_models
+    from caitlab.models import list_models  # torch: off caitlab-bench --help's path
 
     registered = list_models()
     named = [n for n in PAPER_PARAMS_M if n in registered]
@@ -58,7 +58,7 @@ def params_at_size(model: ImageTransformer, img_size: int) -> int:
     """Parameters of ``model`` rebuilt at ``img_size`` px, without rebuilding it: the learned
     position embedding (one ``embed_dim`` vector per patch) is the only parameter whose size
     depends on the image size."""
-    from caitlab.models import count_params
+    from caitlab.models import count_params  # torch: off caitlab-bench --help's path
 
     gh, gw = (img_size // p for p in model.config["patch_size"])
     return count_params(model) - model.pos_embed.numel() + gh * gw * model.embed_dim
@@ -69,7 +69,7 @@ def compare_paper() -> list[dict[str, Any]]:
 
     Every model is built on the meta device, so even M-48 at 448 px costs nothing.
     """
-    from caitlab.models import count_macs
+    from caitlab.models import count_macs  # torch: off caitlab-bench --help's path
 
     rows = []
     for name in paper_variants():

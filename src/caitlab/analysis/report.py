@@ -63,6 +63,9 @@ from caitlab.analysis.report_table import (
 )
 from caitlab.analysis.report_verdicts import method_text
 from caitlab.analysis.stats import CORRECTIONS, EXACT_MAX, MIN_SEEDS, THROUGHPUT_RULE
+from caitlab.errors import UserError
+from caitlab.record import write_text_atomic
+from caitlab.secrets import wandb_mode
 from caitlab.status import Status
 
 __all__ = ["Report", "Run", "Variant", "answers", "build_parser", "build_report", "cell",
@@ -145,8 +148,6 @@ def build_report(runs: list[Run], out_dir: Path, by_commit: bool = False,
     """The table, answers and plots of ``runs``, written into ``out_dir`` (report.md,
     report.csv, report.json, report.html, plots/). ``correction``: how the verdicts are
     held together (:func:`caitlab.analysis.stats.correct`)."""
-    from caitlab.record import write_text_atomic
-
     variants = ordered(group_variants(runs, by_commit))
     answers_ = answers(variants, sweep_dir, baseline, correction)
     rows, data = tables(variants, answers_)
@@ -178,9 +179,7 @@ def log_to_wandb(report: Report, *, project: str, group: str, entity: str | None
                  out_dir: Path | None = None) -> str:
     """The table (as numbers), the verdicts and the plots in one summary run of the sweep's
     group; returns its id."""
-    import wandb
-
-    from caitlab.secrets import wandb_mode
+    import wandb  # heavy: only --wandb logs to it
 
     run = wandb.init(project=project, entity=entity, group=group, job_type="report",
                      # WANDB_MODE as set (a str): wandb.init checks it is one of its modes
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.wandb_project:
-        import wandb
+        import wandb  # heavy: only --wandb-project reads from it
 
         runs = runs_from_wandb(wandb.Api(), args.wandb_project, args.group, args.tag)
         out_dir = args.out or Path("outputs") / (args.group or "wandb_report")
@@ -298,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail("give a sweep folder or --wandb-project")
     if not runs:
         return fail(f"no runs in {source}")
-
-    from caitlab.errors import UserError
 
     try:
         report = build_report(runs, out_dir, args.by_commit, args.baseline, args.sweep_dir,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from caitlab import stages
 from caitlab.analysis.report_runs import Run, Variant
 from caitlab.analysis.report_verdicts import (
     DEFAULT,
@@ -27,6 +28,7 @@ from caitlab.analysis.report_verdicts import (
 )
 from caitlab.analysis.report_verdicts import few_seeds_note as _few_seeds_note
 from caitlab.analysis.stats import Difference, difference, pareto_front
+from caitlab.errors import UserError
 from caitlab.models import axes as declared
 from caitlab.status import Status
 
@@ -61,8 +63,10 @@ def by_seed(variant: Variant, metric: str) -> dict[Any, float]:
 
 
 def _override_settings(run: Run) -> dict[str, str] | None:
-    from caitlab import stages
-    from caitlab.identity import DEFAULT_EXCLUDE, excluded
+    from caitlab.identity import (  # Hydra, OmegaConf: kept off caitlab-sweep
+        DEFAULT_EXCLUDE,
+        excluded,
+    )
 
     overrides = run.summary.get("overrides")
     if not isinstance(overrides, list):
@@ -109,7 +113,9 @@ ORDER_FILE = "sweep_order.yaml"  # the grid's order as the sweep's first launch 
 def order_of(saved: dict[str, Any]) -> dict[str, list[str]]:
     """key -> values in the order a composed sweep config (``multirun.yaml``'s content)
     lists them: its sweep overrides, sweeper params and a chain's stages."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.overrides_parser import (  # Hydra: kept off caitlab-sweep
+        OverridesParser,
+    )
 
     hydra = saved.get("hydra") or {}
     lines = [str(x) for x in (hydra.get("overrides") or {}).get("task") or []]
@@ -132,7 +138,7 @@ def _sweep_order(sweep_dir: Path | None) -> tuple[dict[str, list[str]], bool]:
     if sweep_dir is None:
         return {}, False
     try:
-        import yaml
+        import yaml  # kept off caitlab-sweep, which reads no sweep's order
 
         recorded = Path(sweep_dir) / ORDER_FILE
         if recorded.is_file():
@@ -191,8 +197,6 @@ def _independent(variants: list[Variant], keys: list[str]) -> list[str]:
 
 
 def _match_key(given: str, keys: list[str]) -> str:
-    from caitlab.errors import UserError  # caitlab.errors loads OmegaConf: not for caitlab-sweep
-
     if given in keys:
         return given
     short = [k for k in keys if k.replace("/", ".").split(".")[-1] == given]
@@ -208,8 +212,6 @@ def _match_key(given: str, keys: list[str]) -> str:
 def choose_baseline(g: Grid, given: Iterable[str] = ()) -> dict[str, str]:
     """The grid's first value of each varied key, with ``given`` (``KEY=VALUE``; KEY may be
     the last part of the key, ``residual`` for ``model/residual``) put over it."""
-    from caitlab.errors import UserError
-
     chosen = g.first()
     for item in given:
         key, sep, value = item.partition("=")
@@ -279,8 +281,6 @@ def _all_answers(variants: list[Variant], sweep_dir: Path | None,
     stages = list(dict.fromkeys(v.stage for v in variants if v.stage is not None))
     if not stages:
         return _answers(variants, sweep_dir, given)
-    from caitlab.errors import UserError
-
     metric = metric_of(variants)
     given = list(given)
     parts, used = {}, set()
@@ -324,8 +324,6 @@ def _answers(variants: list[Variant], sweep_dir: Path | None, given: Iterable[st
     g = grid(variants, sweep_dir)
     given = list(given)
     if given and not g.keys:
-        from caitlab.errors import UserError
-
         raise UserError(f"--baseline {' '.join(given)}: the runs differ in nothing but the "
                         "seed, so there is nothing to compare")
     base = choose_baseline(g, given) if g.keys else {}

@@ -31,10 +31,10 @@ BARS = f"bars: 95% CI over seeds (with {MIN_SEEDS}+ seeds)"
 
 
 def _pyplot() -> ModuleType:
-    import matplotlib
+    import matplotlib  # heavy: kept off caitlab-sweep and caitlab-report --help
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): the backend is chosen on import
 
     return plt
 
@@ -70,7 +70,7 @@ def _legend(fig: Figure, ax: Axes) -> None:
 def _readable_x(ax: Axes, values: list[float]) -> None:
     """A log x scale where the values span more than 4x, with plain-number ticks at 1-2-5
     (matplotlib's default labels minor ticks too on a short log axis, and they collide)."""
-    from matplotlib import ticker
+    from matplotlib import ticker  # heavy: kept off caitlab-sweep
 
     if min(values) > 0 and max(values) > 4 * min(values):
         ax.set_xscale("log")
@@ -128,7 +128,7 @@ def figure_top1_vs_depth(variants: list[Variant], metric: str = "test/top1") -> 
                          label=name)
         for d, e in pts:
             _point(ax, d + off, e, color=drawn.get_color())
-    from matplotlib import ticker
+    from matplotlib import ticker  # heavy: kept off caitlab-sweep
 
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("depth (self-attention layers)")
@@ -222,7 +222,7 @@ def figure_val_curves(variants: list[Variant], extra: Iterable[str] = ()) -> Fig
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)],
                             color=colors[v.key], alpha=0.18, linewidth=0)
-    from matplotlib import ticker
+    from matplotlib import ticker  # heavy: kept off caitlab-sweep
 
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

@@ -27,7 +27,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -71,7 +71,7 @@ def estimate(values: list[float], min_n: int = MIN_SEEDS) -> Estimate | None:
     std = statistics.stdev(values) if len(values) > 1 else None
     if len(values) < min_n:
         return Estimate(mean, std, len(values))
-    from scipy import stats
+    from scipy import stats  # heavy: kept off caitlab-sweep
 
     if std == 0:
         return Estimate(mean, 0.0, len(values), mean, mean)
@@ -86,7 +86,7 @@ def estimate(values: list[float], min_n: int = MIN_SEEDS) -> Estimate | None:
 
 
 def _units(values: Any) -> Any:
-    import numpy as np
+    import numpy as np  # heavy: kept off caitlab-sweep
 
     return np.rint(np.asarray(values, dtype=float) / RESOLUTION)
 
@@ -94,7 +94,7 @@ def _units(values: Any) -> Any:
 @lru_cache(maxsize=EXACT_MAX + 1)
 def _signs(n: int) -> Any:
     """Every sign vector of length ``n``, (2^n, n) of +-1, the all-plus one first."""
-    import numpy as np
+    import numpy as np  # heavy: kept off caitlab-sweep
 
     bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
     return 1.0 - 2.0 * bits
@@ -105,7 +105,7 @@ def signflip_p(diffs: Any) -> Any:
     ``diffs`` (an array ``(..., n)`` of paired differences in points): the share of the 2^n
     sign flips whose ``|sum|`` is at least the observed one. ``n`` identical non-zero
     differences give 2/2^n, never 0."""
-    import numpy as np
+    import numpy as np  # heavy: kept off caitlab-sweep
 
     d = _units(diffs)
     n = d.shape[-1]
@@ -125,7 +125,7 @@ def signflip_interval(diffs: Sequence[float], alpha: float) -> tuple[float, floa
     (Hartigan 1969: the k-th smallest and k-th largest of the 2^n - 1 subset means, k =
     floor(alpha 2^(n-1))): it excludes 0 exactly where :func:`signflip_p` <= alpha. None where
     the pairs are too few for the level (k = 0: unbounded)."""
-    import numpy as np
+    import numpy as np  # heavy: kept off caitlab-sweep
 
     d = _units(diffs)
     k = math.floor(alpha * 2 ** (len(d) - 1))
@@ -140,13 +140,13 @@ def paired_p(diffs: Any) -> Any:
     """The report's p-value for each row of paired differences ``(..., n)``: the exact
     sign-flip test up to :data:`EXACT_MAX` pairs, the paired t-test above (or, where every
     pair differs by the same amount, the sign-flip test's 2/2^n, which needs no enumeration)."""
-    import numpy as np
+    import numpy as np  # heavy: kept off caitlab-sweep
 
     diffs = np.asarray(diffs, dtype=float)
     n = diffs.shape[-1]
     if n <= EXACT_MAX:
         return signflip_p(diffs)
-    from scipy import stats
+    from scipy import stats  # heavy: kept off caitlab-sweep
 
     units = _units(diffs)
     same = (units == units[..., :1]).all(-1)
@@ -244,8 +244,6 @@ def difference(variant: Mapping[Any, float], baseline: Mapping[Any, float],
 
 
 def _with(d: Difference, **changes: Any) -> Difference:
-    from dataclasses import replace
-
     return replace(d, **changes)
 
 
@@ -263,7 +261,7 @@ def _paired(diffs: list[float], n_a: int, n_b: int, alpha: float) -> Difference:
     if same:
         return Difference(delta, "paired", n, n_a, n_b, None, None, p, "exact sign-flip",
                           alpha, 2.0 ** (1 - n), True)
-    from scipy import stats
+    from scipy import stats  # heavy: kept off caitlab-sweep
 
     ci = stats.ttest_1samp(diffs, 0.0).confidence_interval(1 - alpha)
     return Difference(delta, "paired", n, n_a, n_b, float(ci.low), float(ci.high), p,
@@ -271,8 +269,8 @@ def _paired(diffs: list[float], n_a: int, n_b: int, alpha: float) -> Difference:
 
 
 def _unpaired(a: list[float], b: list[float], alpha: float) -> Difference:
-    import numpy as np
-    from scipy import stats
+    import numpy as np  # heavy: kept off caitlab-sweep
+    from scipy import stats  # heavy: kept off caitlab-sweep
 
     n_a, n_b = len(a), len(b)
     delta = statistics.fmean(a) - statistics.fmean(b)
@@ -323,7 +321,7 @@ class Rates:
 
 
 def _fisher(k_a: int, n_a: int, k_b: int, n_b: int) -> float:
-    from scipy import stats
+    from scipy import stats  # heavy: kept off caitlab-sweep
 
     return float(stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue)
 
@@ -354,7 +352,7 @@ def thresholds(ps: Any, method: str = "holm", alpha: float = ALPHA) -> Any:
     verdicts a share <= alpha is wrong on average (Benjamini-Hochberg: alpha R / m for all, R
     rejected, at least 1); ``none``: each on its own at alpha. A ``1 - threshold`` interval
     excludes 0 exactly where the verdict says better or worse."""
-    import numpy as np
+    import numpy as np  # heavy: kept off caitlab-sweep
 
     if method not in CORRECTIONS:
         raise ValueError(f"correction {method!r}: one of {', '.join(CORRECTIONS)}")
@@ -387,8 +385,7 @@ def correct(ps: Sequence[float], method: str = "holm", alpha: float = ALPHA
     limits = [float(t) for t in thresholds(list(ps), method, alpha)]
     if method == "none" or not ps:
         return list(ps), limits
-    # statsmodels loads pandas (seconds): only for a report with verdicts to correct
-    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.multitest import multipletests  # loads pandas (seconds): verdicts only
 
     adjusted = multipletests(list(ps), alpha=alpha, method=method)[1]
     return [float(x) for x in adjusted], limits

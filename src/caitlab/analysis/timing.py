@@ -15,6 +15,7 @@ module and must not pay for torch.
 from __future__ import annotations
 
 import math
+import platform
 import statistics
 import sys
 import time
@@ -27,13 +28,17 @@ if TYPE_CHECKING:  # torch is imported where used: importing this stays cheap
     from torch import nn
 
     Device = torch.device | str  # a device, or its name
+
+if sys.platform != "win32":  # no resource module on Windows
+    import resource
+
 PRECISIONS = ("32", "bf16")
 
 
 def resolve_device(name: str | None) -> torch.device:
     """The ``torch.device`` for ``name`` (cpu, cuda, cuda:1; None: cuda if available, else
     cpu), a bare ``cuda`` pinned to the current index. ValueError for one this machine lacks."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,14 +58,14 @@ def resolve_device(name: str | None) -> torch.device:
 
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype the matmuls of ``precision`` (one of :data:`PRECISIONS`) run in."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def autocast(device: Device, precision: str) -> AbstractContextManager[Any]:
     """bf16 autocast on ``device`` for ``precision="bf16"``; nothing for fp32."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     if precision == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
@@ -73,7 +78,7 @@ def precision_label(precision: str) -> str:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model with the torch threads timing runs on."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -85,8 +90,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     if not name:
-        import platform
-
         name = platform.processor() or "cpu"
     return f"{name}, {torch.get_num_threads()} threads"
 
@@ -94,7 +97,7 @@ def device_name(device: torch.device) -> str:
 @contextmanager
 def num_threads(threads: int | None) -> Iterator[None]:
     """torch's CPU threads set to ``threads`` (None: left as they are), restored afterwards."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     saved = torch.get_num_threads()
     if threads is not None:
@@ -107,7 +110,7 @@ def num_threads(threads: int | None) -> Iterator[None]:
 
 def sync(device: Device) -> None:
     """Waits for ``device``'s queued work, so a clock read after it times that work."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -162,7 +165,7 @@ def median_ratio(ours: list[float], reference: list[float]) -> float:
 
 
 def default_matmul_size(device: Device) -> int:
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     return 4096 if torch.device(device).type == "cuda" else 1024
 
@@ -174,7 +177,7 @@ def matmul_peak_flops(device: Device, dtype: torch.dtype, size: int | None = Non
 
     The MFU denominator: a practical peak measured here, not the datasheet's.
     """
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     device = torch.device(device)
     n = size or default_matmul_size(device)
@@ -198,7 +201,7 @@ def prepare_device(name: str | None, precision: str,
     """(device, matmul peak FLOP/s, matmul size) for a benchmark script: ``threads`` CPU
     threads when given (for the rest of the process), TF32 matmuls on CUDA (as training uses
     them), and the MFU denominator timed now, on this device and precision."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     device = resolve_device(name)
     if threads:
@@ -226,7 +229,7 @@ class PeakMemory:
     peak reads 0)."""
 
     def __init__(self, device: Device) -> None:
-        import torch
+        import torch  # heavy: kept off caitlab-bench --help
 
         self.cuda = torch.device(device).type == "cuda"
         self.device = device
@@ -234,15 +237,13 @@ class PeakMemory:
 
     @staticmethod
     def _maxrss_bytes() -> int | None:
-        try:
-            import resource
-        except ImportError:  # not on Windows
+        if sys.platform == "win32":
             return None
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux
 
     def __enter__(self) -> PeakMemory:
-        import torch
+        import torch  # heavy: kept off caitlab-bench --help
 
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -251,7 +252,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import torch
+        import torch  # heavy: kept off caitlab-bench --help
 
         if self.cuda:
             self.bytes = int(torch.cuda.max_memory_allocated(self.device))
@@ -262,7 +263,7 @@ class PeakMemory:
 def inference_step(forward: Callable, x: torch.Tensor, device: Device,
                    precision: str) -> Callable[[], None]:
     """One batch of inference: ``forward(x)`` under ``inference_mode`` and ``precision``."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     def step() -> None:
         with torch.inference_mode(), autocast(device, precision):
@@ -277,7 +278,7 @@ def training_step(forward: Callable, params: Iterable[torch.Tensor], x: torch.Te
     """One batch of training: ``forward(x)`` under ``precision``, the loss in fp32 (cross
     entropy with labels ``y``; the mean square of the outputs when ``y`` is None), backward,
     then ``optimizer``'s step when given, and the gradients of ``params`` dropped."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # heavy: kept off caitlab-bench --help
 
     params = list(params)
 
@@ -300,9 +301,9 @@ def _random_batch(model: nn.Module, batch: int, device: Device,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random images of ``input_shape`` (default: a caitlab model's own) and labels for as
     many classes as the model has (None for a model whose output is not one row of logits)."""
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
-    from caitlab.models.cost import input_shape as model_input
+    from caitlab.models.cost import input_shape as model_input  # torch: kept off --help
 
     chans, h, w = input_shape or model_input(model)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -341,7 +342,7 @@ def measure_throughput(model: nn.Module, *, batch: int, device: Device, precisio
     model's own. Each figure is the median over ``repeats`` timed runs of ``iters`` batches,
     after ``warmup`` untimed batches.
     """
-    import torch
+    import torch  # heavy: kept off caitlab-bench --help
 
     x, y = _random_batch(model, batch, device, input_shape)
     forward = torch.compile(model) if compile else model

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torchvision.datasets
 from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
 
 from caitlab.data.base import (
     FileDataModule,
@@ -79,8 +81,6 @@ class CifarDataModule(FileDataModule):
 
     @property
     def dataset_cls(self) -> Any:  # torchvision's CIFAR10 or CIFAR100 (it has no types)
-        import torchvision.datasets
-
         return getattr(torchvision.datasets, self.dataset_cls_name)
 
     def _check_files(self) -> None:
@@ -96,8 +96,6 @@ class CifarDataModule(FileDataModule):
                                   f"({folder / missing[0]} is missing); {hint}")
 
     def transform(self, train: bool) -> Callable:
-        from torchvision import transforms as T
-
         tfs: list[Callable] = []
         if train:
             tfs += [T.RandomCrop(self.NATIVE_SIZE, padding=4), T.RandomHorizontalFlip()]

@@ -58,7 +58,7 @@ class DigitsDataModule(InMemoryDataModule):
         self.check_train_batches(stage)
 
     def _make_tensors(self) -> None:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # heavy: only the digits data needs sklearn
 
         digits = load_digits()
         x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

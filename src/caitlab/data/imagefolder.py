@@ -10,9 +10,14 @@ from typing import Any, cast
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.loader import fast_collate
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from caitlab import compat
+from caitlab.data.augment import guard_augment_ops
 from caitlab.data.base import (
     FileDataModule,
     held_out_words,
@@ -151,8 +156,6 @@ class ImageFolderDataModule(FileDataModule):
         """``(path, width, height)`` of up to ``limit`` training images spread over the first
         class folders, read from the file headers alone (cheap on any folder); files PIL cannot
         open are left out here, and left to ``on_corrupt`` in training."""
-        from torchvision.datasets.folder import IMG_EXTENSIONS
-
         per_class = max(1, math.ceil(limit / len(self.classes)))
         found: list[tuple[Path, int, int]] = []
         for name in self.classes[:limit]:
@@ -193,10 +196,6 @@ class ImageFolderDataModule(FileDataModule):
             f"the model's patch_size divides), or resize the files if {size} px is meant")
 
     def _transforms(self) -> tuple[Callable, Callable]:
-        from timm.data import create_transform
-
-        from caitlab.data.augment import guard_augment_ops
-
         try:
             # with use_prefetcher, timm leaves out ToTensor, Normalize and RandomErasing: the
             # device does them (on_after_batch_transfer)
@@ -273,8 +272,6 @@ class ImageFolderDataModule(FileDataModule):
     def collate_fn(self, train: bool) -> Callable | None:
         """uint8 training batches (timm's ``fast_collate``) when normalising on the device."""
         if train and self.normalize_on_device:
-            from timm.data.loader import fast_collate
-
             return fast_collate
         return None
 
@@ -295,9 +292,6 @@ class ImageFolderDataModule(FileDataModule):
         if x.dtype != torch.uint8:
             return batch
         if self._on_device is None or self._on_device[0].device != x.device:
-            from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-            from timm.data.random_erasing import RandomErasing
-
             mean = torch.tensor([255 * m for m in IMAGENET_DEFAULT_MEAN], device=x.device)
             std = torch.tensor([255 * s for s in IMAGENET_DEFAULT_STD], device=x.device)
             erase: Callable | None = RandomErasing(self.reprob, mode=self.remode, max_count=1,

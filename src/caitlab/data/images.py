@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 from caitlab.data.errors import DataConfigError, ImageReadError, error_reason
 
@@ -120,9 +121,7 @@ class CheckedImages:
 
 
 def checked_image_folder(root: str, transform: Callable | None, on_corrupt: str) -> Any:
-    """torchvision's ``ImageFolder`` of ``root`` with :class:`CheckedImages`' checks; the class
-    is made here so that torchvision's datasets are imported only when a folder is read."""
-    from torchvision.datasets import ImageFolder
+    """torchvision's ``ImageFolder`` of ``root`` with :class:`CheckedImages`' checks."""
 
     class CheckedImageFolder(CheckedImages, ImageFolder):
         __doc__ = CheckedImages.__doc__

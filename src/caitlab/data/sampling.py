@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sized
 from typing import Any, cast
 
 import torch
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
@@ -287,8 +288,6 @@ class RepeatedAugSampler(ResumableSampler):
 
     def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int,
                  repeats: int = 3, batch_size: int = 1, drop_last: bool = False) -> None:
-        from timm.data.distributed_sampler import RepeatAugSampler
-
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed,
                          batch_size=batch_size, drop_last=drop_last)
         self.inner = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank,

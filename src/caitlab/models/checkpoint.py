@@ -19,6 +19,9 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from caitlab.models.cait import ImageTransformer
+from caitlab.models.spec import ModelConfigError
+
 
 class CheckpointError(RuntimeError):
     """A file that is not a checkpoint, or one that does not fit the model."""
@@ -223,8 +226,6 @@ def run_folder(ckpt: Path) -> Path:
 
 def model_from_config(config: dict) -> nn.Module:
     """Rebuilds an ``ImageTransformer`` from its ``config`` (as saved in caitlab checkpoints)."""
-    from caitlab.models.cait import ImageTransformer
-
     cfg = dict(config)
     for key in ("img_size", "patch_size"):
         if isinstance(cfg.get(key), list):
@@ -237,8 +238,6 @@ def model_from_config(config: dict) -> nn.Module:
 def load_run_model(path: str | Path) -> tuple[nn.Module, Path]:
     """The model of a caitlab checkpoint (file, or a run folder's best), rebuilt from the
     config the checkpoint carries, in eval mode; and the file read."""
-    from caitlab.models.spec import ModelConfigError
-
     ckpt = resolve_checkpoint(path)
     obj = load_file(ckpt)
     config = obj.get("caitlab", {}).get("model_config") if isinstance(obj, dict) else None

@@ -270,11 +270,10 @@ def find_folder(parent: str | Path | None, sig: str, cfg: DictConfig) -> str:
     since aside). ``sig`` where there is none."""
     if parent is None or (Path(parent) / sig).exists():
         return sig
-    # omegaconf and identity: only for a run whose folder is new (caitlab-sweep never asks)
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # omegaconf: caitlab-sweep reads records without it
 
-    from caitlab import identity
-    from caitlab.secrets import redact
+    from caitlab import identity  # omegaconf, hydra: caitlab-sweep reads records without them
+    from caitlab.secrets import redact  # omegaconf: caitlab-sweep reads records without it
 
     candidates = _previous_rule_folders(Path(parent), identity.signature_of)
     if not candidates:

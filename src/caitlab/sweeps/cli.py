@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from caitlab.analysis.report import Run, collect_runs, device_hours
+from caitlab.provenance import commit_of
 from caitlab.sweeps import slurm
 from caitlab.sweeps.slurm import SQUEUE_TIMEOUT_S, SqueueUnavailable, query_squeue, squeue_states
+from caitlab.sweeps.snapshot import clean
 from caitlab.sweeps.states import (
     RunStatus,
     counts_line,
@@ -56,8 +60,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = sweep_runs(sweep_dir)
     if not runs:
         return _error(f"no runs (summary.json) under {sweep_dir}")
-    from caitlab.sweeps.snapshot import clean
-
     clean(sweep_dir)  # code snapshots of submissions whose runs have all finished
     note, queue = None, None
     try:
@@ -82,8 +84,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def show_line(run_dir: Path, summary: dict[str, Any]) -> str:
     """What makes a run differ from the defaults, its state and the code that produced it."""
-    from caitlab.identity import describe
-    from caitlab.provenance import commit_of
+    from caitlab.identity import describe  # Hydra, OmegaConf: only show needs them
 
     delta = summary.get("delta")
     what = describe(delta) if delta is not None else (
@@ -159,8 +160,6 @@ def cmd_log(args: argparse.Namespace) -> int:
 def matches(overrides: list[str], patterns: list[str]) -> bool:
     """Whether, for every ``KEY=VALUE`` pattern, the run has an override of KEY whose value
     matches VALUE (fnmatch: ``model.depth=1*``, ``model=cait_*``)."""
-    from fnmatch import fnmatchcase
-
     given = {}
     for line in overrides:
         key, _, value = line.partition("=")
@@ -201,8 +200,6 @@ DOCS = 'Docs: "Console scripts" in the docs site (make docs; site/reference/cli.
 
 
 def _wrap(text: str) -> str:
-    import textwrap
-
     return textwrap.fill(text, 78)
 
 

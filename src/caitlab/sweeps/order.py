@@ -15,16 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 
-from caitlab.analysis.report_answers import ORDER_FILE
+from caitlab.analysis.report_answers import ORDER_FILE, order_of
+from caitlab.config import container
 
 
 def record(sweep_dir: Path, order: dict[str, list[str]]) -> dict[str, list[str]]:
     """Merges ``order`` into the sweep's record: what it holds keeps its place, new keys and
     values go last. Returns the record as written (unchanged files are not rewritten)."""
-    import yaml
-
     path = Path(sweep_dir) / ORDER_FILE
     saved = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
     merged = {str(k): [str(x) for x in v] for k, v in saved.items()}
@@ -44,8 +44,5 @@ class RecordOrder(Callback):
     """Writes (or extends) ``sweep_order.yaml`` as a multirun starts."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from caitlab.analysis.report_answers import order_of
-        from caitlab.config import container
-
         saved = container(config, resolve=False)
         record(Path(str(config.hydra.sweep.dir)), order_of(saved))

@@ -36,7 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from caitlab.console import say
+from caitlab.cpus import affinity_cores
 
 log = logging.getLogger("caitlab")
 
@@ -151,8 +155,6 @@ def enabled(cfg: DictConfig) -> bool:
 
 def _cpus_per_task(cfg: DictConfig) -> int | None:
     """The launcher's ``cpus_per_task`` (``cluster.cpus_per_task`` unless overridden)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         hydra: Any = HydraConfig.get()  # a DictConfig, though typed as the dataclass it follows
         launcher = hydra.get("launcher") or {}
@@ -168,8 +170,6 @@ def claim(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         return None
     if "slot" in _held:
         return _held["slot"]
-    from caitlab.cpus import affinity_cores
-
     gpus = machine_gpus()
     slots = layout(gpus, affinity_cores(), gpu_devices(cfg.trainer, gpus), _cpus_per_task(cfg))
     t0 = time.time()
@@ -183,8 +183,6 @@ def claim(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 def acquire(folder: Path, slots: list[Slot], poll_s: float | None = None) -> tuple[Slot, int]:
     """The first free slot (its lock taken) and the lock's descriptor, waiting for one while
     all are taken; says once that it waits."""
-    from caitlab.console import say
-
     folder.mkdir(parents=True, exist_ok=True)
     said = False
     while True:
@@ -205,7 +203,7 @@ def acquire(folder: Path, slots: list[Slot], poll_s: float | None = None) -> tup
 def pin(slot: Slot) -> None:
     """Keeps this process (and what it starts) to the slot's GPUs and cores."""
     if slot.gpus:
-        import torch
+        import torch  # heavy: the launcher imports this module, a job pins before CUDA starts
 
         if torch.cuda.is_initialized():  # too late: CUDA has read CUDA_VISIBLE_DEVICES
             raise RuntimeError("caitlab.sweeps.slots: CUDA started before the run's slot "

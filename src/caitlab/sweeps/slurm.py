@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,8 +240,6 @@ def cancel_runs(runs: list[tuple[Any, dict[str, Any]]], queue: Queue,
     they have ended, ``status: cancelled`` in each one's summary.json; the (folder, job)
     pairs cancelled. It waits for the jobs to end (at most ``wait_s``): a running job writes
     ``interrupted`` as it stops at SLURM's SIGTERM, which must not be the last word."""
-    import time
-
     live = [(folder, job) for folder, summary in runs if (job := live_job(summary, queue))]
     cancel([job for _, job in live])
     deadline = time.monotonic() + wait_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -112,8 +113,6 @@ def _link_atomic(source: Path, target: Path) -> None:
         try:
             os.link(source, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     except BaseException:

@@ -22,11 +22,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from caitlab.config import ConfigError, DistillationConfig
+from caitlab.models.checkpoint import (
+    CheckpointError,
+    load_file,
+    load_run_model,
+    resolve_checkpoint,
+    run_folder,
+    unwrap_state_dict,
+)
+from caitlab.record import read_summary
 
 
 def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -82,9 +92,6 @@ def teacher_name(source: str) -> str:
     path = Path(source)
     if not path.exists():
         return source
-    from caitlab.models.checkpoint import resolve_checkpoint, run_folder
-    from caitlab.record import read_summary
-
     try:
         folder = run_folder(resolve_checkpoint(path))
     except Exception:  # noqa: BLE001 - a name for a table; loading says what is wrong
@@ -94,8 +101,6 @@ def teacher_name(source: str) -> str:
 
 
 def _caitlab_teacher(source: str) -> nn.Module:
-    from caitlab.models.checkpoint import CheckpointError, load_run_model
-
     try:
         model, _ = load_run_model(source)
     except CheckpointError as err:
@@ -104,8 +109,6 @@ def _caitlab_teacher(source: str) -> nn.Module:
 
 
 def _timm_teacher(cfg: DistillationConfig, in_chans: int, num_classes: int) -> nn.Module:
-    import timm
-
     name = str(cfg.teacher)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:3]
@@ -118,8 +121,6 @@ def _timm_teacher(cfg: DistillationConfig, in_chans: int, num_classes: int) -> n
     weights = Path(cfg.teacher_weights)
     if not weights.is_file():
         raise ConfigError(f"distillation.teacher_weights={weights}: no such file")
-    from caitlab.models.checkpoint import CheckpointError, load_file, unwrap_state_dict
-
     model = timm.create_model(name, pretrained=False, in_chans=in_chans,
                               num_classes=num_classes, **dict(cfg.teacher_kwargs or {}))
     try:

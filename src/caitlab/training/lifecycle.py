@@ -1,9 +1,9 @@
-"""A run's lifecycle: its folder, its lock, its summary, its wall clock and how it ended.
+"""A run's lifecycle in training: whether there is work to do, the attempt, its wall clock and
+how it ended, so that the task (``caitlab.training.task.train``) reads as the story of a run.
 
-As Dora's ``XP``, one small object owns what a run leaves on disk, so that the task
-(``caitlab.training.task.train``) reads as the story of a run. Every state a run can end in
-is written here, whatever raised: ``completed``, ``diverged``, ``interrupted`` (Ctrl-C,
-preemption, a full disk: the same command resumes it) or ``failed``.
+The folder, its summary and lock are the run record's (``caitlab.record.RunRecord``); this
+module decides which state to record, whatever raised: ``completed``, ``diverged``,
+``interrupted`` (Ctrl-C, preemption, a full disk: the same command resumes it) or ``failed``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from caitlab import stages
 from caitlab.console import say
 from caitlab.errors import UserError, storage_error, storage_message
+from caitlab.provenance import commit_of, provenance
 from caitlab.record import (
     CHECKPOINTS,
     CONFIG,
@@ -51,8 +55,6 @@ log = logging.getLogger("caitlab")
 
 def job_overrides() -> list[str]:
     """The overrides of the running Hydra job, as typed (none outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
@@ -60,9 +62,6 @@ def job_overrides() -> list[str]:
 
 
 def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     try:
         return HydraConfig.get().mode == RunMode.MULTIRUN
     except ValueError:
@@ -71,8 +70,6 @@ def is_multirun() -> bool:
 
 def job_run_dir(cfg: DictConfig) -> Path:
     """The running Hydra job's folder; outside Hydra (tests), the configured one."""
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
@@ -171,10 +168,8 @@ class Run:
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Run:
-        from caitlab.stages import stage_facts
-
         return cls(job_run_dir(cfg), str(cfg.get("name", "default")),
-                   stage_facts(cfg.get("stage"), cfg.get("stages") or {}))
+                   stages.stage_facts(cfg.get("stage"), cfg.get("stages") or {}))
 
     def _sweep_facts(self) -> dict[str, Any]:
         """What a sweep's table needs of a run that never started."""
@@ -205,8 +200,6 @@ class Run:
         the upstream runs' best checkpoints. Raises ``RunBlocked`` (the summary says
         ``blocked``) where an upstream has not completed, ``UserError`` for a reference the
         sweep did not write."""
-        from caitlab import stages
-
         found = {}
         for key in stages.REFERENCE_KEYS:
             value = OmegaConf.select(cfg, key)
@@ -247,8 +240,10 @@ class Run:
     def start(self, facts: dict[str, Any]) -> None:
         """A new attempt: the summary with ``facts`` (identity, model, axes...), the code it
         runs and the checkpoint it resumes from."""
-        from caitlab.models.checkpoint import ResumeError, resume_checkpoint
-        from caitlab.provenance import commit_of, provenance
+        from caitlab.models.checkpoint import (  # torch: off caitlab-train --help's path
+            ResumeError,
+            resume_checkpoint,
+        )
 
         try:
             self.resume_from = resume_checkpoint(self.dir / CHECKPOINTS)
@@ -317,7 +312,7 @@ class Run:
 
     def _mirror(self, values: dict[str, Any]) -> None:
         """The same facts in wandb's run summary as in summary.json: reports read either."""
-        from caitlab.training.tracking import wandb_run
+        from caitlab.training.tracking import wandb_run  # torch: off caitlab-train --help's path
 
         if not self.rank_zero:  # other ranks hold Lightning's stand-in for the wandb run
             return
@@ -329,9 +324,9 @@ class Run:
     def attempt(self) -> Iterator[Run]:
         """Around training: records a divergence, an interruption or a failure (the line
         for it is the caller's), re-raises it, and closes wandb with the attempt's exit code."""
-        from caitlab.data import DataConfigError
-        from caitlab.training.module import DivergedError
-        from caitlab.training.tracking import finish_wandb
+        from caitlab.data import DataConfigError  # torch: off caitlab-train --help's path
+        from caitlab.training.module import DivergedError  # torch: off caitlab-train --help's path
+        from caitlab.training.tracking import finish_wandb  # torch: off caitlab-train --help's path
 
         exit_code = 1
         try:
@@ -366,7 +361,7 @@ class Run:
             finish_wandb(exit_code)
 
     def _failed_on_data(self, err: Exception) -> UserError:
-        from caitlab.data import ImageReadError, data_error_message
+        from caitlab.data import ImageReadError, data_error_message  # torch: off --help's path
 
         message = data_error_message(err)
         if isinstance(err, ImageReadError):

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from caitlab import compat
+from caitlab.cpus import available_cpus
 from caitlab.record import AtomicWrite, write_atomic
 
 if TYPE_CHECKING:
@@ -141,8 +143,6 @@ class ReleaseWrites(Callback):
 def every_core_busy(trainer: Trainer) -> bool:
     """Whether the trainer's ranks on this machine train on the CPU with a torch thread for
     every core this process may use (``threads=auto``, the default)."""
-    from caitlab.cpus import available_cpus
-
     return (trainer.strategy.root_device.type == "cpu"
             and torch.get_num_threads() * trainer.num_devices >= available_cpus())
 
@@ -253,8 +253,6 @@ class GracefulStop(Callback):
 
     def _ranks_agree_to_stop(self, trainer: Trainer) -> bool:
         """Whether any of the ranks was asked to stop (each calls this at the same batch)."""
-        import torch.distributed as dist
-
         # submitit's signal (a requeue) wins over the others, so that a preemption seen by
         # one rank requeues the job: its rank in the high bits, the signal in the low
         mine = self._signum and (256 * (self._signum == submitit_signal()) + self._signum)

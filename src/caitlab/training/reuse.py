@@ -8,8 +8,10 @@ signature rule known or not, are refused instead of passing for each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from caitlab import identity
 from caitlab.console import say
 from caitlab.errors import UserError, one_line
+from caitlab.provenance import commit_of, current_commit
 from caitlab.secrets import redact
 
 log = logging.getLogger("caitlab")
@@ -40,7 +43,7 @@ def check_reuse(run_dir: Path, previous: Mapping[str, Any] | None, cfg: DictConf
     Raises:
         UserError: the first key they disagree on, with the folder.
     """
-    from caitlab.training.lifecycle import shown_path
+    from caitlab.training.lifecycle import shown_path  # a cycle: lifecycle imports this module
 
     path = Path(run_dir) / "config.yaml"
     if previous is None or not path.is_file():
@@ -72,7 +75,7 @@ def _check_data(run_dir: Path, previous: Mapping[str, Any], recorded: Mapping[An
     """The data's location is no part of a run's identity, so data found elsewhere must be
     the data the run trained on: where the location changed, what lies there is compared
     with the run's ``data_fingerprint``."""
-    from caitlab.training.lifecycle import shown_path
+    from caitlab.training.lifecycle import shown_path  # a cycle: lifecycle imports this module
 
     before, now = _root(recorded), _root(requested)
     if before is None or now is None or before == now:
@@ -95,9 +98,6 @@ def data_fingerprint(root: str | Path) -> str | None:
     Returns:
         The hash, or None where ``root`` is no folder.
     """
-    import hashlib
-    import os
-
     root = Path(root)
     if not root.is_dir():
         return None
@@ -114,8 +114,6 @@ def data_fingerprint(root: str | Path) -> str | None:
 def code_note(previous: Mapping[str, Any] | None) -> str:
     """`` (trained by code A; this is code B)`` where the code that trained a run differs
     from this process's, uncommitted edits included; empty otherwise."""
-    from caitlab.provenance import commit_of, current_commit
-
     before, now = commit_of(dict(previous or {})), current_commit()
     return f" (trained by code {before}; this is {now})" if before and now and \
         before != now else ""

@@ -12,13 +12,34 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+from caitlab import stages
+from caitlab.config import (
+    CONF_DIR,
+    ConfigError,
+    check_recipe_choice,
+    check_trainer,
+    fit_warmup,
+    gpus_bound_per_task,
+    shadowed_options,
+    train_config,
+)
 from caitlab.console import one_handler_per_line, quiet_known_warnings, say
-from caitlab.training.lifecycle import Run, is_multirun, job_overrides
-from caitlab.training.reuse import check_reuse
+from caitlab.cpus import set_torch_threads
+from caitlab.errors import UserError, constructor_refusal
+from caitlab.identity import run_delta, variant_of
+from caitlab.models.axes import ablation_axes
+from caitlab.secrets import redact
+from caitlab.sweeps import slots
+from caitlab.training.lifecycle import Run, is_multirun, job_overrides, shown_path
+from caitlab.training.ranks import process_rank
+from caitlab.training.reuse import check_reuse, data_fingerprint
 
 log = logging.getLogger("caitlab")
 
@@ -72,8 +93,6 @@ def data_selection(datamodule: Any) -> dict[str, Any]:
 
 
 def _data_fingerprint(cfg: DictConfig, run: Run) -> str | None:
-    from caitlab.training.reuse import data_fingerprint
-
     root = cfg.data.get("root")
     return data_fingerprint(root) if run.rank_zero and isinstance(root, str) else None
 
@@ -81,12 +100,6 @@ def _data_fingerprint(cfg: DictConfig, run: Run) -> str | None:
 def _refuse_shadowed_options() -> None:
     """A project's option named like one of caitlab's (``./conf/model/cait_tiny.yaml``) is
     refused: Hydra would train caitlab's under the name the user gave their own."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from caitlab.config import CONF_DIR, shadowed_options
-    from caitlab.errors import UserError
-    from caitlab.training.lifecycle import shown_path
-
     if not HydraConfig.initialized():
         return
     found = shadowed_options(HydraConfig.get().runtime.config_sources)
@@ -114,12 +127,7 @@ class Parts:
 
     def facts(self, cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> dict[str, Any]:
         """The summary's description of the run: identity, model, axes."""
-        from hydra.core.hydra_config import HydraConfig
-
-        from caitlab.identity import run_delta, variant_of
-        from caitlab.models import count_params
-        from caitlab.models.axes import ablation_axes
-        from caitlab.secrets import redact
+        from caitlab.models import count_params  # torch: kept off --cfg job
 
         own = getattr(self.model, "config", None)  # a caitlab model's: "auto" values resolved
         axes = ablation_axes({**(resolved.get("model") or {}),
@@ -151,8 +159,8 @@ class Parts:
         }
 
     def _teacher_facts(self) -> dict[str, Any]:
-        from caitlab.models import count_params
-        from caitlab.training.distillation import teacher_name
+        from caitlab.models import count_params  # torch: kept off --cfg job
+        from caitlab.training.distillation import teacher_name  # torch: kept off --cfg job
 
         d = self.recipe.distillation
         return {"source": str(d.teacher), "name": teacher_name(str(d.teacher)),
@@ -160,9 +168,9 @@ class Parts:
                 "params": count_params(self.teacher)}
 
     def module(self, cfg: DictConfig) -> Any:
-        import torch
+        import torch  # heavy: kept off --cfg job
 
-        from caitlab.training.module import ClassificationModule
+        from caitlab.training.module import ClassificationModule  # Lightning: kept off --cfg job
 
         module = ClassificationModule(self.model, num_classes=cfg.data.num_classes,
                                       cfg=self.recipe, batch_size=cfg.data.batch_size,
@@ -176,10 +184,6 @@ class Parts:
 
 def _stage_facts(cfg: DictConfig) -> dict[str, Any]:
     """A chain's stage: its name, and the upstream run each reference names."""
-    from omegaconf import OmegaConf
-
-    from caitlab import stages
-
     if not cfg.get("stage"):
         return {}
     ups = {key: {"stage": found[0], "signature": found[1]} for key in stages.REFERENCE_KEYS
@@ -192,24 +196,17 @@ def build(cfg: DictConfig, run: Run, upstreams: dict[str, str] | None = None) ->
     """Checks the config and builds the data and the model; a mistake in either is one line
     (``UserError``), recorded in a sweep's summary, before anything is written. ``upstreams``:
     the checkpoints a stage's references name, by key (``Run.upstreams``)."""
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    import lightning as L  # heavy: kept off --cfg job
+    import torch  # heavy: kept off --cfg job
+    from lightning.pytorch.plugins.environments import SLURMEnvironment  # heavy: kept off --cfg job
 
-    from caitlab.config import (
-        ConfigError,
-        check_recipe_choice,
-        check_trainer,
-        fit_warmup,
-        train_config,
+    from caitlab.data import DataConfigError  # Lightning: kept off --cfg job
+    from caitlab.models import (  # torch: kept off --cfg job
+        CheckpointError,
+        ModelConfigError,
+        UnknownModelError,
+        load_checkpoint,
     )
-    from caitlab.cpus import set_torch_threads
-    from caitlab.data import DataConfigError
-    from caitlab.errors import constructor_refusal
-    from caitlab.models import CheckpointError, ModelConfigError, UnknownModelError, load_checkpoint
-    from caitlab.sweeps import slots
-    from caitlab.training.ranks import process_rank
 
     user_errors = (ConfigError, ModelConfigError, UnknownModelError, DataConfigError,
                    CheckpointError)
@@ -257,7 +254,7 @@ def _teacher(tcfg: Any, model: Any, datamodule: Any, data_cfg: Any) -> Any:
     """A distilled run's teacher, checked against the data's images and classes."""
     if not tcfg.distillation.active:
         return None
-    from caitlab.training.distillation import load_teacher
+    from caitlab.training.distillation import load_teacher  # heavy: kept off --cfg job
 
     chans, size = _data_input(datamodule, data_cfg)
     size = size or (getattr(model, "config", None) or {}).get("img_size")
@@ -274,8 +271,7 @@ def _data_input(datamodule: Any, data_cfg: Any) -> tuple[Any, Any]:
 def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> int | None:
     """MACs per image. A caitlab model knows its input; a project's own model is counted on
     one image of the data (None when the data does not say its image size)."""
-    from caitlab.config import ConfigError
-    from caitlab.models import count_macs
+    from caitlab.models import count_macs  # torch: kept off --cfg job
 
     if isinstance(getattr(model, "config", None), dict):
         return count_macs(model)
@@ -293,7 +289,7 @@ def model_macs(model: Any, datamodule: Any, data_cfg: Any, model_name: str) -> i
 def _loggers(cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> list:
     """The configured loggers; wandb's run id is kept in the summary, so that a resumed run
     continues the same wandb run."""
-    from caitlab.training.tracking import build_loggers
+    from caitlab.training.tracking import build_loggers  # Lightning: kept off --cfg job
 
     wandb_id = run.summary.get("wandb_run_id")
     if wandb_id is None and any("Wandb" in str(v.get("_target_", ""))
@@ -313,17 +309,21 @@ def _loggers(cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> list:
 def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     """Lightning's trainer with caitlab's callbacks (checkpoints, the summary, preemption,
     the console) and the configured ones; returns it and the best-checkpoint callback."""
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    import torch  # heavy: kept off --cfg job
+    from lightning.pytorch.callbacks import ModelCheckpoint  # heavy: kept off --cfg job
+    from lightning.pytorch.plugins.environments import SLURMEnvironment  # heavy: kept off --cfg job
 
-    from caitlab.training.callbacks import (
+    from caitlab.training.callbacks import (  # Lightning: kept off --cfg job
         BestCheckpoint,
         EpochLines,
         SteadyProgressBar,
         SummaryCallback,
     )
-    from caitlab.training.preemption import BackgroundCheckpointIO, GracefulStop, ReleaseWrites
+    from caitlab.training.preemption import (  # Lightning: kept off --cfg job
+        BackgroundCheckpointIO,
+        GracefulStop,
+        ReleaseWrites,
+    )
 
     ckpts = run.dir / "checkpoints"
     # Lightning's save_last only follows a new best; resuming needs every epoch's state.
@@ -343,10 +343,6 @@ def build_trainer(cfg: DictConfig, run: Run) -> tuple[Any, Any]:
     callbacks.append(EpochLines(console=not bar))
     if bar:
         callbacks.append(SteadyProgressBar(leave=True))
-    import torch
-
-    from caitlab.config import gpus_bound_per_task
-
     bound = gpus_bound_per_task(cfg.trainer, SLURMEnvironment.detect(), torch.cuda.device_count())
     strategy = _ddp_strategy(cfg.trainer.get("strategy"), cfg.get("dist_timeout_s"),
                              [torch.device("cuda", 0)] * cfg.trainer.devices if bound else None)
@@ -376,9 +372,7 @@ def _ddp_strategy(strategy: Any, timeout_s: Any, parallel_devices: list | None =
     if strategy not in ("ddp", "ddp_find_unused_parameters_true") or not (
             timeout_s or parallel_devices):
         return None
-    from datetime import timedelta
-
-    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy  # heavy: kept off --cfg job
 
     timeout: dict[str, Any] = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
     return DDPStrategy(find_unused_parameters=strategy.endswith("_true"),

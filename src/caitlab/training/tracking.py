@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -184,8 +185,6 @@ def wandb_run(loggers: list[Logger]) -> Any:
 
 def finish_wandb(exit_code: int) -> None:
     """Close the wandb run with its real exit state, so multirun jobs never merge."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         run = wandb.run

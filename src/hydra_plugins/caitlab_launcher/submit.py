@@ -161,7 +161,7 @@ def _map_array(launcher: Any, found: Any, folder: str, entries: tuple[Entry, ...
                initial_job_idx: int) -> list[Any]:
     """Submits ``entries`` as one job array; its jobs, in order."""
     import cloudpickle  # with submitit: only where a sweep submits
-    from submitit.core.utils import JobPaths
+    from submitit.core.utils import JobPaths  # with submitit, as above
 
     job_params = []
     for entry in entries:
