@@ -33,7 +33,7 @@ but the clock, checkpoint callbacks or progress bar; the same model, data, optim
 loss, validation pass and ``torch.save`` at every epoch end), interleaved with the reference
 the same way. Its overhead is what Lightning's loop itself costs; ours' over it is caitlab's.
 
-Cases (targets from issue 18): ``digits``, the demo's configuration (``experiment=demo``,
+Cases, with their targets: ``digits``, the demo's configuration (``experiment=demo``,
 cait_tiny, batch 64): at most 3% slower; ``xxs24``, ``cait_xxs24_224`` on synthetic 224 px
 images at batch 32: at most 1% slower.
 """

@@ -13,7 +13,7 @@ README's kind, measured in one invocation of this script:
 - N at once, not bound, with ``threads=<all cores>``: what every run did before, each
   starting a thread per core of the machine.
 
-Target (issue 15): N runs at once, each on its own CPUs, take at most 1.2x their time alone.
+Target: N runs at once, each on its own CPUs, take at most 1.2x their time alone.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ The jobs are submitted held (``+cluster.additional_parameters.hold=true``, i.e.
 ``#SBATCH --hold``): submission costs the same, and no job starts training on the machine's
 CPUs between the submission and the cancel (``--no-hold`` submits them runnable).
 
-Targets (issue 6): submission time grows sub-linearly with the number of runs (one array),
+Targets: submission time grows sub-linearly with the number of runs (one array),
 and 256 runs submit in under 10 s.
 """
 

@@ -206,7 +206,7 @@ def test_any_valid_image_mode_and_size_goes_through_both_transforms(tmp_path):
     for i in range(len(dm.val_set)):
         x, _ = dm.val_set[i]
         assert x.shape == (3, 32, 32) and torch.isfinite(x).all(), dm.val_set.samples[i]
-    assert seen.count >= 1  # the draws reached the op that used to raise
+    assert seen.count >= 1  # the draws reached the op that raises on timm's own
 
 
 # ------------------------------------------------------------------------------ worker errors
@@ -421,9 +421,9 @@ TINY_MODEL = ("model=vit_tiny", "model.img_size=32", "model.patch_size=8", "mode
 def test_real_photo_folder_trains_an_epoch_with_the_default_recipe(tmp_path, forkserver):
     """Four classes of real photo crops, 64 training images, the shipped recipe (RandAugment
     rand-m9-mstd0.5-inc1, random erasing, drop_last) and two loader workers: the run completes
-    and says nothing about its workers. Seed 1: on timm's own posterize this run's training
-    draws include a 0-bit one: at 934934a it died with "Caught ValueError in DataLoader worker
-    process 0." (the cause only in error.log)."""
+    and says nothing about its workers. Seed 1: this run's training draws include a 0-bit
+    posterize, on which timm's own op raises ("Caught ValueError in DataLoader worker process
+    0.")."""
     root, out = tmp_path / "images", tmp_path / "out"
     out.mkdir()
     make_photo_folder(root)
