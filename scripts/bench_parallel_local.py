@@ -1,4 +1,4 @@
-"""A local sweep with and without slots (caitlab.sweeps.slots): its wall time, and its runs'.
+"""A local sweep with and without slots (caitlab.slots): its wall time, and its runs'.
 
     .venv/bin/python scripts/bench_parallel_local.py               # 3 runs, 1 core each
     .venv/bin/python scripts/bench_parallel_local.py --runs 8 --epochs 5 --cpus-per-task 2

@@ -16,8 +16,9 @@ import pytest
 from caitlab.analysis.report import build_report, collect_runs, main
 from caitlab.analysis.report_answers import answers, choose_baseline, grid
 from caitlab.analysis.report_runs import group_variants
-from caitlab.analysis.stats import difference, estimate, pareto_front, throughput
+from caitlab.analysis.stats import difference, estimate, pareto_front
 from caitlab.errors import UserError
+from caitlab.record.sweep import throughput
 
 # Student's t quantiles and CDFs in closed form, for 2 and 4 degrees of freedom:
 #   df=2: F(t) = 1/2 + t / (2 sqrt(2 + t^2))

@@ -1,4 +1,4 @@
-"""One run per slot of the machine in a local sweep (caitlab.sweeps.slots): the slots cut from
+"""One run per slot of the machine in a local sweep (caitlab.slots): the slots cut from
 simulated device lists, the locks, the pinning, and a real local sweep on this machine."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from caitlab.sweeps import slots
-from caitlab.sweeps.slots import Slot, gpu_devices, layout
+from caitlab import slots
+from caitlab.slots import Slot, gpu_devices, layout
 from conftest import clean_env
 
 GPUS8 = [str(i) for i in range(8)]
@@ -112,7 +112,7 @@ def test_a_killed_job_gives_its_slot_back(tmp_path):
     one = [Slot(0, (), (0,))]
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from caitlab.sweeps import slots; "
+         "from caitlab import slots; "
          f"slots.acquire(Path({str(tmp_path)!r}), [slots.Slot(0, (), (0,))]); "
          "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True,
         env=clean_env())
@@ -134,7 +134,7 @@ def test_a_killed_job_gives_its_slot_back(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity masks here")
 def test_pinning_keeps_the_process_to_its_cores_and_gpus(tmp_path, monkeypatch):
-    code = ("import os; from caitlab.sweeps import slots; from caitlab.cpus import "
+    code = ("import os; from caitlab import slots; from caitlab.cpus import "
             "available_cpus; slots.pin(slots.Slot(0, ('3',), (0,))); "
             "print(sorted(os.sched_getaffinity(0)), available_cpus(), "
             "os.environ['CUDA_VISIBLE_DEVICES'])")

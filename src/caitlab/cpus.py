@@ -47,7 +47,7 @@ def torch_threads(requested: int | str | None, cpus: int, ranks_here: int = 1) -
 def set_torch_threads(cfg: Any) -> int:
     """torch's intra-op threads from the CPUs this run was given, shared by the DDP ranks of
     one machine outside SLURM (``cfg.threads``, ``cfg.trainer``); returns the count."""
-    import torch  # heavy: the sweep launcher imports cpus (slots)
+    import torch  # heavy: the sweep launcher imports cpus (caitlab.slots)
 
     devices = cfg.trainer.get("devices", 1)
     local_ranks = devices if (isinstance(devices, int) and cfg.trainer.get("accelerator")

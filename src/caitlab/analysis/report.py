@@ -40,9 +40,7 @@ from caitlab.analysis.report_answers import Answers, answers, few_seeds_note, me
 from caitlab.analysis.report_html import to_html
 from caitlab.analysis.report_plots import write_plots
 from caitlab.analysis.report_runs import (
-    Run,
     Variant,
-    collect_runs,
     commits,
     group_variants,
     mixed_code_warning,
@@ -52,7 +50,6 @@ from caitlab.analysis.report_runs import (
 from caitlab.analysis.report_table import (
     cell,
     data_rows,
-    device_hours,
     extra_axes,
     ordered,
     table_rows,
@@ -62,9 +59,10 @@ from caitlab.analysis.report_table import (
     variant_label,
 )
 from caitlab.analysis.report_verdicts import method_text
-from caitlab.analysis.stats import CORRECTIONS, EXACT_MAX, MIN_SEEDS, THROUGHPUT_RULE
+from caitlab.analysis.stats import CORRECTIONS, EXACT_MAX, MIN_SEEDS
 from caitlab.errors import UserError
 from caitlab.record import write_text_atomic
+from caitlab.record.sweep import THROUGHPUT_RULE, Run, collect_runs, device_hours
 from caitlab.secrets import wandb_mode
 from caitlab.status import Status
 

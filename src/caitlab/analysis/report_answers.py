@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from caitlab import stages
-from caitlab.analysis.report_runs import Run, Variant
+from caitlab.analysis.report_runs import Variant
 from caitlab.analysis.report_verdicts import (
     DEFAULT,
     Verdict,
@@ -30,6 +30,7 @@ from caitlab.analysis.report_verdicts import few_seeds_note as _few_seeds_note
 from caitlab.analysis.stats import Difference, difference, pareto_front
 from caitlab.errors import UserError
 from caitlab.models import axes as declared
+from caitlab.record.sweep import ORDER_FILE, Run, order_of
 from caitlab.status import Status
 
 METRICS = ("test/top1", "val/top1_best")  # the first that some run has is the answer's
@@ -105,29 +106,6 @@ class Grid:
 
     def first(self) -> dict[str, str]:
         return {k: self.values[k][0] for k in self.keys}
-
-
-ORDER_FILE = "sweep_order.yaml"  # the grid's order as the sweep's first launch listed it
-
-
-def order_of(saved: dict[str, Any]) -> dict[str, list[str]]:
-    """key -> values in the order a composed sweep config (``multirun.yaml``'s content)
-    lists them: its sweep overrides, sweeper params and a chain's stages."""
-    from hydra.core.override_parser.overrides_parser import (  # Hydra: kept off caitlab-sweep
-        OverridesParser,
-    )
-
-    hydra = saved.get("hydra") or {}
-    lines = [str(x) for x in (hydra.get("overrides") or {}).get("task") or []]
-    params = dict((hydra.get("sweeper") or {}).get("params") or {})
-    for delta in (saved.get("stages") or {}).values():  # a chain's (caitlab.stages)
-        params.update({k: v for k, v in (delta or {}).items() if "${" not in str(v)})
-    lines += [f"{k}={v}" for k, v in params.items()]
-    order: dict[str, list[str]] = {}
-    for o in OverridesParser.create().parse_overrides(lines):
-        if o.is_sweep_override():
-            order.setdefault(o.key_or_group, list(o.sweep_string_iterator()))
-    return order
 
 
 def _sweep_order(sweep_dir: Path | None) -> tuple[dict[str, list[str]], bool]:

@@ -3,7 +3,6 @@ variants (runs that differ only by seed), with the code they come from."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -12,43 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caitlab.analysis.stats import throughput
 from caitlab.provenance import commit_of
-from caitlab.record import load_summary, upgrade
-from caitlab.status import WANDB_STATES, Status, diverged_label
-
-
-@dataclass
-class Run:
-    name: str
-    summary: dict[str, Any]
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/top1)
-    folder: Path | None = None  # the run folder, for runs read from disk
-    by_epoch_ips: dict[int, float] = field(default_factory=dict)  # epoch -> training img/s
-
-    @property
-    def images_per_s(self) -> float | None:
-        """Training throughput by :data:`caitlab.analysis.stats.THROUGHPUT_RULE`, from the
-        epochs' own figures where the run logged them (a summary written before caitlab took
-        the median holds the last epoch's)."""
-        if self.by_epoch_ips:
-            return throughput(self.by_epoch_ips)
-        value = self.summary.get("images_per_s")
-        return float(value) if isinstance(value, (int, float)) and value > 0 else None
-
-    @property
-    def status(self) -> str:
-        return self.summary.get("status") or Status.PENDING
-
-    @property
-    def state(self) -> str:
-        if self.status == Status.DIVERGED:
-            return diverged_label(self.summary)
-        return self.status
-
-    @property
-    def axes(self) -> dict[str, Any]:
-        return dict(self.summary.get("axes") or {})
+from caitlab.record import upgrade
+from caitlab.record.sweep import IPS, Run
+from caitlab.status import WANDB_STATES, Status
 
 
 @dataclass
@@ -109,47 +75,6 @@ class Variant:
         if self.own_model:
             return "own"
         return "CaiT" if self.axes.get("class_token") == "class_attention" else "ViT"
-
-
-IPS = "perf/images_per_s"
-
-
-def _read_metrics(metrics_csv: Path) -> tuple[list[tuple[int, float]], dict[int, float]]:
-    """(epoch, val/top1) per epoch, and epoch -> training images/s."""
-    curve: dict[int, float] = {}
-    ips: dict[int, float] = {}
-    if not metrics_csv.is_file():
-        return [], ips
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            epoch = int(float(row["epoch"]))
-            top1 = float(row["val/top1"]) if row.get("val/top1") else math.nan
-            if math.isfinite(top1):
-                curve[epoch] = top1
-            if row.get(IPS):
-                ips[epoch] = float(row[IPS])
-    return sorted(curve.items()), ips
-
-
-def collect_runs(sweep_dir: Path) -> list[Run]:
-    """Every run folder below ``sweep_dir`` (one with a summary.json), sorted by path; none
-    below a hidden folder (``.submitit`` holds a submission's code snapshot, whose
-    tests/fixtures have run folders of their own)."""
-    runs = []
-    for path in sorted(Path(sweep_dir).rglob("summary.json")):
-        if any(part.startswith(".") for part in path.relative_to(sweep_dir).parts):
-            continue
-        try:
-            summary = load_summary(path)
-        except (OSError, ValueError) as err:  # cut short by a crash or a full disk
-            summary = {"status": Status.UNREADABLE,
-                       "error": f"{path}: {getattr(err, 'strerror', None) or err}"}
-        curve, ips = _read_metrics(path.parent / "metrics.csv")
-        runs.append(Run(path.parent.name, summary, curve, folder=path.parent,
-                        by_epoch_ips=ips))
-    return runs
 
 
 def runs_from_wandb(api: Any, path: str, group: str | None = None,

@@ -16,6 +16,7 @@ from caitlab.analysis.report_runs import Variant, commits
 from caitlab.analysis.report_verdicts import format_p, number, sign_digits
 from caitlab.analysis.stats import MIN_SEEDS, Estimate, estimate
 from caitlab.models import axes as declared  # stdlib only: the package loads torch lazily
+from caitlab.record.sweep import device_hours
 
 
 def cell(value: Any) -> str:
@@ -69,14 +70,6 @@ def _arch_columns(variants: list[Variant], cells: list[dict[str, str]]) -> list[
         if has and not (axis.unused and all(c[axis.column] in axis.unused for c in cells)):
             columns.append(axis.column)
     return columns
-
-
-def device_hours(runs: Iterable[Any]) -> float | None:
-    """Device-hours of ``runs`` (wall x devices over every attempt: seeds and reruns count),
-    None when no run recorded them (runs written before caitlab did)."""
-    hours = [r.summary["device_hours"] for r in runs
-             if isinstance(r.summary.get("device_hours"), (int, float))]
-    return sum(hours) if hours else None
 
 
 def _hours(hours: float | None) -> str:

@@ -39,18 +39,6 @@ EXACT_MAX = 16  # paired: the exact sign-flip test up to this many pairs (2^16 s
 # top-1 in points to ~1e-5, so its rounding noise never makes two equal differences unequal.
 RESOLUTION = 1e-4
 CORRECTIONS = {"holm": "Holm", "fdr_bh": "Benjamini-Hochberg (FDR)", "none": "no correction"}
-THROUGHPUT_RULE = "median of each run's epochs after the first"
-
-
-def throughput(by_epoch: Mapping[int, float]) -> float | None:
-    """A run's images/s: the median over its epochs after the first (the first pays for
-    warm-up: worker start, allocator, compilation), or the first where it is the only one."""
-    later = [v for e, v in by_epoch.items() if e > min(by_epoch) and v is not None]
-    if later:
-        return statistics.median(later)
-    return next(iter(by_epoch.values()), None)
-
-
 @dataclass(frozen=True)
 class Estimate:
     """Mean, standard deviation and t-interval of the mean over ``n`` seeds (no interval,

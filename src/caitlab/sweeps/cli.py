@@ -21,8 +21,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from caitlab.analysis.report import Run, collect_runs, device_hours
 from caitlab.provenance import commit_of
+from caitlab.record.sweep import Run, collect_runs, device_hours
 from caitlab.sweeps import slurm
 from caitlab.sweeps.slurm import SQUEUE_TIMEOUT_S, SqueueUnavailable, query_squeue, squeue_states
 from caitlab.sweeps.snapshot import clean

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
-from caitlab.analysis.report_answers import ORDER_FILE, order_of
 from caitlab.config import container
+from caitlab.record.sweep import ORDER_FILE, order_of
 
 
 def record(sweep_dir: Path, order: dict[str, list[str]]) -> dict[str, list[str]]:

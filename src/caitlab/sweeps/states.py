@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caitlab.analysis.report import Run
+from caitlab.record.sweep import Run
 from caitlab.status import ACTIVE, DISPLAY_ORDER, Status, diverged_label
 from caitlab.sweeps import slurm
 from caitlab.sweeps.slurm import SLURM_ENDED, SLURM_QUEUED

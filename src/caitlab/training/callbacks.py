@@ -15,9 +15,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from caitlab import compat
-from caitlab.analysis.stats import THROUGHPUT_RULE, throughput
 from caitlab.console import say
 from caitlab.record import RunRecord
+from caitlab.record.sweep import THROUGHPUT_RULE, throughput
 from caitlab.training.preemption import BackgroundCheckpointIO
 
 log = logging.getLogger("caitlab")

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from caitlab import stages
+from caitlab import slots, stages
 from caitlab.config import (
     CONF_DIR,
     ConfigError,
@@ -36,7 +36,6 @@ from caitlab.errors import UserError, constructor_refusal
 from caitlab.identity import run_delta, variant_of
 from caitlab.models.axes import ablation_axes
 from caitlab.secrets import redact
-from caitlab.sweeps import slots
 from caitlab.training.lifecycle import Run, is_multirun, job_overrides, shown_path
 from caitlab.training.ranks import process_rank
 from caitlab.training.reuse import check_reuse, data_fingerprint
@@ -122,7 +121,7 @@ class Parts:
     macs: int | None
     threads: int
     recipe: Any  # caitlab.config.TrainConfig, its warm-up fitted to the run's length
-    slot: dict[str, Any] | None = None  # a local sweep's share of the machine (sweeps.slots)
+    slot: dict[str, Any] | None = None  # a local sweep's share of the machine (caitlab.slots)
     teacher: Any = None  # the frozen teacher of a distilled run (training.distillation)
 
     def facts(self, cfg: DictConfig, run: Run, resolved: dict[str, Any]) -> dict[str, Any]:

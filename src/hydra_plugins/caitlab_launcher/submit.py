@@ -19,8 +19,9 @@ from hydra.core.utils import filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as hsl
 from omegaconf import OmegaConf
 
+from caitlab import slots
 from caitlab.config import ConfigError
-from caitlab.sweeps import slots, slurm, snapshot
+from caitlab.sweeps import slurm, snapshot
 from hydra_plugins.caitlab_launcher import task
 from hydra_plugins.caitlab_launcher.plan import Entry, Plan
 

@@ -206,7 +206,7 @@ def pin(slot: Slot) -> None:
         import torch  # heavy: the launcher imports this module, a job pins before CUDA starts
 
         if torch.cuda.is_initialized():  # too late: CUDA has read CUDA_VISIBLE_DEVICES
-            raise RuntimeError("caitlab.sweeps.slots: CUDA started before the run's slot "
+            raise RuntimeError("caitlab.slots: CUDA started before the run's slot "
                                "was claimed; claim it first")
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
     if hasattr(os, "sched_setaffinity"):
