@@ -37,6 +37,7 @@ from caitlab.models.layers import (
     ClassAttentionBlock,
     ResidualScale,
 )
+from caitlab.models.presets import preset_files, render
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
             num_heads=4, mlp_ratio=2.0)
@@ -380,6 +381,22 @@ def test_a_preset_repeats_its_variants_values_and_adds_only_training_settings(pr
     assert {k: (type(v), v) for k, v in keys.items()} == {
         k: (type(getattr(variant, k)), getattr(variant, k)) for k in keys}
     dataclasses.replace(variant, **training)  # a model the variant can be
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_a_presets_architecture_lines_are_its_variants_as_the_script_writes_them(preset):
+    # the variant is the one place an architecture is written: scripts/model_presets.py
+    # writes these lines from it, and an edit to them alone would silently win over it
+    path = Path(CONF_DIR) / "model" / f"{preset}.yaml"
+    assert path in preset_files(path.parent)
+    assert render(preset, path.read_text()) == path.read_text(), \
+        f"{path} differs from its variant: run scripts/model_presets.py"
+
+
+def test_a_preset_line_that_differs_from_its_variant_is_rewritten(tmp_path):
+    text = (Path(CONF_DIR) / "model" / "cait_s24_224.yaml").read_text()
+    edited = text.replace("depth: 24  #", "depth: 36  #")
+    assert edited != text and render("cait_s24_224", edited) == text
 
 
 # --- forward_intermediates: timm's contract, checked against timm's own -------------------

@@ -2,8 +2,9 @@
 family for CPU runs. Each is a small function registered by name, as in timm: its arguments
 by keyword, then the caller's ``kwargs`` over them.
 
-The presets in ``conf/model/`` repeat some of these values (Hydra can only override a key the
-config holds); tests/test_models.py holds each repeated value equal to the variant's.
+The presets in ``conf/model/`` hold some of these values, so that a run can override them
+(Hydra can only override a key the config holds): ``scripts/model_presets.py`` writes those
+lines from here (``caitlab.models.presets``), and tests/test_models.py fails where they differ.
 """
 
 from __future__ import annotations
