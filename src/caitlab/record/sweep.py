@@ -34,6 +34,9 @@ def throughput(by_epoch: Mapping[int, float]) -> float | None:
 
 @dataclass
 class Run:
+    """A run as a sweep's readers see it: its name (its folder's, or wandb's), its summary in
+    today's form, its validation curve and its training throughput by epoch."""
+
     name: str
     summary: dict[str, Any]
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/top1)
