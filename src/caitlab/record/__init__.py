@@ -4,7 +4,8 @@ As Dora's ``XP``, one small object owns what a run leaves on disk. A run's folde
 ``<outputs>/<experiment name>/<signature>`` (``caitlab.identity``): launching the same config
 again lands in the same folder, so a sweep resumes or skips instead of duplicating.
 
-- **Layout**: :class:`RunRecord`'s paths name the files of a run folder.
+- **Layout**: the names of a run folder's files (:data:`SUMMARY`, :data:`CONFIG`,
+  :data:`OVERRIDES`, :data:`CHECKPOINTS`; the lock's is ``caitlab.record.files``').
 - **State**: ``summary.json``'s ``status`` (``caitlab.status.Status``) changes only through
   :class:`RunRecord`'s methods (``pending``, ``start``, ``complete``, ``fail``, ``diverge``,
   ``interrupt``, ``block``, ``cancel``), whoever writes it: the training run, the launchers,
@@ -176,14 +177,6 @@ class RunRecord:
     @property
     def path(self) -> Path:
         return self.dir / SUMMARY
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / CONFIG
-
-    @property
-    def overrides_path(self) -> Path:
-        return self.dir / OVERRIDES
 
     @property
     def checkpoints(self) -> Path:
