@@ -125,6 +125,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group("both-cores" if both else name))
 
 
+# Where Lightning keeps the process's global rank: the last Trainer made in a process sets it,
+# and its rank_zero_only functions (the CSV logger's writes) do nothing on any other rank.
+RANK_ZERO_MODULES = ("lightning.pytorch.utilities.rank_zero",
+                     "lightning.fabric.utilities.rank_zero",
+                     "lightning_utilities.core.rank_zero")
+
+
+@pytest.fixture(autouse=True)
+def _rank_zero_restored():
+    """A test that builds a Trainer as rank 1 (tests/test_ranks.py) leaves the next test of its
+    worker, which trains in-process, a rank that logs nothing: each test starts at rank 0."""
+    yield
+    for name in RANK_ZERO_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module.rank_zero_only, "rank", 0) != 0:
+            module.rank_zero_only.rank = 0
+
+
 @pytest.fixture
 def train_cmd(tmp_path):
     def run(*overrides, **kwargs):
