@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKPOINTS", "CONFIG", "OVERRIDES", "SUMMARY", "SUMMARY_VERSION", "AtomicWrite",
            "RunBlocked", "RunFailed", "RunLock", "RunRecord", "check_writable", "data_choice",
-           "find_folder", "load_summary", "read_summary", "remove_stale_temp_files",
-           "skip_reason", "tidy_unstarted", "upgrade", "write_atomic", "write_json_atomic",
-           "write_text_atomic"]
+           "find_folder", "has_checkpoint", "load_summary", "read_summary",
+           "remove_stale_temp_files", "skip_reason", "tidy_unstarted", "upgrade",
+           "write_atomic", "write_json_atomic", "write_text_atomic"]
 
 # The form of summary.json this code writes (its ``summary_version``). A summary without one
 # was written before caitlab recorded it: :func:`upgrade` brings it to this form.
@@ -152,6 +152,13 @@ def data_choice(run_dir: Path) -> str | None:
     return target.rsplit(".", 1)[-1].removesuffix("DataModule").lower() or None
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a job of the run in ``run_dir`` would resume (``resume_checkpoint`` picks which
+    file): a folder, not its summary, answers it."""
+    folder = Path(run_dir) / CHECKPOINTS
+    return folder.is_dir() and any(p.is_file() for p in folder.glob("*.ckpt"))
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -179,17 +186,8 @@ class RunRecord:
         return self.dir / SUMMARY
 
     @property
-    def checkpoints(self) -> Path:
-        return self.dir / CHECKPOINTS
-
-    @property
     def status(self) -> str | None:
         return self.data.get("status")
-
-    def has_checkpoint(self) -> bool:
-        """Whether a job of the run would resume (``resume_checkpoint`` picks which file)."""
-        folder = self.checkpoints
-        return folder.is_dir() and any(p.is_file() for p in folder.glob("*.ckpt"))
 
     def update(self, **values: Any) -> None:
         """Records ``values`` (an epoch's metrics, the attempt's devices), the state as it is."""

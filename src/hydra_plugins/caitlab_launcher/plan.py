@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from caitlab import stages
-from caitlab.record import RunRecord, read_summary, skip_reason
+from caitlab.record import has_checkpoint, read_summary, skip_reason
 from caitlab.status import Status
 from caitlab.training.lifecycle import skipped_message
 
@@ -164,8 +164,7 @@ def _entry(index: int, overrides: tuple[str, ...], run_dir: Path, retry_failed: 
         return entry(Action.SKIP, why=skipped_message(previous, run_dir), failed=True)
     if (live := live_job(previous)) is not None:
         return entry(Action.SKIP, why=f"its job {live} is still queued or running")
-    resumes = RunRecord(run_dir).has_checkpoint()
-    return entry(Action.RESUME if resumes else Action.RUN, after=after)
+    return entry(Action.RESUME if has_checkpoint(run_dir) else Action.RUN, after=after)
 
 
 def _upstream(overrides: Sequence[str], run_dir: Path, live_job: LiveJob
